@@ -1,0 +1,70 @@
+"""Shared fixtures: where ../shared is, a tiny corpus, a temp out_dir, and a script runner.
+
+Tests read corpora and the GPT-2 BPE files from ../shared (beside the project root), never from
+the network. On CI its absence is a failure; elsewhere the tests that need it are skipped.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+
+# tiktoken.get_encoding("gpt2") reads its two files from here instead of downloading them.
+# Set before anything imports tiktoken; subprocesses inherit it.
+if (SHARED / "tiktoken").is_dir():
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken"))
+
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """../shared; a failure on CI when absent, a skip elsewhere."""
+    if not (SHARED / "data").is_dir():
+        if os.environ.get("CI"):
+            pytest.fail(f"{SHARED} is missing on CI: the tests need its corpora")
+        pytest.skip(f"{SHARED}/data not found (it holds the test corpora)")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def shakespeare_path(shared_dir) -> Path:
+    return shared_dir / "data" / "tinyshakespeare.txt"
+
+
+@pytest.fixture(scope="session")
+def verdict_path(shared_dir) -> Path:
+    return shared_dir / "data" / "the-verdict.txt"
+
+
+@pytest.fixture(scope="session")
+def korean_path(shared_dir) -> Path:
+    return shared_dir / "data" / "nsmc_ko.txt"
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(shakespeare_path, tmp_path_factory) -> Path:
+    """The first 40,000 characters of tiny shakespeare: enough for a few hundred blocks of 32."""
+    path = tmp_path_factory.mktemp("corpus") / "tiny.txt"
+    path.write_text(shakespeare_path.read_text(encoding="utf-8")[:40_000], encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def out_dir(tmp_path) -> Path:
+    """A fresh output directory (not yet created, as a user's out_dir would be)."""
+    return tmp_path / "out"
+
+
+def run_script(script: str, *args, input: str | None = None, timeout: float = 300, env=None):
+    """Run one of the project's scripts as a user would; returns the CompletedProcess."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *map(str, args)],
+        cwd=ROOT, input=input, capture_output=True, text=True, timeout=timeout, env=full_env,
+    )
