@@ -1,0 +1,455 @@
+"""Use a trained checkpoint: generate, chat, analyse the next token, evaluate perplexity, benchmark.
+
+    python sample.py --start "Once upon a time"             # newest out*/ checkpoint, streamed
+    python sample.py --out_dir out-small --start FILE:prompt.txt --num_samples 3 --temperature 0.8
+    python sample.py --chat                                  # /help lists the commands
+    python sample.py --analyze "Hello, how are you"          # next-token table and surprisal
+    python sample.py --eval some.txt --stride 128            # loss, perplexity, accuracy
+    python sample.py --benchmark                             # prefill and decode tokens/s
+
+Design choices:
+- The checkpoint is all it needs: the tokenizer travels inside it (prepare.load_tokenizer), and
+  the model, device and precision come from train.py's helpers. Sampling, the KV cache and beam
+  search are gpt.py's engine; this file only drives them.
+- stdout carries only model text (or the tables asked for); what was loaded, notices and errors
+  go to stderr, so `python sample.py ... > out.txt` keeps a clean file.
+- Streaming decodes the growing list of new tokens and prints the new suffix only once it does
+  not end in U+FFFD: a byte-level token can stop in the middle of a UTF-8 character.
+- --eval scores every token once with windows of block_size that end `stride` tokens apart. The
+  default stride = block_size gives train.py's val loss (context 0..block_size-1 per token);
+  a smaller stride gives each token at least block_size - stride tokens of context (lower loss).
+"""
+import argparse
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from gpt import beam_search, generate_stream
+from prepare import UserError, load_tokenizer, run_main
+from train import (autocast_context, load_checkpoint, model_from_checkpoint, resolve_device,
+                   resolve_dtype, sync)
+
+SEPARATOR = "---------------"
+
+# -----------------------------------------------------------------------------
+# Settings: each parser is both an argparse `type` and the parser of a chat command's value.
+
+
+def setting(name, kind, ok, rule):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise UserError(f"{name} must be {rule}, got {text!r}")
+        return value
+    parse.__name__ = name
+    return parse
+
+
+parse_temperature = setting("temperature", float, lambda v: 0 <= v < math.inf, "a number >= 0 (0 = greedy)")
+parse_tokens = setting("max_new_tokens", int, lambda v: v >= 1, "an integer >= 1")
+parse_top_k = setting("top_k", int, lambda v: v >= 0, "an integer >= 0 (0 = off)")
+parse_top_p = setting("top_p", float, lambda v: 0 < v <= 1, "a number in (0, 1] (1 = off)")
+parse_penalty = setting("repetition_penalty", float, lambda v: 0 < v < math.inf, "a number > 0 (1 = off)")
+parse_seed = setting("seed", int, lambda v: 0 <= v < 2**63, "an integer >= 0")
+parse_positive = lambda name: setting(name, int, lambda v: v >= 1, "an integer >= 1")
+
+CHAT_COMMANDS = {  # command -> (setting, parser)
+    "/temp": ("temperature", parse_temperature),
+    "/tokens": ("max_new_tokens", parse_tokens),
+    "/topk": ("top_k", parse_top_k),
+    "/topp": ("top_p", parse_top_p),
+    "/penalty": ("repetition_penalty", parse_penalty),
+    "/seed": ("seed", parse_seed),
+}
+CHAT_HELP = """commands:
+  /temp X      sampling temperature (0 = greedy)
+  /tokens N    new tokens per reply
+  /topk K      keep the K most likely tokens (0 = off)
+  /topp P      keep the smallest set of tokens with probability >= P (1 = off)
+  /penalty R   repetition penalty (1 = off)
+  /seed S      restart the random generator from seed S
+  /reset       forget the conversation so far
+  /help        this list
+  quit, exit   leave (so does end of input)
+any other line is continued by the model"""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are our one-line `error: ...` instead of usage text and exit 2."""
+
+    def error(self, message):
+        raise UserError(message)
+
+
+def parse_args(argv):
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out_dir", help="use best.pt (else ckpt.pt) of this training run")
+    p.add_argument("--ckpt", help="use this checkpoint file")
+    p.add_argument("--start", default="", help="the prompt, or FILE:path to read it from a file "
+                   "(empty: start from end-of-text, or a newline for a char model)")
+    p.add_argument("--num_samples", type=parse_positive("num_samples"), default=1)
+    p.add_argument("--max_new_tokens", type=parse_tokens, default=500)
+    p.add_argument("--temperature", type=parse_temperature, default=0.8)
+    p.add_argument("--top_k", type=parse_top_k, default=0)
+    p.add_argument("--top_p", type=parse_top_p, default=1.0)
+    p.add_argument("--repetition_penalty", type=parse_penalty, default=1.0)
+    p.add_argument("--num_beams", type=parse_positive("num_beams"), default=1,
+                   help="> 1: beam search (deterministic; ignores the sampling settings)")
+    p.add_argument("--seed", type=parse_seed, default=None, help="default: a fresh random seed")
+    p.add_argument("--stop", default=None, help="stop when the generated text contains this")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--chat", action="store_true", help="interactive: continue each line typed")
+    mode.add_argument("--analyze", metavar="TEXT", help="next-token candidates and surprisal of TEXT")
+    mode.add_argument("--eval", metavar="FILE", help="loss, perplexity and accuracy on a text file")
+    mode.add_argument("--benchmark", action="store_true", help="prefill and decode tokens/s")
+    p.add_argument("--stride", type=parse_positive("stride"), default=None,
+                   help="--eval: tokens between window ends (default block_size)")
+    args = p.parse_args(argv)
+    if args.num_beams > 1 and args.num_samples > 1:
+        raise UserError("beam search is deterministic: use --num_samples 1 with --num_beams")
+    if args.stride is not None and not args.eval:
+        raise UserError("--stride only applies to --eval")
+    if args.stop == "":
+        raise UserError("--stop needs a non-empty string")
+    return args
+
+
+# -----------------------------------------------------------------------------
+# Loading.
+
+def find_checkpoint(ckpt, out_dir):
+    """--ckpt, else best.pt / ckpt.pt of --out_dir, else the newest run under out*/ (best.pt first)."""
+    if ckpt:
+        return Path(ckpt)
+    names = ("best.pt", "ckpt.pt")
+    if out_dir:
+        for name in names:
+            if (Path(out_dir) / name).is_file():
+                return Path(out_dir) / name
+        raise UserError(f"no best.pt or ckpt.pt in {out_dir} (train first, or pass --ckpt PATH)")
+    found = [path for name in names for path in Path().glob(f"out*/{name}")]
+    if not found:
+        raise UserError("no checkpoint found under out*/; pass --ckpt PATH or --out_dir DIR "
+                        "(or train one: python train.py config/small.py)")
+    run = max(found, key=lambda path: path.stat().st_mtime).parent
+    return next(run / name for name in names if (run / name).is_file())
+
+
+def load(args):
+    """(model, tokenizer, device, ctx, path) for the chosen checkpoint; says what it loaded."""
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    path = find_checkpoint(args.ckpt, args.out_dir)
+    ckpt = load_checkpoint(path, device)
+    if not ckpt.get("tokenizer"):
+        raise UserError(f"{path} carries no tokenizer; it was not written by train.py")
+    tokenizer = load_tokenizer(ckpt["tokenizer"])
+    try:
+        model = model_from_checkpoint(ckpt, device)
+    except (TypeError, RuntimeError) as e:  # model_args and weights disagree: a damaged file
+        raise UserError(f"{path}: weights do not match model_args ({str(e).splitlines()[0]})") from None
+    model.eval()
+    print(f"loaded {path} (iter {ckpt.get('iter_num', '?')}, {model.num_params() / 1e6:.2f}M "
+          f"parameters, block_size {model.config.block_size}, {tokenizer.kind} tokenizer) "
+          f"on {device}, {str(dtype).removeprefix('torch.')}", file=sys.stderr)
+    return model, tokenizer, device, autocast_context(device, dtype), path
+
+
+def make_generator(device, seed):
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator
+
+
+def start_ids(tokenizer):
+    """What an empty prompt starts from: end-of-text, or a newline for a char model."""
+    if tokenizer.eot_id is not None:
+        return [tokenizer.eot_id]
+    return tokenizer.encode("\n")
+
+
+def crop(ids, block_size, what):
+    if len(ids) > block_size:
+        print(f"notice: {what} is {len(ids)} tokens; keeping its last {block_size} (block_size)",
+              file=sys.stderr)
+        return ids[-block_size:]
+    return ids
+
+
+def read_text(arg, flag):
+    """The text of `arg`, or of the file it names after FILE:."""
+    if not arg.startswith("FILE:"):
+        return arg
+    path = Path(arg[len("FILE:"):])
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{flag}: cannot read {path}: {e}") from None
+
+
+# -----------------------------------------------------------------------------
+# Generation.
+
+def holdback(text, stop):
+    """How many characters at the end of `text` could be the start of `stop` (not printed yet)."""
+    for n in range(min(len(text), len(stop) - 1), 0, -1):
+        if stop.startswith(text[-n:]):
+            return n
+    return 0
+
+
+def stream(model, tokenizer, ids, s, generator, stop):
+    """Sample up to s["max_new_tokens"] tokens after `ids`, printing text as it is produced.
+
+    Stops at end-of-text or once the text contains `stop` (which is not printed). Returns the
+    new tokens (without end-of-text).
+    """
+    idx = torch.tensor([ids], dtype=torch.long, device=next(model.parameters()).device)
+    stop_tokens = () if tokenizer.eot_id is None else (tokenizer.eot_id,)
+    new, printed = [], 0
+    steps = generate_stream(model, idx, s["max_new_tokens"], temperature=s["temperature"],
+                            top_k=s["top_k"] or None, top_p=s["top_p"] if s["top_p"] < 1 else None,
+                            repetition_penalty=s["repetition_penalty"], stop_tokens=stop_tokens,
+                            generator=generator)
+    for token in steps:
+        token = token.item()
+        if token in stop_tokens:
+            break
+        new.append(token)
+        text = tokenizer.decode(new)
+        if stop and stop in text:
+            break
+        if not text.endswith("\ufffd"):  # else maybe half a character: wait for the next token
+            printed = emit(text[:len(text) - holdback(text, stop)] if stop else text, printed)
+    text = tokenizer.decode(new)  # the rest, including anything held back
+    emit(text[:text.index(stop)] if stop and stop in text else text, printed)
+    steps.close()
+    return new
+
+
+def emit(text, printed):
+    """Print text[printed:]; returns the new count of printed characters."""
+    if len(text) > printed:
+        sys.stdout.write(text[printed:])
+        sys.stdout.flush()
+    return max(printed, len(text))
+
+
+def sample(model, tokenizer, args):
+    text = read_text(args.start, "--start")
+    ids = crop(tokenizer.encode(text), model.config.block_size, "the prompt") if text else start_ids(tokenizer)
+    s = vars(args)
+    generator = make_generator(next(model.parameters()).device, args.seed)
+    for i in range(args.num_samples):
+        if i:
+            print(SEPARATOR)
+        sys.stdout.write(text)
+        if args.num_beams > 1:
+            idx = torch.tensor([ids], dtype=torch.long, device=next(model.parameters()).device)
+            stop_tokens = () if tokenizer.eot_id is None else (tokenizer.eot_id,)
+            out = tokenizer.decode(beam_search(model, idx, args.max_new_tokens, args.num_beams,
+                                               stop_tokens=stop_tokens))
+            sys.stdout.write(out[:out.index(args.stop)] if args.stop and args.stop in out else out)
+        else:
+            stream(model, tokenizer, ids, s, generator, args.stop)
+        print(flush=True)
+
+
+def chat(model, tokenizer, args):
+    """Continue each line typed; the conversation so far is the context of the next reply."""
+    if sys.stdin.isatty():
+        import readline  # noqa: F401  (gives input() line editing and history)
+    prompt = "> " if sys.stdin.isatty() else ""
+    s = {name: getattr(args, name) for name, _ in CHAT_COMMANDS.values()}
+    device = next(model.parameters()).device
+    generator = make_generator(device, s["seed"])
+    context = []
+    print("chat: type a line for the model to continue; /help lists the commands; quit leaves",
+          file=sys.stderr)
+    while True:
+        try:
+            line = input(prompt)
+        except EOFError:
+            return
+        word, _, value = line.strip().partition(" ")
+        if word in ("quit", "exit"):
+            return
+        try:
+            if word in CHAT_COMMANDS:
+                name, parse = CHAT_COMMANDS[word]
+                s[name] = parse(value.strip())
+                if name == "seed":
+                    generator = make_generator(device, s["seed"])
+                print(f"{name} = {s[name]}", flush=True)
+            elif word == "/reset":
+                context = []
+                print("context cleared", flush=True)
+            elif word == "/help":
+                print(CHAT_HELP, flush=True)
+            elif word.startswith("/"):
+                raise UserError(f"unknown command {word}; /help lists the commands")
+            else:
+                ids = tokenizer.encode(("\n" if context else "") + line)
+                context = (context + ids)[-model.config.block_size:] or start_ids(tokenizer)
+                context += stream(model, tokenizer, context, s, generator, args.stop)
+                print(flush=True)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+
+
+# -----------------------------------------------------------------------------
+# Analysis, evaluation, benchmark.
+
+@torch.inference_mode()
+def analyze(model, tokenizer, text, top_k):
+    """Print the top-k next tokens after `text`, then the surprisal of each of its tokens."""
+    if not text:
+        raise UserError("--analyze needs some text")
+    ids = tokenizer.encode(text)
+    T = model.config.block_size
+    given_eot = tokenizer.eot_id is not None and len(ids) < T
+    seq = [tokenizer.eot_id] + ids if given_eot else crop(ids, T, "the text")
+    idx = torch.tensor([seq], dtype=torch.long, device=next(model.parameters()).device)
+    targets = torch.tensor([seq[1:] + [-1]], dtype=torch.long, device=idx.device)
+    logits, _ = model(idx, targets)  # with targets: the logits of every position, (1, T, V)
+    logp = F.log_softmax(logits[0].float(), dim=-1)  # (T, V)
+
+    k = min(top_k or 10, logp.size(-1))
+    probs, best = logp[-1].exp().topk(k)
+    print(f"next-token candidates after the text (top {k}):")
+    print(f"{'rank':>5} {'prob':>9} {'id':>7}  token")
+    for rank, (p, i) in enumerate(zip(probs.tolist(), best.tolist()), 1):
+        print(f"{rank:>5} {p:>9.6f} {i:>7}  {tokenizer.decode([i])!r}")
+
+    first = "given end-of-text" if given_eot else "no context: not scored"
+    print(f"\nsurprisal -log p of each token given the ones before it (first token: {first}):")
+    print(f"{'pos':>5} {'id':>7} {'p':>9} {'nats':>7} {'bits':>7}  token")
+    surprisals = []
+    for pos in range(int(given_eot), len(seq)):
+        token, shown = seq[pos], repr(tokenizer.decode([seq[pos]]))
+        if pos == 0:
+            print(f"{pos:>5} {token:>7} {'-':>9} {'-':>7} {'-':>7}  {shown}")
+            continue
+        nats = -logp[pos - 1, token].item()
+        surprisals.append(nats)
+        print(f"{pos - given_eot:>5} {token:>7} {math.exp(-nats):>9.6f} {nats:>7.3f} "
+              f"{nats / math.log(2):>7.3f}  {shown}")
+    if surprisals:
+        mean = sum(surprisals) / len(surprisals)
+        print(f"total {sum(surprisals):.3f} nats over {len(surprisals)} tokens; mean {mean:.4f} nats "
+              f"({mean / math.log(2):.4f} bits), perplexity {math.exp(mean):.3f}")
+
+
+def windows(n, block_size, stride):
+    """(begin, end, first scored) of the windows that score tokens 1..n-1 exactly once.
+
+    Window j ends at min(block_size + j * stride, n - 1), is block_size inputs long (or starts at
+    0), and scores only the targets after the previous window's end.
+    """
+    out, scored = [], 0
+    while scored < n - 1:
+        end = min(block_size + len(out) * stride, n - 1)
+        out.append((max(0, end - block_size), end, scored))
+        scored = end
+    return out
+
+
+@torch.inference_mode()
+def evaluate(model, tokens, stride):
+    """(mean cross-entropy, accuracy, tokens scored) of the model on a token list, by windows."""
+    T = model.config.block_size
+    device = next(model.parameters()).device
+    data = torch.tensor(tokens, dtype=torch.long)
+    spans = windows(len(tokens), T, stride)
+    L = spans[0][1] - spans[0][0]  # every window has this length: min(T, n - 1)
+    # Logits are (B, L, vocab) floats: keep a batch's to ~256 MB.
+    batch_size = max(1, min(64, 2**26 // (L * model.config.vocab_size)))
+    loss_sum, correct, count = 0.0, 0, 0
+    for b in range(0, len(spans), batch_size):
+        x = torch.stack([data[begin:end] for begin, end, _ in spans[b:b + batch_size]])
+        y = torch.stack([data[begin + 1:end + 1] for begin, end, _ in spans[b:b + batch_size]])
+        for row, (begin, _, scored) in enumerate(spans[b:b + batch_size]):
+            y[row, :scored - begin] = -1  # already scored by the previous window
+        x, y = x.to(device), y.to(device)
+        logits, _ = model(x, y)
+        logits = logits.float()
+        loss_sum += F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1),
+                                    ignore_index=-1, reduction="sum").item()
+        correct += ((logits.argmax(-1) == y) & (y != -1)).sum().item()
+        count += (y != -1).sum().item()
+    return loss_sum / count, correct / count, count
+
+
+def run_eval(model, tokenizer, path, stride):
+    T = model.config.block_size
+    stride = stride or T
+    if stride > T:
+        raise UserError(f"--stride {stride} is larger than block_size {T}: tokens would be skipped")
+    text = read_text("FILE:" + path, "--eval")
+    tokens = tokenizer.encode(text)
+    if len(tokens) < 2:
+        raise UserError(f"{path} holds {len(tokens)} token(s); evaluation needs at least 2")
+    loss, acc, count = evaluate(model, tokens, stride)
+    print(f"eval {path}: {count} tokens scored ({len(tokens)} tokens; windows of {T}, stride {stride})")
+    print(f"loss {loss:.6f} nats/token ({loss / math.log(2):.4f} bits), "
+          f"perplexity {math.exp(min(loss, 700)):.4f}, accuracy {acc:.4f}")
+
+
+def benchmark(model, device, runs=5):
+    """Median prefill and decode tokens/s for one sequence: half a block of prompt, then the rest."""
+    T = model.config.block_size
+    P, N = max(1, T // 2), max(2, T - max(1, T // 2))
+    generator = make_generator(device, 0)
+    idx = torch.randint(model.config.vocab_size, (1, P), generator=generator, device=device)
+    prefill, decode = [], []
+    for run in range(runs + 1):  # the first run warms up allocators and kernels
+        sync(device)
+        t0 = time.perf_counter()
+        steps = generate_stream(model, idx, N, generator=generator)
+        next(steps)
+        sync(device)
+        t1 = time.perf_counter()
+        for _ in steps:
+            pass
+        sync(device)
+        t2 = time.perf_counter()
+        if run:
+            prefill.append(P / (t1 - t0))
+            decode.append((N - 1) / (t2 - t1))
+    print(f"benchmark: batch 1, {P} prompt tokens then {N} new tokens, median of {runs} runs")
+    print(f"prefill {statistics.median(prefill):,.0f} tokens/s")
+    print(f"decode {statistics.median(decode):,.0f} tokens/s "
+          f"({1000 / statistics.median(decode):.2f} ms/token)")
+
+
+def main():
+    args = parse_args(sys.argv[1:])
+    model, tokenizer, device, ctx, _ = load(args)
+    with ctx:
+        if args.chat:
+            chat(model, tokenizer, args)
+        elif args.analyze is not None:
+            analyze(model, tokenizer, read_text(args.analyze, "--analyze"), args.top_k)
+        elif args.eval:
+            run_eval(model, tokenizer, args.eval, args.stride)
+        elif args.benchmark:
+            benchmark(model, device)
+        else:
+            sample(model, tokenizer, args)
+
+
+if __name__ == "__main__":
+    run_main(main)
