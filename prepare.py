@@ -1,9 +1,76 @@
-"""Turn text corpora into the token files train.py reads.
+"""Turn text corpora into the token files train.py reads, and the tokenizers that go with them.
 
-(Work in progress: the tokenizers and the corpus pipeline land next.)
+    python prepare.py                                   # tiny shakespeare, char-level -> data/shakespeare_char
+    python prepare.py --input books/ --tokenizer gpt2 --out data/books
+    python prepare.py --input ../shared/data/nsmc_ko.txt --split_docs '\\n' --tokenizer bpe --vocab_size 8192
+
+Design choices:
+- One Tokenizer with three kinds: `char` (the corpus' characters, sorted by code point), `gpt2`
+  (tiktoken's GPT-2 BPE) and `bpe` (a byte-level BPE trained on your corpus by the `tokenizers`
+  package, then handed to tiktoken as merge ranks: all BPE *encoding* goes through tiktoken).
+  `load_tokenizer` rebuilds any of them from a dict, a dataset dir, its meta.json or a checkpoint.
+- Text is encoded as plain text: a literal "<|endoftext|>" in a corpus is ordinary characters
+  (tiktoken's encode_ordinary); the end-of-text id only ever comes from a document boundary.
+- Each file is a document (--split_docs cuts files further). Documents in one split are separated by
+  <|endoftext|> (gpt2, bpe) or, for char, by the --split_docs separator or else a blank line
+  ("\\n\\n"); a char vocabulary has no end-of-text id. train/val is split by whole documents, picked
+  by a seeded shuffle until val holds --val_fraction of the text; a single document is instead cut
+  at a token boundary near its end (as nanoGPT does), and meta.json says which.
+- Streaming: files are read in blocks and cut into ~256K-char pieces at points where encoding the
+  pieces separately gives exactly the tokens of the whole (see safe_cut); a pool of processes
+  encodes pieces in order; tokens go straight to disk. Memory stays flat whatever the corpus size.
+- Outputs are written under temp names and renamed at the end; meta.json is renamed last, so a
+  dataset dir with a meta.json is complete.
+
+Outputs in --out: train.bin and val.bin hold the token ids back to back as raw little-endian
+uint16 (vocab_size <= 65,536) or uint32; meta.json (JSON) describes them: format_version,
+tokenizer, vocab_size, eot_id, dtype, tokens and documents per split, doc_separator (the ids
+written between documents), split ("by_document" | "single_document_tail"), val_fraction, seed,
+inputs (path or url, bytes, sha256) and the reading options.
+
+Tokenizer description (Tokenizer.to_dict(), stored in checkpoints; JSON-able and self-contained):
+    {"kind": "char", "vocab_size": V, "eot_id": null, "chars": ["\\n", " ", "!", ...]}
+    {"kind": "gpt2", "vocab_size": 50257, "eot_id": 50256}
+    {"kind": "bpe", "vocab_size": V, "eot_id": V - 1, "pattern": GPT2_PATTERN, "ranks": "<text>"}
+meta.json holds the same, except that a bpe entry names its ranks file ("ranks_file":
+"tokenizer.bpe") instead of embedding "ranks".
+
+tokenizer.bpe (the ranks text) is tiktoken's own .tiktoken format: one line per token,
+`<base64 of the token's bytes> <rank>`, ranks 0..V-2 in order; ranks 0..255 are the single bytes
+0..255, then one token per BPE merge in the order they were learned (merge priority). The
+end-of-text token "<|endoftext|>" is not in the file: its id is V - 1. Pre-tokenisation is GPT-2's
+regex ("pattern"), so tiktoken.Encoding(name, pattern, ranks, {"<|endoftext|>": V - 1}) rebuilds it.
 """
+import argparse
+import base64
+import codecs
+import functools
+import hashlib
+import json
+import multiprocessing
 import os
+import re
+import shutil
 import sys
+import time
+import urllib.request
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+import tiktoken
+
+SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+CACHE_DIR = Path("data/.cache")  # downloaded corpora (git-ignored)
+FORMAT_VERSION = 1
+EOT = "<|endoftext|>"
+# GPT-2's pre-tokenisation (as tiktoken writes it): contractions, letters, numbers, other symbols,
+# whitespace. BPE merges never cross these pieces.
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+BPE_VOCAB_RANGE = (257, 1 << 20)  # 256 byte tokens + <|endoftext|> at least
+MIN_SPLIT_TOKENS = 256  # a few blocks of a small context; train.py checks its own block_size
+PIECE_CHARS = 1 << 18  # unit of work for one encoding process
+BLOCK_BYTES = 1 << 20  # read size
 
 
 class UserError(Exception):
@@ -27,3 +94,637 @@ def run_main(main):
             raise
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose mistakes are UserErrors: one `error:` line, like every other mistake."""
+
+    def error(self, message):
+        raise UserError(message)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizers
+
+
+class Tokenizer:
+    """encode/decode for one of three kinds; to_dict() describes it completely (JSON)."""
+
+    def __init__(self, kind, *, chars="", enc=None, ranks=""):
+        self.kind = kind
+        self.chars = chars  # char: the vocabulary, sorted by code point (id = position)
+        self.enc = enc  # gpt2, bpe: the tiktoken.Encoding
+        self.ranks = ranks  # bpe: the merge ranks as tokenizer.bpe text
+        if kind == "char":
+            self.vocab_size, self.eot_id = len(chars), None
+            self._codes = np.frombuffer(chars.encode("utf-32-le", "surrogatepass"), np.uint32)
+        else:
+            self.vocab_size, self.eot_id = enc.n_vocab, enc.eot_token
+
+    def encode(self, text: str) -> list[int]:
+        if self.kind == "char":
+            return self.encode_np(text).tolist()
+        return self.enc.encode_ordinary(text)
+
+    def encode_np(self, text: str) -> np.ndarray:
+        """encode() as a uint32 array (the fast path prepare uses)."""
+        if self.kind != "char":
+            return self.enc.encode_to_numpy(text, disallowed_special=())  # == encode_ordinary
+        codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), np.uint32)
+        ids = np.searchsorted(self._codes, codes).astype(np.uint32)  # _codes is sorted
+        unknown = self._codes[np.minimum(ids, self.vocab_size - 1)] != codes
+        if unknown.any():
+            c = chr(codes[unknown.argmax()])
+            raise UserError(f"character {c!r} (U+{ord(c):04X}) is not in the char vocabulary "
+                            f"({self.vocab_size} characters)")
+        return ids
+
+    def decode(self, ids) -> str:
+        """Text of `ids` (any iterable of ints). An id outside the vocabulary (a padded model head
+        can emit one) and bytes that are not whole UTF-8 characters become U+FFFD."""
+        ids = [int(i) for i in ids]
+        V = self.vocab_size
+        if self.kind == "char":
+            return "".join(self.chars[i] if 0 <= i < V else "\ufffd" for i in ids)
+        if all(0 <= i < V for i in ids):
+            return self.enc.decode(ids)
+        parts = [self.enc.decode_single_token_bytes(i) if 0 <= i < V else "\ufffd".encode() for i in ids]
+        return b"".join(parts).decode("utf-8", "replace")
+
+    def to_dict(self) -> dict:
+        d = {"kind": self.kind, "vocab_size": self.vocab_size, "eot_id": self.eot_id}
+        if self.kind == "char":
+            d["chars"] = list(self.chars)
+        elif self.kind == "bpe":
+            d |= {"pattern": self.enc._pat_str, "ranks": self.ranks}
+        return d
+
+
+def gpt2_encoding():
+    try:
+        return tiktoken.get_encoding("gpt2")  # cached per process
+    except (OSError, ValueError) as e:  # requests' errors are OSErrors
+        raise UserError(f"GPT-2's BPE files are not cached and could not be downloaded ({type(e).__name__}); "
+                        "set TIKTOKEN_CACHE_DIR to a folder holding them (e.g. ../shared/tiktoken)") from e
+
+
+def ranks_to_text(ranks: dict[bytes, int]) -> str:
+    """tokenizer.bpe format: `<base64 token bytes> <rank>` per line, by rank."""
+    return "".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in sorted(ranks.items(), key=lambda kv: kv[1]))
+
+
+def ranks_from_text(text: str) -> dict[bytes, int]:
+    try:
+        ranks = {base64.b64decode(t, validate=True): int(r) for t, r in (line.split() for line in text.splitlines())}
+    except ValueError as e:  # a line that is not `base64 int` (binascii.Error is a ValueError)
+        raise UserError(f"BPE ranks are corrupt: {e}") from e
+    if sorted(ranks.values()) != list(range(len(ranks))) or any(bytes([b]) not in ranks for b in range(256)):
+        raise UserError("BPE ranks are corrupt: they must be 0..n-1 and include every single byte")
+    return ranks
+
+
+@functools.lru_cache(maxsize=4)
+def bpe_encoding(ranks: str, pattern: str) -> tiktoken.Encoding:
+    """A trained BPE as a tiktoken.Encoding; cached, as building one parses every rank."""
+    mergeable = ranks_from_text(ranks)
+    return tiktoken.Encoding("bpe", pat_str=pattern, mergeable_ranks=mergeable, special_tokens={EOT: len(mergeable)})
+
+
+def tokenizer_from_dict(d: dict, base_dir: Path | None = None) -> Tokenizer:
+    """The inverse of Tokenizer.to_dict(); a meta.json entry's "ranks_file" is read from base_dir."""
+    kind = d.get("kind")
+    if kind == "char":
+        chars = "".join(d["chars"])
+        if len(chars) != len(d["chars"]) or list(chars) != sorted(set(chars)):
+            raise UserError("char vocabulary is corrupt: it must be distinct single characters, sorted")
+        tok = Tokenizer("char", chars=chars)
+    elif kind == "gpt2":
+        tok = Tokenizer("gpt2", enc=gpt2_encoding())
+    elif kind == "bpe":
+        if "ranks" in d:
+            ranks = d["ranks"]
+        else:
+            path = Path(base_dir or ".") / d["ranks_file"]
+            if not path.is_file():
+                raise UserError(f"{path} is missing: the BPE ranks of this dataset (re-run prepare.py)")
+            ranks = path.read_text(encoding="utf-8")
+        tok = Tokenizer("bpe", enc=bpe_encoding(ranks, d["pattern"]), ranks=ranks)
+    else:
+        raise UserError(f"unknown tokenizer kind {kind!r} (expected char, gpt2 or bpe)")
+    if d.get("vocab_size", tok.vocab_size) != tok.vocab_size:
+        raise UserError(f"tokenizer says vocab_size {d['vocab_size']} but holds {tok.vocab_size} tokens")
+    return tok
+
+
+def load_tokenizer(source) -> Tokenizer:
+    """The tokenizer of a dataset or a model. `source`: a dict from Tokenizer.to_dict() (e.g. a
+    checkpoint's "tokenizer"), "gpt2", a dataset directory, its meta.json, or a checkpoint file."""
+    if isinstance(source, dict):
+        return tokenizer_from_dict(source)
+    if source == "gpt2":
+        return Tokenizer("gpt2", enc=gpt2_encoding())
+    path = Path(source)
+    if path.is_dir():
+        path = path / "meta.json"
+    if not path.is_file():
+        raise UserError(f"{source}: not a dataset directory, meta.json or checkpoint")
+    if path.suffix == ".json":
+        try:
+            meta = json.loads(path.read_text(encoding="utf-8"))
+            entry = meta["tokenizer"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{path}: not a dataset meta.json ({e!r})") from e
+        return tokenizer_from_dict(entry, path.parent)
+    import torch  # only for checkpoints; mmap reads the tokenizer without loading the weights
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        entry = ckpt["tokenizer"]
+    except Exception as e:  # torch raises many types for a file that is not a checkpoint
+        raise UserError(f"{path}: not a checkpoint with a tokenizer ({type(e).__name__}: {e})") from e
+    return tokenizer_from_dict(entry)
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 holds ids 0..65535, so vocabularies up to 65,536 tokens; larger ones need uint32."""
+    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character map, which byte-level BPE libraries use for tokens."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
+
+
+def train_bpe(texts, vocab_size: int) -> dict[bytes, int]:
+    """Train a byte-level BPE on `texts` and return its tiktoken merge ranks (vocab_size - 1 of
+    them; <|endoftext|> takes the last id). Fewer when the corpus runs out of pairs to merge."""
+    from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers, trainers
+
+    hf = HFTokenizer(models.BPE())
+    # use_regex: GPT-2's pre-tokenisation regex, the same pieces tiktoken will cut with GPT2_PATTERN
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 1, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    hf.train_from_iterator(texts, trainer)
+    # `tokenizers` spells a token's bytes through bytes_to_unicode; tiktoken ranks raw bytes and
+    # merges by the rank of the merged token, so a token's rank is its merge's priority.
+    byte_of = {c: b for b, c in bytes_to_unicode().items()}
+    ranks = {bytes([b]): b for b in range(256)}
+    for left, right in json.loads(hf.to_str())["model"]["merges"]:
+        ranks.setdefault(bytes(byte_of[c] for c in left + right), len(ranks))
+    return ranks
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading corpora: a stream of text blocks with None after each document
+
+
+def resolve_inputs(inputs: list[str], glob: str) -> list[tuple[Path, str | None]]:
+    """(file, url or None) for every input file: files as given, directories searched recursively
+    for `glob` (sorted; hidden folders skipped), URLs downloaded once into CACHE_DIR."""
+    files = []
+    for name in inputs:
+        if name.startswith(("http://", "https://")):
+            files.append((download(name), name))
+            continue
+        path = Path(name)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob(glob)
+                           if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            if not found:
+                raise UserError(f"no files matching {glob!r} under {name} (choose another pattern with --glob)")
+            files += [(p, None) for p in found]
+        elif path.is_file():
+            files.append((path, None))
+        else:
+            raise UserError(f"{name}: no such file or directory")
+    return files
+
+
+def download(url: str) -> Path:
+    """The file at `url`, fetched on first use into CACHE_DIR (temp name, then renamed)."""
+    name = url.rstrip("/").rsplit("/", 1)[-1] or "index"
+    path = CACHE_DIR / f"{hashlib.sha1(url.encode()).hexdigest()[:10]}-{name}"
+    if path.is_file():
+        return path
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    print(f"downloading {url}", file=sys.stderr)
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f:
+            shutil.copyfileobj(r, f)
+    except (OSError, ValueError) as e:  # URLError, HTTPError and timeouts are OSErrors
+        tmp.unlink(missing_ok=True)
+        reason = getattr(e, "reason", e)
+        raise UserError(f"could not download {url} ({reason}); to use a local copy instead, "
+                        f"pass --input PATH") from e
+    os.replace(tmp, path)
+    return path
+
+
+def read_blocks(path: Path, errors: str, on_bytes):
+    """The text of one file in blocks, decoded as UTF-8 (a leading byte-order mark is dropped).
+    on_bytes(data) sees every raw block (for hashing and progress)."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors)
+    offset, first = 0, True
+    with open(path, "rb") as f:
+        while True:
+            data = f.read(BLOCK_BYTES)
+            pending = len(decoder.getstate()[0])  # bytes of a character cut by the previous block
+            try:
+                text = decoder.decode(data, final=not data)
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path}: byte {offset - pending + e.start} is not valid UTF-8 "
+                                "(pass --errors replace to read it as U+FFFD)") from None
+            if first and text:
+                text, first = text.removeprefix("\ufeff"), False
+            if data:
+                on_bytes(data)
+                offset += len(data)
+            if text:
+                yield text
+            if not data:
+                return
+
+
+def split_blocks(blocks, sep: str):
+    """Blocks of one file -> blocks with None in place of each `sep` (which may straddle blocks)."""
+    carry = ""
+    for block in blocks:
+        *docs, last = (carry + block).split(sep)
+        for doc in docs:
+            yield doc
+            yield None
+        keep = len(last) - (len(sep) - 1)  # hold back what could be the start of a separator
+        yield last[:max(keep, 0)]
+        carry = last[max(keep, 0):]
+    yield carry
+
+
+def clean_blocks(stream):
+    """--clean: each whitespace run becomes one space; documents lose leading/trailing whitespace."""
+    started = space = False  # the document has text / a whitespace run is waiting for the next word
+    for block in stream:
+        if block is None:
+            started = space = False
+            yield None
+            continue
+        words = block.split()
+        if words:
+            lead = " " if started and (space or block[0].isspace()) else ""
+            yield lead + " ".join(words)
+            started, space = True, block[-1].isspace()
+        else:
+            space = space or bool(block)
+
+
+def iter_docs(files, sep: str | None, clean: bool, errors: str, on_bytes):
+    """The corpus as text blocks with None after each document (files, cut further on `sep`).
+    on_bytes(i, data) sees the raw bytes of files[i]."""
+    for i, (path, _) in enumerate(files):
+        blocks = read_blocks(path, errors, functools.partial(on_bytes, i))
+        stream = split_blocks(blocks, sep) if sep else blocks
+        yield from clean_blocks(stream) if clean else stream
+        yield None
+
+
+# Where a piece may end: before a space or newline that is followed by a non-space. GPT-2's regex
+# never joins such a character to the text before it (only a literal space joins the word after
+# it, and a whitespace run ends before its last character when a non-space follows), and a run
+# left at the end of a piece is still one piece (`\s++$`): both halves tokenize as in the whole.
+SAFE_CUT = re.compile(r"[\n ](?=\S)")
+
+
+def iter_pieces(stream, size: int = PIECE_CHARS):
+    """(document index, text) pieces of about `size` chars, cut only where encoding the pieces
+    separately gives exactly the tokens of the whole document (tests check this)."""
+    doc, buf = 0, ""
+    for block in stream:
+        if block is None:
+            if buf:
+                yield doc, buf
+            doc, buf = doc + 1, ""
+            continue
+        buf += block
+        while len(buf) > size and (m := SAFE_CUT.search(buf, size)):
+            yield doc, buf[:m.start()]
+            buf = buf[m.start():]
+
+
+class Progress:
+    """`label: MB done / total, MB/s, ETA` on stderr when it is a terminal, a few times a second."""
+
+    def __init__(self, label: str, total: int):
+        self.label, self.total, self.done = label, total, 0
+        self.t0 = self.shown = time.time()
+        self.tty = sys.stderr.isatty()
+
+    def __call__(self, data: bytes):
+        self.done += len(data)
+        now = time.time()
+        if self.tty and now - self.shown > 0.25:
+            self.shown = now
+            rate = self.done / (now - self.t0)
+            eta = (self.total - self.done) / rate if rate else 0
+            print(f"\r{self.label}: {self.done / 1e6:,.1f}/{self.total / 1e6:,.1f} MB  {rate / 1e6:.1f} MB/s  "
+                  f"ETA {eta:.0f}s ", end="", file=sys.stderr, flush=True)
+
+    def close(self):
+        if self.tty and self.shown > self.t0:
+            print(file=sys.stderr)
+
+
+def scan(stream, want_chars: bool) -> tuple[list[int], set[str]]:
+    """First pass: each document's size in characters, and the set of characters if wanted."""
+    sizes, size, chars = [], 0, set()
+    for block in stream:
+        if block is None:
+            sizes.append(size)
+            size = 0
+        else:
+            size += len(block)
+            if want_chars:
+                chars.update(block)
+    return sizes, chars
+
+
+def choose_val_docs(sizes, val_fraction: float, seed: int) -> np.ndarray | None:
+    """A bool mask of the documents that go to val: a seeded shuffle of the non-empty documents,
+    taken until they hold val_fraction of the text (at least one, never all). None for a
+    single-document corpus, which is split near its end instead."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    nonempty = np.flatnonzero(sizes)
+    if len(nonempty) < 2:
+        return None
+    order = np.random.default_rng(seed).permutation(nonempty)
+    held = np.cumsum(sizes[order])
+    k = min(int(np.searchsorted(held, val_fraction * held[-1])) + 1, len(order) - 1)
+    is_val = np.zeros(len(sizes), dtype=bool)
+    is_val[order[:k]] = True
+    return is_val
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoding on all cores, writing the bins
+
+_worker = {}  # in each encoding process: the tokenizer and the token dtype
+
+
+def _init_worker(tok_dict: dict, dtype: str):
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    _worker.update(tok=tokenizer_from_dict(tok_dict), dtype=np.dtype(dtype))
+
+
+def _encode_batch(texts: list[str]) -> list[bytes]:
+    tok, dtype = _worker["tok"], _worker["dtype"]
+    return [tok.encode_np(text).astype(dtype).tobytes() for text in texts]
+
+
+def iter_batches(pieces, size: int = PIECE_CHARS):
+    """Consecutive pieces grouped into (docs, texts) of about `size` chars: one task for a worker
+    (many short documents would otherwise cost one round trip each)."""
+    docs, texts, n = [], [], 0
+    for doc, text in pieces:
+        docs.append(doc)
+        texts.append(text)
+        n += len(text)
+        if n >= size:
+            yield docs, texts
+            docs, texts, n = [], [], 0
+    if texts:
+        yield docs, texts
+
+
+def encode_pieces(pieces, tok: Tokenizer, dtype: np.dtype, workers: int):
+    """(doc, token bytes) for each (doc, text) piece, in order, encoded by `workers` processes.
+    At most 4 batches per process are in flight, so memory does not grow with the corpus."""
+    if workers == 1:
+        _worker.update(tok=tok, dtype=dtype)
+        for docs, texts in iter_batches(pieces):
+            yield from zip(docs, _encode_batch(texts))
+        return
+    # spawn: a clean interpreter per worker, safe even after `tokenizers` started its threads
+    with multiprocessing.get_context("spawn").Pool(workers, _init_worker, (tok.to_dict(), dtype.str)) as pool:
+        window = deque()
+        for docs, texts in iter_batches(pieces):
+            window.append((docs, pool.apply_async(_encode_batch, (texts,))))
+            if len(window) >= 4 * workers:
+                docs, result = window.popleft()
+                yield from zip(docs, result.get())
+        for docs, result in window:
+            yield from zip(docs, result.get())
+
+
+def write_splits(encoded, is_val, sep: bytes, paths: dict, itemsize: int) -> tuple[dict, dict]:
+    """Append each document's tokens to its split's file, `sep` between documents of a split.
+    Returns tokens and documents per split."""
+    tokens, docs, last = {"train": 0, "val": 0}, {"train": 0, "val": 0}, {"train": None, "val": None}
+    with open(paths["train"], "wb") as ftrain, open(paths["val"], "wb") as fval:
+        out = {"train": ftrain, "val": fval}
+        for doc, data in encoded:
+            split = "val" if is_val is not None and is_val[doc] else "train"
+            if last[split] != doc:
+                if last[split] is not None:
+                    out[split].write(sep)
+                    tokens[split] += len(sep) // itemsize
+                last[split] = doc
+                docs[split] += 1
+            out[split].write(data)
+            tokens[split] += len(data) // itemsize
+    return tokens, docs
+
+
+def split_tail(paths: dict, n: int, val_fraction: float, itemsize: int) -> dict:
+    """Move the last val_fraction of a single document's n tokens from train to val."""
+    k = int(n * (1 - val_fraction))  # nanoGPT's int(n * 0.9)
+    with open(paths["train"], "r+b") as ftrain, open(paths["val"], "wb") as fval:
+        ftrain.seek(k * itemsize)
+        shutil.copyfileobj(ftrain, fval, 1 << 24)
+        ftrain.truncate(k * itemsize)
+    return {"train": k, "val": n - k}
+
+
+# ----------------------------------------------------------------------------------------------
+# The command
+
+
+def parse_args(argv=None):
+    p = ArgumentParser(description="Turn text into train.bin/val.bin token files plus meta.json.")
+    p.add_argument("--input", nargs="+", metavar="PATH_OR_URL",
+                   help="files, directories (recursive) or http(s) URLs; each file is a document "
+                        "(default: tiny shakespeare, downloaded once into data/.cache)")
+    p.add_argument("--out", help="output directory (default: data/<first input's name>, or "
+                                 "data/shakespeare_<tokenizer> for the default corpus)")
+    p.add_argument("--tokenizer", default="char",
+                   help="char | gpt2 | bpe | PATH of a dataset dir, meta.json or checkpoint whose tokenizer to reuse")
+    p.add_argument("--vocab_size", type=int, help="bpe: vocabulary size, <|endoftext|> included (default 8192)")
+    p.add_argument("--glob", default="*.txt", help="file pattern inside directories")
+    p.add_argument("--split_docs", metavar="SEP",
+                   help=r"also cut files into documents at SEP; backslash escapes work ('\n\n' = blank line)")
+    p.add_argument("--clean", action="store_true", help="collapse each whitespace run into one space")
+    p.add_argument("--errors", choices=["strict", "replace"], default="strict",
+                   help="bytes that are not UTF-8: stop with an error, or read them as U+FFFD")
+    p.add_argument("--val_fraction", type=float, default=0.1, help="share of the text that goes to val.bin")
+    p.add_argument("--seed", type=int, default=1337, help="seed of the document split")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="encoding processes")
+    args = p.parse_args(argv)
+    if not 0 < args.val_fraction < 1:
+        raise UserError(f"--val_fraction must be between 0 and 1, got {args.val_fraction}")
+    if args.workers < 1:
+        raise UserError("--workers must be at least 1")
+    if args.tokenizer not in ("char", "gpt2", "bpe") and not Path(args.tokenizer).exists():
+        raise UserError(f"unknown tokenizer {args.tokenizer!r}: use char, gpt2, bpe, or the path of a dataset "
+                        "directory, meta.json or checkpoint")
+    if args.vocab_size is not None and args.tokenizer != "bpe":
+        raise UserError("--vocab_size only applies to --tokenizer bpe")
+    if args.tokenizer == "bpe":
+        args.vocab_size = args.vocab_size or 8192
+        lo, hi = BPE_VOCAB_RANGE
+        if not lo <= args.vocab_size <= hi:
+            raise UserError(f"--vocab_size must be in [{lo}, {hi:,}] for bpe (256 bytes + <|endoftext|> at least), "
+                            f"got {args.vocab_size}")
+    if args.split_docs is not None:
+        # interpret backslash escapes without mangling non-ASCII text
+        args.split_docs = args.split_docs.encode("latin-1", "backslashreplace").decode("unicode_escape")
+        if not args.split_docs:
+            raise UserError("--split_docs needs a non-empty separator")
+    return args
+
+
+def default_out(args) -> Path:
+    if not args.input:
+        kind = args.tokenizer if args.tokenizer in ("char", "gpt2", "bpe") else "custom"
+        return Path("data") / f"shakespeare_{kind}"
+    first = args.input[0].rstrip("/")
+    return Path("data") / (Path(first.rsplit("/", 1)[-1]).stem or Path(first).resolve().name)
+
+
+def make_tokenizer(args, read, chars: set[str]) -> Tokenizer:
+    """The tokenizer --tokenizer asks for: built from the corpus (char, bpe), GPT-2's, or reused."""
+    if args.tokenizer == "char":
+        if len(chars) > 1 << 16:
+            raise UserError(f"the corpus has {len(chars):,} distinct characters, more than a char vocabulary "
+                            "may hold (65,536); use --tokenizer bpe")
+        return Tokenizer("char", chars="".join(sorted(chars)))
+    if args.tokenizer == "gpt2":
+        return Tokenizer("gpt2", enc=gpt2_encoding())
+    if args.tokenizer == "bpe":
+        t0 = time.time()
+        ranks = train_bpe((text for _, text in iter_pieces(read("train bpe"))), args.vocab_size)
+        print(f"trained a BPE of {len(ranks) + 1:,} tokens in {time.time() - t0:.1f}s", file=sys.stderr)
+        text = ranks_to_text(ranks)
+        return Tokenizer("bpe", enc=bpe_encoding(text, GPT2_PATTERN), ranks=text)
+    return load_tokenizer(args.tokenizer)
+
+
+def read(files, args, label: str, hashes=None):
+    """iter_docs over the inputs with a progress line; each file's sha256 into hashes if given."""
+    progress = Progress(label, sum(path.stat().st_size for path, _ in files))
+
+    def on_bytes(i, data):
+        progress(data)
+        if hashes:
+            hashes[i].update(data)
+
+    yield from iter_docs(files, args.split_docs, args.clean, args.errors, on_bytes)
+    progress.close()
+
+
+def write_dataset(out: Path, tok: Tokenizer, pieces, is_val, sep: np.ndarray, args, workers: int) -> dict:
+    """Encode the pieces into out/{train,val}.bin (temp names until complete); returns the parts
+    of meta.json that encoding decides."""
+    dtype = token_dtype(tok.vocab_size)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"train": out / "train.bin.tmp", "val": out / "val.bin.tmp"}
+    try:
+        tokens, docs = write_splits(encode_pieces(pieces, tok, dtype, workers), is_val,
+                                    sep.astype(dtype).tobytes(), paths, dtype.itemsize)
+        if is_val is None:
+            tokens = split_tail(paths, tokens["train"], args.val_fraction, dtype.itemsize)
+            docs = {"train": 1, "val": 1}
+        for split, n in tokens.items():
+            if n < MIN_SPLIT_TOKENS:
+                raise UserError(f"corpus too small: the {split} split holds {n:,} tokens, fewer than the "
+                                f"{MIN_SPLIT_TOKENS} that a few blocks need; add text or change --val_fraction")
+        # The bins are renamed before meta.json is rewritten: drop the old one first, so that an
+        # interruption in between leaves no meta.json describing other bins.
+        (out / "meta.json").unlink(missing_ok=True)
+        for split, path in paths.items():
+            os.replace(path, out / f"{split}.bin")
+    finally:
+        for path in paths.values():
+            path.unlink(missing_ok=True)
+    return {"dtype": dtype.name, "tokens": tokens, "documents": docs}
+
+
+def write_meta(out: Path, tok: Tokenizer, fields: dict):
+    """meta.json (and tokenizer.bpe for a bpe), each written to a temp name and renamed."""
+    entry = tok.to_dict()
+    if tok.kind == "bpe":
+        ranks = entry.pop("ranks")
+        entry["ranks_file"] = "tokenizer.bpe"
+        atomic_write(out / "tokenizer.bpe", ranks)
+    else:
+        (out / "tokenizer.bpe").unlink(missing_ok=True)  # a stale one from an earlier bpe run
+    meta = {"format_version": FORMAT_VERSION, "tokenizer": entry, "vocab_size": tok.vocab_size,
+            "eot_id": tok.eot_id, **fields}
+    atomic_write(out / "meta.json", json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
+
+
+def atomic_write(path: Path, text: str):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    t0 = time.time()
+    files = resolve_inputs(args.input or [SHAKESPEARE_URL], args.glob)
+    out = Path(args.out) if args.out else default_out(args)
+
+    # A first pass when the vocabulary or the documents depend on the text; otherwise each file is
+    # one document and its size on disk will do.
+    if args.tokenizer in ("char", "bpe") or args.split_docs or args.clean:
+        sizes, chars = scan(read(files, args, "scan"), want_chars=args.tokenizer == "char")
+    else:
+        sizes, chars = [path.stat().st_size for path, _ in files], set()
+    if sum(sizes) == 0:
+        names = ", ".join(str(path) for path, _ in files[:3]) + (" ..." if len(files) > 3 else "")
+        raise UserError(f"empty corpus: no text in {names}")
+    is_val = choose_val_docs(sizes, args.val_fraction, args.seed)
+    sep_text = args.split_docs or "\n\n"  # char: documents are joined as text
+    if args.tokenizer == "char" and is_val is not None:
+        chars |= set(sep_text)
+    tok = make_tokenizer(args, lambda label: read(files, args, label), chars)
+
+    if is_val is None:  # one document: no separators
+        sep = np.array([], dtype=np.uint32)
+    else:
+        sep = np.array([tok.eot_id] if tok.eot_id is not None else tok.encode(sep_text), dtype=np.uint32)
+    total = sum(path.stat().st_size for path, _ in files)
+    workers = max(1, min(args.workers, total // PIECE_CHARS))  # a small corpus is not worth a pool
+    hashes = [hashlib.sha256() for _ in files]
+    fields = write_dataset(out, tok, iter_pieces(read(files, args, "encode", hashes)), is_val, sep, args, workers)
+    write_meta(out, tok, {
+        **fields,
+        "doc_separator": sep.tolist(),
+        "split": "by_document" if is_val is not None else "single_document_tail",
+        "val_fraction": args.val_fraction,
+        "seed": args.seed,
+        "inputs": [{**({"url": url} if url else {}), "path": str(path), "bytes": path.stat().st_size,
+                    "sha256": h.hexdigest()} for (path, url), h in zip(files, hashes)],
+        "options": {"glob": args.glob, "split_docs": args.split_docs, "clean": args.clean, "errors": args.errors},
+    })
+    secs = time.time() - t0
+    n = fields["tokens"]
+    print(f"{out}: train {n['train']:,} tokens, val {n['val']:,} tokens ({tok.kind}, vocab {tok.vocab_size:,}, "
+          f"{fields['dtype']}) from {total / 1e6:,.1f} MB in {secs:.1f}s ({total / 1e6 / secs:.1f} MB/s)")
+
+
+if __name__ == "__main__":
+    run_main(main)
