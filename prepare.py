@@ -131,13 +131,14 @@ class Tokenizer:
         if self.kind != "char":
             return self.enc.encode_to_numpy(text, disallowed_special=())  # == encode_ordinary
         codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), np.uint32)
-        ids = np.searchsorted(self._codes, codes).astype(np.uint32)  # _codes is sorted
-        unknown = self._codes[np.minimum(ids, self.vocab_size - 1)] != codes
-        if unknown.any():
-            c = chr(codes[unknown.argmax()])
+        ids = np.searchsorted(self._codes, codes)  # _codes is sorted
+        known = ids < self.vocab_size
+        known[known] = self._codes[ids[known]] == codes[known]
+        if not known.all():
+            c = chr(codes[known.argmin()])
             raise UserError(f"character {c!r} (U+{ord(c):04X}) is not in the char vocabulary "
                             f"({self.vocab_size} characters)")
-        return ids
+        return ids.astype(np.uint32)
 
     def decode(self, ids) -> str:
         """Text of `ids` (any iterable of ints). An id outside the vocabulary (a padded model head

@@ -1,0 +1,463 @@
+"""prepare.py: tokenizers round-trip, BPE via tiktoken equals the `tokenizers` library, chunked
+encoding equals whole-document encoding, the bins and meta.json, the loader, and bad inputs."""
+import hashlib
+import json
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import tiktoken
+from conftest import run_script
+from hypothesis import given, settings, strategies as st
+
+import prepare
+from prepare import Tokenizer, UserError, load_tokenizer
+
+EOT = 50256
+
+RICH = [
+    "",
+    "a",
+    "Hello, world! It's 3.14159 -- don't we'll they've I'm",
+    "안녕하세요, 세계! 이 영화 정말 재밌어요ㅋㅋㅋ 강추!!",
+    "👩‍👩‍👧‍👦 family, 🏳️‍🌈 flag, 👍🏽 thumbs, 🇰🇷🇯🇵, 🧑🏿‍🚀",
+    "combining: e\u0301 n\u0303 Z\u0324\u0354\u0367\u0311\u0313 \u0301 alone",
+    "mixed: Привет мир, 你好世界, مرحبا بالعالم, שלום, नमस्ते, 한국어 and English",
+    "a literal <|endoftext|> inside text<|endoftext|>",
+    "  leading and trailing  ",
+    "\t\ttabs\r\nand CRLF\r\n\n\n   \n",
+    "\x00\x1c\x1f\x85\xa0\u2028\u2029\ufeff\u200b\u3000",
+    " " * 10,
+    "\n" * 5,
+]
+
+
+@pytest.fixture(scope="module")
+def ko_text(korean_path):
+    """A Korean slice plus a little English, small enough to train a BPE in about a second."""
+    return korean_path.read_text(encoding="utf-8")[:150_000]
+
+
+@pytest.fixture(scope="module")
+def bpe(ko_text, shakespeare_path):
+    english = shakespeare_path.read_text(encoding="utf-8")[:30_000]
+    texts = (t for _, t in prepare.iter_pieces([ko_text, None, english, None], size=10_000))
+    ranks = prepare.train_bpe(texts, 1024)
+    text = prepare.ranks_to_text(ranks)
+    return Tokenizer("bpe", enc=prepare.bpe_encoding(text, prepare.GPT2_PATTERN), ranks=text)
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    return load_tokenizer("gpt2")
+
+
+def char_tokenizer(text):
+    return Tokenizer("char", chars="".join(sorted(set(text))))
+
+
+def read_bins(out):
+    meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
+    bins = {s: np.fromfile(out / f"{s}.bin", dtype=meta["dtype"]) for s in ("train", "val")}
+    return meta, bins
+
+
+def docs_of(tokens, sep):
+    """Split a bin's tokens at the one-token separator."""
+    first, *rest = np.split(tokens, np.flatnonzero(tokens == sep))
+    return [first.tolist()] + [part[1:].tolist() for part in rest]  # each of rest starts with sep
+
+
+def assert_user_error(result, *fragments):
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:"), result.stderr
+    for fragment in fragments:
+        assert fragment in last, last
+
+
+# --- tokenizers ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["char", "gpt2", "bpe"])
+def test_round_trip_rich_fixture(kind, gpt2, bpe):
+    """Lossy tokenizers (a byte fallback gap, an emoji ZWJ split mid-character) break decode(encode(s))."""
+    tok = {"char": char_tokenizer("".join(RICH)), "gpt2": gpt2, "bpe": bpe}[kind]
+    for s in RICH:
+        ids = tok.encode(s)
+        assert tok.decode(ids) == s
+        assert tok.encode_np(s).tolist() == ids
+        assert all(0 <= i < tok.vocab_size for i in ids)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.text())
+def test_round_trip_any_text(bpe, gpt2, s):
+    """Any Unicode string survives every tokenizer, including characters the BPE never saw."""
+    for tok in (bpe, gpt2, char_tokenizer(s)):
+        assert tok.decode(tok.encode(s)) == s
+
+
+def test_endoftext_in_text_is_plain_text(gpt2, bpe):
+    """A corpus that contains "<|endoftext|>" must not inject fake document boundaries."""
+    for tok in (gpt2, bpe):
+        ids = tok.encode("a <|endoftext|> b")
+        assert tok.eot_id not in ids
+        assert ids == tok.enc.encode_ordinary("a <|endoftext|> b")
+    assert gpt2.eot_id == EOT and bpe.eot_id == bpe.vocab_size - 1
+
+
+def test_char_unknown_character_names_it():
+    with pytest.raises(UserError, match=r"'é' \(U\+00E9\)"):
+        char_tokenizer("abc").encode("abé")
+
+
+def test_decode_tolerates_ids_outside_the_vocabulary(gpt2):
+    """A model whose head is padded past the vocabulary (50304) can sample ids the tokenizer lacks."""
+    assert gpt2.decode([40, 50300]) == "I\ufffd"
+    assert char_tokenizer("ab").decode([0, 7, 1]) == "a\ufffdb"
+
+
+def test_bpe_through_tiktoken_equals_the_tokenizers_library(ko_text, shakespeare_path):
+    """Converting `tokenizers`' byte-level vocab/merges to tiktoken ranks could silently change the
+    tokenization (wrong byte map, merge order); both libraries must cut text identically."""
+    from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers, trainers
+
+    english = shakespeare_path.read_text(encoding="utf-8")
+    train, held = ko_text[:100_000], ko_text[100_000:]
+    ranks = prepare.train_bpe([train], 2048)
+    enc = prepare.bpe_encoding(prepare.ranks_to_text(ranks), prepare.GPT2_PATTERN)
+
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    hf.train_from_iterator([train], trainers.BpeTrainer(
+        vocab_size=2047, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    byte_of = {c: b for b, c in prepare.bytes_to_unicode().items()}
+    assert {bytes(byte_of[c] for c in t) for t in hf.get_vocab()} == set(ranks)
+    for text in (train[:30_000], held[:30_000], english[:30_000], "".join(RICH[:7])):
+        ours = [enc.decode_single_token_bytes(i) for i in enc.encode_ordinary(text)]
+        theirs = [bytes(byte_of[c] for c in t) for t in hf.encode(text).tokens]
+        assert ours == theirs
+
+
+def test_ranks_file_is_tiktoken_format(bpe, tmp_path):
+    """tokenizer.bpe must be readable by tiktoken's own .tiktoken loader (the documented format)."""
+    from tiktoken.load import load_tiktoken_bpe
+
+    path = tmp_path / "tokenizer.bpe"
+    path.write_text(bpe.ranks, encoding="utf-8")
+    assert load_tiktoken_bpe(str(path)) == bpe.enc._mergeable_ranks
+
+
+# --- reading and cutting the corpus ---------------------------------------------------------------
+
+TRICKY = " \n\t\r\x0b\x0c\x1c\x85\xa0\u2028\u3000ab1'sé한😀\u0301-.,<|>"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=TRICKY, max_size=60), st.integers(1, 8))
+def test_pieces_encode_like_the_whole_document(gpt2, bpe, text, size):
+    """A chunk cut inside a GPT-2 pre-token (e.g. inside a whitespace run) changes the tokens."""
+    pieces = [t for _, t in prepare.iter_pieces([text, None], size=size)]
+    assert "".join(pieces) == text
+    for tok in (gpt2, bpe):
+        assert sum((tok.encode(p) for p in pieces), []) == tok.encode(text)
+
+
+def test_pieces_of_real_text_encode_like_the_whole(gpt2, bpe, shakespeare_path, ko_text):
+    english = shakespeare_path.read_text(encoding="utf-8")[:100_000]
+    for tok, text in ((gpt2, english), (bpe, ko_text), (gpt2, " ".join(english.split()))):
+        pieces = [t for _, t in prepare.iter_pieces([text, None], size=2_000)]
+        assert len(pieces) > 10 and "".join(pieces) == text
+        assert np.concatenate([tok.encode_np(p) for p in pieces]).tolist() == tok.encode(text)
+
+
+def stream_to_docs(stream):
+    docs, cur = [], []
+    for block in stream:
+        if block is None:
+            docs.append("".join(cur))
+            cur = []
+        else:
+            cur.append(block)
+    return docs
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.text(alphabet="ab\n \t", max_size=12), max_size=8), st.sampled_from(["\n", "\n\n", "ab\n"]))
+def test_split_docs_across_block_boundaries(blocks, sep):
+    """A separator that straddles two read blocks must still split documents."""
+    docs = stream_to_docs([*prepare.split_blocks(iter(blocks), sep), None])
+    assert docs == "".join(blocks).split(sep)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.text(alphabet="ab \n\t\u3000", max_size=12), max_size=8))
+def test_clean_collapses_whitespace_across_blocks(blocks):
+    docs = stream_to_docs(prepare.clean_blocks([*blocks, None]))
+    assert docs == [" ".join("".join(blocks).split())]
+
+
+def test_read_blocks_reports_the_byte_offset_and_drops_a_bom(tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare, "BLOCK_BYTES", 4)  # the bad byte lands in a later block
+    path = tmp_path / "x.txt"
+    path.write_bytes("\ufeff한국어 ok".encode() + b"\xff!")
+    with pytest.raises(UserError, match=r"x\.txt: byte 15 is not valid UTF-8"):
+        list(prepare.read_blocks(path, "strict", lambda data: None))
+    assert "".join(prepare.read_blocks(path, "replace", lambda data: None)) == "한국어 ok\ufffd!"
+
+
+def test_choose_val_docs():
+    sizes = [10] * 100 + [0] + [5] * 50
+    a = prepare.choose_val_docs(sizes, 0.1, seed=1)
+    assert (a == prepare.choose_val_docs(sizes, 0.1, seed=1)).all()
+    assert (a != prepare.choose_val_docs(sizes, 0.1, seed=2)).any()
+    held = np.asarray(sizes)[a].sum() / sum(sizes)
+    assert 0.1 <= held < 0.1 + 10 / sum(sizes)
+    assert not a[100], "an empty document must never be the val split"
+    assert prepare.choose_val_docs([0, 7, 0], 0.1, 0) is None  # one real document: split its tail
+    two = prepare.choose_val_docs([1, 1000], 0.9, 0)
+    assert two.sum() == 1, "val gets at least one document and never all"
+
+
+def test_token_dtype():
+    assert prepare.token_dtype(65) == np.uint16
+    assert prepare.token_dtype(65_536) == np.uint16  # ids 0..65535
+    assert prepare.token_dtype(65_537) == np.uint32
+
+
+def test_download_caches_and_fails_in_one_line(tmp_path, monkeypatch):
+    """No network must give an actionable message, and a cached download must not need network."""
+    monkeypatch.setattr(prepare, "CACHE_DIR", tmp_path / "cache")
+    calls = []
+
+    class Response:
+        def __init__(self, url, timeout):
+            calls.append(url)
+            self.data = [b"to be or not", b""]
+
+        def read(self, n=-1):
+            return self.data.pop(0)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            pass
+
+    monkeypatch.setattr(urllib.request, "urlopen", Response)
+    url = "https://example.com/corpus/input.txt"
+    assert prepare.download(url).read_text() == "to be or not"
+    assert prepare.download(url).read_text() == "to be or not" and len(calls) == 1
+
+    def offline(url, timeout):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(UserError, match="--input PATH") as e:
+        prepare.main([])  # the default corpus, not cached here
+    assert "\n" not in str(e.value) and prepare.SHAKESPEARE_URL in str(e.value)
+    assert not list((tmp_path / "cache").glob("*.tmp"))
+
+
+# --- datasets (prepare.py as a user runs it) -------------------------------------------------------
+
+
+def test_default_char_dataset_matches_nanogpt(shakespeare_path, out_dir):
+    """The default dataset must be nanoGPT's shakespeare_char: 65 sorted chars, a 90/10 cut."""
+    r = run_script("prepare.py", "--input", shakespeare_path, "--out", out_dir)
+    assert r.returncode == 0, r.stderr
+    meta, bins = read_bins(out_dir)
+    text = shakespeare_path.read_text(encoding="utf-8")
+    chars = sorted(set(text))
+    stoi = {c: i for i, c in enumerate(chars)}
+    n = len(text)
+    assert meta["tokenizer"]["chars"] == chars and meta["vocab_size"] == 65 and meta["eot_id"] is None
+    assert bins["train"].tolist() == [stoi[c] for c in text[:int(n * 0.9)]]
+    assert bins["val"].tolist() == [stoi[c] for c in text[int(n * 0.9):]]
+    assert meta["split"] == "single_document_tail" and meta["tokens"] == {"train": 1_003_854, "val": 111_540}
+    assert meta["inputs"][0]["sha256"] == hashlib.sha256(shakespeare_path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def doc_dir(shakespeare_path, tmp_path):
+    """40 documents in nested folders, plus files that must be ignored (hidden, other suffix)."""
+    text = shakespeare_path.read_text(encoding="utf-8")
+    paragraphs = text.split("\n\n")
+    root = tmp_path / "docs"
+    for i in range(40):
+        p = "\n\n".join(paragraphs[4 * i:4 * i + 4])
+        path = root / f"part{i % 3}" / f"{i:02d}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"{i} {p}", encoding="utf-8")
+    (root / ".hidden").mkdir()
+    (root / ".hidden" / "x.txt").write_text("hidden", encoding="utf-8")
+    (root / "notes.md").write_text("not text", encoding="utf-8")
+    return root
+
+
+def test_gpt2_dataset_is_encode_ordinary_plus_separators(doc_dir, out_dir, gpt2):
+    """Documents lost, reordered or merged across a split, or a count that is not tiktoken's."""
+    r = run_script("prepare.py", "--input", doc_dir, "--tokenizer", "gpt2", "--out", out_dir, "--workers", "1")
+    assert r.returncode == 0, r.stderr
+    meta, bins = read_bins(out_dir)
+    files = sorted(p for p in doc_dir.rglob("*.txt") if ".hidden" not in p.parts)
+    want = [gpt2.enc.encode_ordinary(p.read_text(encoding="utf-8")) for p in files]
+    got = {s: docs_of(bins[s], EOT) for s in bins}
+    assert meta["documents"] == {s: len(got[s]) for s in got} and len(got["val"]) >= 1
+    # each split is its documents in corpus order; together they are the corpus
+    assert [d for d in want if d in got["train"]] == got["train"]
+    assert [d for d in want if d in got["val"]] == got["val"]
+    assert sorted(got["train"] + got["val"]) == sorted(want)
+    n = sum(map(len, want))
+    assert meta["tokens"]["train"] + meta["tokens"]["val"] == n + len(want) - 2  # one EOT between docs
+    assert [i["path"] for i in meta["inputs"]] == [str(p) for p in files]
+
+
+def test_meta_json_schema(doc_dir, out_dir):
+    r = run_script("prepare.py", "--input", doc_dir, "--tokenizer", "gpt2", "--out", out_dir, "--seed", "7")
+    assert r.returncode == 0, r.stderr
+    meta, bins = read_bins(out_dir)
+    assert set(meta) == {"format_version", "tokenizer", "vocab_size", "eot_id", "dtype", "tokens", "documents",
+                         "doc_separator", "split", "val_fraction", "seed", "inputs", "options"}
+    assert meta["format_version"] == 1 and meta["tokenizer"] == {"kind": "gpt2", "vocab_size": 50257, "eot_id": EOT}
+    assert (meta["vocab_size"], meta["eot_id"], meta["dtype"]) == (50257, EOT, "uint16")
+    assert meta["tokens"] == {s: len(b) for s, b in bins.items()}
+    assert (meta["split"], meta["val_fraction"], meta["seed"], meta["doc_separator"]) == ("by_document", 0.1, 7, [EOT])
+    for entry in meta["inputs"]:
+        data = open(entry["path"], "rb").read()
+        assert entry["sha256"] == hashlib.sha256(data).hexdigest() and entry["bytes"] == len(data)
+    assert not list(out_dir.glob("*.tmp"))
+
+
+def test_document_split_is_deterministic_given_seed(tiny_corpus, tmp_path):
+    """The split must depend on --seed alone (not on hash randomisation or worker timing)."""
+    def split(seed, name):
+        out = tmp_path / name
+        r = run_script("prepare.py", "--input", tiny_corpus, "--split_docs", r"\n\n", "--seed", seed, "--out", out)
+        assert r.returncode == 0, r.stderr
+        return read_bins(out)
+
+    meta, a = split(1, "a")
+    _, b = split(1, "b")
+    _, c = split(2, "c")
+    assert all((a[s] == b[s]).all() for s in a)
+    assert len(a["val"]) != len(c["val"]) or (a["val"] != c["val"]).any()
+    assert meta["split"] == "by_document" and meta["documents"]["val"] > 1
+    # char documents are joined by their separator, so each split reads as the original text does
+    tok = load_tokenizer(tmp_path / "a")
+    paragraphs = tiny_corpus.read_text(encoding="utf-8").split("\n\n")
+    assert all(p in paragraphs for p in tok.decode(a["val"]).split("\n\n"))
+
+
+def test_workers_give_identical_bins(shakespeare_path, tmp_path):
+    """The process pool must return pieces in order: any reordering corrupts the text."""
+    outs = []
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        r = run_script("prepare.py", "--input", shakespeare_path, "--tokenizer", "gpt2", "--out", out,
+                       "--workers", workers)
+        assert r.returncode == 0, r.stderr
+        outs.append(read_bins(out)[1])
+    assert all((outs[0][s] == outs[1][s]).all() for s in ("train", "val"))
+
+
+def test_bpe_dataset_and_loader_routes(ko_text, tmp_path):
+    """Every way train.py/sample.py get a tokenizer (dir, meta.json, dict, checkpoint alone) must
+    give the same encoder, and the bins must decode to the corpus."""
+    import torch
+
+    corpus = tmp_path / "ko.txt"
+    corpus.write_text(ko_text[:60_000], encoding="utf-8")
+    out = tmp_path / "ko"
+    r = run_script("prepare.py", "--input", corpus, "--tokenizer", "bpe", "--vocab_size", 600,
+                   "--split_docs", r"\n", "--out", out)
+    assert r.returncode == 0, r.stderr
+    meta, bins = read_bins(out)
+    assert meta["tokenizer"]["ranks_file"] == "tokenizer.bpe" and (out / "tokenizer.bpe").is_file()
+    assert meta["vocab_size"] == 600 and meta["eot_id"] == 599 and meta["doc_separator"] == [599]
+    tok = load_tokenizer(out)
+    lines = [line for line in ko_text[:60_000].split("\n") if line]
+    docs = [tok.decode(d) for s in ("train", "val") for d in docs_of(bins[s], 599)]
+    assert sorted(docs) == sorted(lines)
+
+    ckpt = tmp_path / "elsewhere" / "ckpt.pt"
+    ckpt.parent.mkdir()
+    torch.save({"tokenizer": tok.to_dict(), "iter_num": 0}, ckpt)
+    routes = [load_tokenizer(out / "meta.json"), load_tokenizer(str(out)), load_tokenizer(tok.to_dict()), tok]
+    (out / "tokenizer.bpe").unlink()  # the checkpoint carries its ranks: no other file needed
+    routes.append(load_tokenizer(ckpt))
+    sample = "".join(RICH) + ko_text[-2000:]
+    for other in routes:
+        assert other.to_dict() == tok.to_dict()
+        assert other.encode(sample) == tok.encode(sample)
+
+
+def test_reuse_tokenizer_from_a_dataset(tiny_corpus, tmp_path):
+    """Fine-tuning text must be encoded with the model's vocabulary, not a new one."""
+    base, new = tmp_path / "base", tmp_path / "new"
+    assert run_script("prepare.py", "--input", tiny_corpus, "--out", base).returncode == 0
+    text = tiny_corpus.read_text(encoding="utf-8")
+    extra = tmp_path / "extra.txt"
+    extra.write_text(text[20_000:] + text[:3_000], encoding="utf-8")
+    r = run_script("prepare.py", "--input", extra, "--tokenizer", base / "meta.json", "--out", new)
+    assert r.returncode == 0, r.stderr
+    meta, bins = read_bins(new)
+    tok = load_tokenizer(base)
+    assert meta["tokenizer"] == json.loads((base / "meta.json").read_text())["tokenizer"]
+    assert np.concatenate([bins["train"], bins["val"]]).tolist() == tok.encode(extra.read_text(encoding="utf-8"))
+
+    extra.write_text(text[:3_000] + "ünïcode", encoding="utf-8")
+    before = {p.name: p.read_bytes() for p in new.iterdir()}
+    r = run_script("prepare.py", "--input", extra, "--tokenizer", base, "--out", new)
+    assert_user_error(r, "'ü'", "U+00FC")
+    assert {p.name: p.read_bytes() for p in new.iterdir()} == before, "a failed run must leave the dataset alone"
+
+
+def test_uint32_bins_for_a_large_vocabulary(tiny_corpus, tmp_path):
+    """Ids above 65,535 written as uint16 would wrap around silently."""
+    # every byte pair (ranks 0..65535), then the single bytes: a lone byte's id is above 65,535
+    ranks = {bytes([a, b]): a * 256 + b for a in range(256) for b in range(256)}
+    ranks |= {bytes([b]): 65_536 + b for b in range(256)}
+    text = prepare.ranks_to_text(ranks)
+    big = Tokenizer("bpe", enc=prepare.bpe_encoding(text, prepare.GPT2_PATTERN), ranks=text)
+    assert big.vocab_size == 65_793
+    src = tmp_path / "big.json"
+    src.write_text(json.dumps({"tokenizer": big.to_dict()}), encoding="utf-8")
+    out = tmp_path / "out"
+    r = run_script("prepare.py", "--input", tiny_corpus, "--tokenizer", src, "--out", out)
+    assert r.returncode == 0, r.stderr
+    meta, bins = read_bins(out)
+    tokens = np.concatenate([bins["train"], bins["val"]])
+    assert meta["dtype"] == "uint32" and tokens.max() > 65_535
+    assert big.decode(tokens) == tiny_corpus.read_text(encoding="utf-8")
+
+
+BAD_INPUTS = {  # case: (arguments, fragments the error line must contain)
+    "missing": (["--input", "{tmp}/nope.txt"], ["nope.txt", "no such file"]),
+    "no_match": (["--input", "{tmp}/sub"], ["no files matching", "--glob"]),
+    "empty": (["--input", "{tmp}/empty.txt"], ["empty corpus"]),
+    "too_small": (["--input", "{tmp}/small.txt"], ["too small"]),
+    "undecodable": (["--input", "{tmp}/binary.txt"], ["binary.txt", "byte 6", "--errors replace"]),
+    "unknown_tokenizer": (["--input", "{tmp}/ok.txt", "--tokenizer", "sentencepiece"], ["unknown tokenizer"]),
+    "char_vocab_too_big": (["--input", "{tmp}/cjk.txt"], ["70,000 distinct characters", "bpe"]),
+    "bpe_vocab_small": (["--input", "{tmp}/ok.txt", "--tokenizer", "bpe", "--vocab_size", "100"], ["--vocab_size", "100"]),
+    "bpe_vocab_big": (["--input", "{tmp}/ok.txt", "--tokenizer", "bpe", "--vocab_size", "16777216"], ["--vocab_size"]),
+    "bad_flag": (["--input", "{tmp}/ok.txt", "--errors", "ignore"], ["--errors"]),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_is_one_line(case, tmp_path):
+    """Each user mistake must end in one `error:` line naming the problem, never a traceback."""
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "empty.txt").write_text("", encoding="utf-8")
+    (tmp_path / "small.txt").write_text("hello world\n" * 5, encoding="utf-8")
+    (tmp_path / "ok.txt").write_text("hello world\n" * 500, encoding="utf-8")
+    (tmp_path / "binary.txt").write_bytes(b"hello \xff world\n" * 100)
+    (tmp_path / "cjk.txt").write_text("".join(map(chr, range(0x20000, 0x20000 + 70_000))), encoding="utf-8")
+    args, fragments = BAD_INPUTS[case]
+    r = run_script("prepare.py", *(a.format(tmp=tmp_path) for a in args), "--out", tmp_path / "out")
+    assert_user_error(r, *fragments)
