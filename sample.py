@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt import beam_search, generate_stream
-from prepare import UserError, load_tokenizer, run_main
+from prepare import ArgumentParser, UserError, load_tokenizer, run_main
 from train import (autocast_context, load_checkpoint, model_from_checkpoint, resolve_device,
                    resolve_dtype, sync)
 
@@ -80,13 +80,6 @@ CHAT_HELP = """commands:
   /help        this list
   quit, exit   leave (so does end of input)
 any other line is continued by the model"""
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors are our one-line `error: ...` instead of usage text and exit 2."""
-
-    def error(self, message):
-        raise UserError(message)
 
 
 def parse_args(argv):
@@ -146,7 +139,7 @@ def find_checkpoint(ckpt, out_dir):
 
 
 def load(args):
-    """(model, tokenizer, device, ctx, path) for the chosen checkpoint; says what it loaded."""
+    """(model, tokenizer, device, ctx, a line saying what was loaded) for the chosen checkpoint."""
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     path = find_checkpoint(args.ckpt, args.out_dir)
@@ -159,10 +152,10 @@ def load(args):
     except (TypeError, RuntimeError) as e:  # model_args and weights disagree: a damaged file
         raise UserError(f"{path}: weights do not match model_args ({str(e).splitlines()[0]})") from None
     model.eval()
-    print(f"loaded {path} (iter {ckpt.get('iter_num', '?')}, {model.num_params() / 1e6:.2f}M "
-          f"parameters, block_size {model.config.block_size}, {tokenizer.kind} tokenizer) "
-          f"on {device}, {str(dtype).removeprefix('torch.')}", file=sys.stderr)
-    return model, tokenizer, device, autocast_context(device, dtype), path
+    loaded = (f"loaded {path} (iter {ckpt.get('iter_num', '?')}, {model.num_params() / 1e6:.2f}M "
+              f"parameters, block_size {model.config.block_size}, {tokenizer.kind} tokenizer) "
+              f"on {device}, {str(dtype).removeprefix('torch.')}")
+    return model, tokenizer, device, autocast_context(device, dtype), loaded
 
 
 def make_generator(device, seed):
@@ -187,6 +180,19 @@ def crop(ids, block_size, what):
               file=sys.stderr)
         return ids[-block_size:]
     return ids
+
+
+def user_text(args):
+    """The text the chosen mode works on (prompt, text to analyse, file to evaluate), or None."""
+    if args.chat or args.benchmark:
+        return None
+    if args.eval:
+        return read_text("FILE:" + args.eval, "--eval")
+    if args.analyze is not None:
+        if not args.analyze:
+            raise UserError("--analyze needs some text")
+        return read_text(args.analyze, "--analyze")
+    return read_text(args.start, "--start")
 
 
 def read_text(arg, flag):
@@ -248,9 +254,9 @@ def emit(text, printed):
     return max(printed, len(text))
 
 
-def sample(model, tokenizer, args):
-    text = read_text(args.start, "--start")
-    ids = crop(tokenizer.encode(text), model.config.block_size, "the prompt") if text else start_ids(tokenizer)
+def sample(model, tokenizer, args, text, ids):
+    """num_samples continuations of the prompt `text` (tokens `ids`), each after the prompt."""
+    ids = crop(ids, model.config.block_size, "the prompt") if ids else start_ids(tokenizer)
     s = vars(args)
     generator = make_generator(next(model.parameters()).device, args.seed)
     for i in range(args.num_samples):
@@ -314,11 +320,8 @@ def chat(model, tokenizer, args):
 # Analysis, evaluation, benchmark.
 
 @torch.inference_mode()
-def analyze(model, tokenizer, text, top_k):
-    """Print the top-k next tokens after `text`, then the surprisal of each of its tokens."""
-    if not text:
-        raise UserError("--analyze needs some text")
-    ids = tokenizer.encode(text)
+def analyze(model, tokenizer, ids, top_k):
+    """Print the top-k next tokens after the text `ids`, then the surprisal of each of its tokens."""
     T = model.config.block_size
     given_eot = tokenizer.eot_id is not None and len(ids) < T
     seq = [tokenizer.eot_id] + ids if given_eot else crop(ids, T, "the text")
@@ -334,8 +337,8 @@ def analyze(model, tokenizer, text, top_k):
     for rank, (p, i) in enumerate(zip(probs.tolist(), best.tolist()), 1):
         print(f"{rank:>5} {p:>9.6f} {i:>7}  {tokenizer.decode([i])!r}")
 
-    first = "given end-of-text" if given_eot else "no context: not scored"
-    print(f"\nsurprisal -log p of each token given the ones before it (first token: {first}):")
+    first = "is given end-of-text" if given_eot else "has no context and is not scored"
+    print(f"\nsurprisal -log p of each token given the ones before it (the first token {first}):")
     print(f"{'pos':>5} {'id':>7} {'p':>9} {'nats':>7} {'bits':>7}  token")
     surprisals = []
     for pos in range(int(given_eot), len(seq)):
@@ -393,17 +396,10 @@ def evaluate(model, tokens, stride):
     return loss_sum / count, correct / count, count
 
 
-def run_eval(model, tokenizer, path, stride):
-    T = model.config.block_size
-    stride = stride or T
-    if stride > T:
-        raise UserError(f"--stride {stride} is larger than block_size {T}: tokens would be skipped")
-    text = read_text("FILE:" + path, "--eval")
-    tokens = tokenizer.encode(text)
-    if len(tokens) < 2:
-        raise UserError(f"{path} holds {len(tokens)} token(s); evaluation needs at least 2")
+def run_eval(model, tokens, path, stride):
     loss, acc, count = evaluate(model, tokens, stride)
-    print(f"eval {path}: {count} tokens scored ({len(tokens)} tokens; windows of {T}, stride {stride})")
+    print(f"eval {path}: {count} tokens scored ({len(tokens)} tokens; windows of "
+          f"{model.config.block_size}, stride {stride})")
     print(f"loss {loss:.6f} nats/token ({loss / math.log(2):.4f} bits), "
           f"perplexity {math.exp(min(loss, 700)):.4f}, accuracy {acc:.4f}")
 
@@ -437,18 +433,28 @@ def benchmark(model, device, runs=5):
 
 def main():
     args = parse_args(sys.argv[1:])
-    model, tokenizer, device, ctx, _ = load(args)
+    text = user_text(args)
+    model, tokenizer, device, ctx, loaded = load(args)
+    # Check the user's input before printing anything: a mistake is then the only line on stderr.
+    ids = tokenizer.encode(text) if text else []
+    T = model.config.block_size
+    stride = args.stride or T
+    if args.eval and stride > T:
+        raise UserError(f"--stride {stride} is larger than block_size {T}: tokens would be skipped")
+    if args.eval and len(ids) < 2:
+        raise UserError(f"{args.eval} holds {len(ids)} token(s); evaluation needs at least 2")
+    print(loaded, file=sys.stderr)
     with ctx:
         if args.chat:
             chat(model, tokenizer, args)
         elif args.analyze is not None:
-            analyze(model, tokenizer, read_text(args.analyze, "--analyze"), args.top_k)
+            analyze(model, tokenizer, ids, args.top_k)
         elif args.eval:
-            run_eval(model, tokenizer, args.eval, args.stride)
+            run_eval(model, ids, args.eval, stride)
         elif args.benchmark:
             benchmark(model, device)
         else:
-            sample(model, tokenizer, args)
+            sample(model, tokenizer, args, text, ids)
 
 
 if __name__ == "__main__":

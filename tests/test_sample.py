@@ -1,0 +1,401 @@
+"""sample.py: generation, chat, analysis, evaluation, benchmark and its errors, as a user runs them.
+
+Two tiny char-level checkpoints are made in-process (no training run): one with random weights
+(its samples depend on the seed), and one overfit on a short text (its perplexity there is ~1).
+"""
+import argparse
+import os
+import re
+import sys
+from dataclasses import asdict
+
+import pytest
+import torch
+
+import sample
+import train
+from conftest import run_script
+from gpt import GPT, GPTConfig, beam_search, generate
+from prepare import UserError, load_tokenizer
+
+PROMPT = "ROMEO:"
+SEP = "\n" + sample.SEPARATOR + "\n"
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_corpus, tmp_path_factory):
+    """The char tokenizer prepare.py makes for the tiny corpus."""
+    out = tmp_path_factory.mktemp("data") / "sample_char"
+    result = run_script("prepare.py", "--input", tiny_corpus, "--out", out, "--tokenizer", "char")
+    assert result.returncode == 0, result.stderr
+    return load_tokenizer(out)
+
+
+def save(model, tokenizer, path):
+    train.save_checkpoint(dict(model=model.state_dict(), model_args=asdict(model.config),
+                               tokenizer=tokenizer.to_dict(), config={}, iter_num=0,
+                               best_val_loss=float("inf")), path)
+    return path
+
+
+def tiny_gpt(tokenizer, seed, block_size=32):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(block_size=block_size, vocab_size=tokenizer.vocab_size, n_layer=2, n_head=2, n_embd=32))
+
+
+@pytest.fixture(scope="session")
+def random_ckpt(tokenizer, tmp_path_factory):
+    return save(tiny_gpt(tokenizer, 0), tokenizer, tmp_path_factory.mktemp("random") / "best.pt")
+
+
+@pytest.fixture(scope="session")
+def train_text(tiny_corpus):
+    return tiny_corpus.read_text(encoding="utf-8")[:120]
+
+
+@pytest.fixture(scope="session")
+def overfit_ckpt(tokenizer, train_text, tmp_path_factory):
+    """A GPT (block_size 16) trained on every window of a 120-character text until it knows it by heart."""
+    model = tiny_gpt(tokenizer, 1, block_size=16)
+    data = torch.tensor(tokenizer.encode(train_text))
+    T = model.config.block_size
+    starts = range(len(data) - T)  # every offset: positions are learned, so each must be seen
+    x = torch.stack([data[i:i + T] for i in starts])
+    y = torch.stack([data[i + 1:i + T + 1] for i in starts])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3, weight_decay=0.0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a model this small only loses time to a second thread
+    try:
+        for _ in range(150):
+            _, loss = model(x, y)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    finally:
+        torch.set_num_threads(threads)
+    return save(model.eval(), tokenizer, tmp_path_factory.mktemp("overfit") / "best.pt")
+
+
+def run(ckpt, *args, input=None):
+    return run_script("sample.py", "--ckpt", ckpt, "--device=cpu", "--dtype=float32", *args, input=input)
+
+
+def ok(result):
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def assert_one_line_error(result, *needles):
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def load_model(path):
+    return train.model_from_checkpoint(train.load_checkpoint(path)).eval()
+
+
+# --- generation ---------------------------------------------------------------------------------
+
+def test_samples_have_the_asked_length_and_follow_the_seed(random_ckpt):
+    """Guards against an unseeded generator (irreproducible) or a seed that is ignored."""
+    args = ["--start", PROMPT, "--max_new_tokens=20", "--num_samples=2", "--temperature=1.0"]
+    first = ok(run(random_ckpt, *args, "--seed=1"))
+    again = ok(run(random_ckpt, *args, "--seed=1"))
+    other = ok(run(random_ckpt, *args, "--seed=2"))
+    assert f"loaded {random_ckpt}" in first.stderr
+    samples = first.stdout.removesuffix("\n").split(SEP)
+    assert len(samples) == 2
+    for text in samples:  # a char model has no end-of-text: exactly 20 new characters
+        assert text.startswith(PROMPT) and len(text) == len(PROMPT) + 20
+    assert samples[0] != samples[1]  # the second sample continues the random stream
+    assert again.stdout == first.stdout
+    assert other.stdout != first.stdout
+
+
+def test_greedy_is_gpt_generate_at_temperature_0(random_ckpt, tokenizer):
+    """Two routes to greedy text: the CLI's stream and gpt.generate in-process."""
+    result = ok(run(random_ckpt, "--start", PROMPT, "--max_new_tokens=30", "--temperature=0"))
+    idx = torch.tensor([tokenizer.encode(PROMPT)])
+    [new] = generate(load_model(random_ckpt), idx, 30, temperature=0)
+    assert result.stdout == PROMPT + tokenizer.decode(new) + "\n"
+
+
+def test_beam_search_prints_gpt_beam_search(random_ckpt, tokenizer):
+    result = ok(run(random_ckpt, "--start", PROMPT, "--max_new_tokens=8", "--num_beams=3"))
+    idx = torch.tensor([tokenizer.encode(PROMPT)])
+    new = beam_search(load_model(random_ckpt), idx, 8, 3)
+    assert result.stdout == PROMPT + tokenizer.decode(new) + "\n"
+
+
+class ByteTokenizer:
+    """Token i is byte i: any multi-byte character is split across tokens."""
+    eot_id = None
+
+    def decode(self, ids):
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+def fake_engine(tokens):
+    def generate_stream(model, idx, max_new_tokens, **kwargs):
+        for t in tokens[:max_new_tokens]:
+            yield torch.tensor([t])
+    return generate_stream
+
+
+class Writes(list):
+    """A stdout that keeps each write apart."""
+    def write(self, text):
+        self.append(text)
+
+    def flush(self):
+        pass
+
+
+def streamed(monkeypatch, text, stop=None):
+    """The writes sample.stream makes while the engine 'generates' the bytes of `text`."""
+    writes = Writes()
+    monkeypatch.setattr(sample, "generate_stream", fake_engine(list(text.encode())))
+    monkeypatch.setattr(sys, "stdout", writes)
+    settings = dict(max_new_tokens=1000, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0)
+    new = sample.stream(torch.nn.Linear(1, 1), ByteTokenizer(), [0], settings, None, stop)
+    return [w for w in writes if w], new
+
+
+def test_streaming_never_prints_half_a_character(monkeypatch):
+    """A byte-level token can end inside a UTF-8 character; printing it would show U+FFFD."""
+    text = "안녕하세요, GPT! ünïcödé 🙂 done"
+    writes, new = streamed(monkeypatch, text)
+    assert "".join(writes) == text
+    assert not any("\ufffd" in w for w in writes)
+    assert bytes(new).decode() == text
+
+
+def test_stop_string_ends_the_text_and_is_not_printed(monkeypatch):
+    """The stop string may arrive token by token; none of it may reach stdout."""
+    writes, new = streamed(monkeypatch, "Hello there.\n\nSecond part", stop="\n\n")
+    assert "".join(writes) == "Hello there."
+    assert bytes(new).decode() == "Hello there.\n\n"  # generation stopped right there
+
+
+def test_prompt_longer_than_block_size_is_cropped_with_a_notice(random_ckpt):
+    result = ok(run(random_ckpt, "--start", "ROMEO: " * 10, "--max_new_tokens=3", "--seed=0"))
+    assert "notice: the prompt is 70 tokens; keeping its last 32" in result.stderr
+    assert len(result.stdout) == 70 + 3 + 1
+
+
+# --- chat ---------------------------------------------------------------------------------------
+
+def test_chat_commands_change_their_settings_and_quit_exits_0(random_ckpt):
+    """Each command must change the setting it names; a bad value is an error line, not an exit."""
+    script = ["/temp 0.5", "/tokens 5", "/topk 3", "/topp 0.9", "/penalty 1.2", "/seed 7",
+              "/temp -1", "/topp 2", "/tokens many", "/frobnicate", "/reset", "/help",
+              "/temp 0", "ROMEO:", "quit", "/temp 0.25"]
+    result = ok(run(random_ckpt, "--chat", input="\n".join(script) + "\n"))
+    out = result.stdout.splitlines()
+    for line in ["temperature = 0.5", "max_new_tokens = 5", "top_k = 3", "top_p = 0.9",
+                 "repetition_penalty = 1.2", "seed = 7", "context cleared", "temperature = 0.0"]:
+        assert line in out
+    assert "/reset" in result.stdout  # the /help text
+    assert "temperature = 0.25" not in out  # nothing is read after quit
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 4 and "temperature must be" in errors[0] and "top_p must be" in errors[1]
+    assert "max_new_tokens must be" in errors[2] and "unknown command /frobnicate" in errors[3]
+    reply = result.stdout.split("temperature = 0.0\n")[1]
+    assert len(reply) == 5 + 1  # the reply after /tokens 5 (a char model never stops early)
+
+
+def test_chat_keeps_the_conversation_and_ends_at_end_of_input(random_ckpt, tokenizer):
+    """The second reply must see the first turn (greedy, so comparable with gpt.generate)."""
+    result = ok(run(random_ckpt, "--chat", "--temperature=0", "--max_new_tokens=6",
+                    input="ROMEO:\nJULIET:\n"))
+    model = load_model(random_ckpt)
+    context = tokenizer.encode("ROMEO:")
+    [first] = generate(model, torch.tensor([context]), 6, temperature=0)
+    context += first + tokenizer.encode("\nJULIET:")
+    [second] = generate(model, torch.tensor([context]), 6, temperature=0)
+    assert result.stdout == tokenizer.decode(first) + "\n" + tokenizer.decode(second) + "\n"
+
+
+# --- analyze and eval ---------------------------------------------------------------------------
+
+def test_analyze_table_is_sorted_and_surprisal_matches_the_model_loss(random_ckpt, tokenizer):
+    """Candidates sorted, probabilities <= 1 in total; mean surprisal = the model's own loss."""
+    text = "ROMEO: hi"
+    result = ok(run(random_ckpt, "--analyze", text, "--top_k=7"))
+    candidates, surprisal = result.stdout.split("\n\n")
+    rows = [line.split() for line in candidates.splitlines()[2:]]
+    probs = [float(row[1]) for row in rows]
+    assert [int(row[0]) for row in rows] == list(range(1, 8))
+    assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-5
+    assert "the first token has no context" in surprisal  # char vocabulary: no end-of-text to start from
+    rows = [line.split() for line in surprisal.splitlines()[2:-1]]
+    assert len(rows) == len(text) and rows[0][2] == "-"
+    nats = [float(row[3]) for row in rows[1:]]
+    ids = torch.tensor([tokenizer.encode(text)])
+    _, loss = load_model(random_ckpt)(ids[:, :-1], ids[:, 1:])
+    mean = float(re.search(r"mean ([0-9.]+) nats", surprisal).group(1))
+    assert mean == pytest.approx(loss.item(), abs=1e-3)
+    assert sum(nats) / len(nats) == pytest.approx(loss.item(), abs=2e-3)
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer(shared_dir):
+    return load_tokenizer("gpt2")  # tiktoken reads its files from ../shared/tiktoken
+
+
+def test_analyze_scores_the_first_token_after_end_of_text(gpt2_tokenizer, capsys):
+    """With an end-of-text id every token of the text is scored; the mean is the model's loss."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=50304, n_layer=1, n_head=1, n_embd=8)).eval()
+    ids = gpt2_tokenizer.encode("Hello, how are you")
+    sample.analyze(model, gpt2_tokenizer, ids, top_k=3)
+    out = capsys.readouterr().out
+    assert "the first token is given end-of-text" in out
+    rows = [line.split() for line in out.split("\n\n")[1].splitlines()[2:-1]]
+    assert [int(row[0]) for row in rows] == list(range(len(ids)))
+    assert [int(row[1]) for row in rows] == ids
+    seq = torch.tensor([[gpt2_tokenizer.eot_id] + ids])
+    _, loss = model(seq[:, :-1], seq[:, 1:])
+    assert float(re.search(r"mean ([0-9.]+) nats", out).group(1)) == pytest.approx(loss.item(), abs=1e-3)
+
+
+def test_an_empty_prompt_starts_from_end_of_text_or_a_newline(tokenizer, gpt2_tokenizer):
+    assert sample.start_ids(gpt2_tokenizer) == [gpt2_tokenizer.eot_id]
+    assert sample.start_ids(tokenizer) == tokenizer.encode("\n")  # char: no end-of-text id
+
+
+def test_eval_of_an_overfit_model_on_its_training_text_is_near_1(overfit_ckpt, train_text, tmp_path):
+    path = tmp_path / "train.txt"
+    path.write_text(train_text, encoding="utf-8")
+    result = ok(run(overfit_ckpt, "--eval", path, "--stride=4"))
+    assert f"{len(train_text) - 1} tokens scored" in result.stdout
+    ppl = float(re.search(r"perplexity ([0-9.]+)", result.stdout).group(1))
+    acc = float(re.search(r"accuracy ([0-9.]+)", result.stdout).group(1))
+    assert ppl < 1.15 and acc > 0.95
+
+
+@pytest.mark.parametrize("n, T, stride", [(2, 8, 8), (9, 8, 8), (10, 8, 8), (50, 8, 3), (50, 8, 1), (5, 8, 4)])
+def test_windows_score_every_token_once(n, T, stride):
+    spans = sample.windows(n, T, stride)
+    scored = [t for begin, end, first in spans for t in range(first + 1, end + 1)]
+    assert scored == list(range(1, n))  # targets 1..n-1, each once, in order
+    for begin, end, first in spans:
+        assert end - begin == min(T, n - 1) and begin <= first  # full windows; context for each target
+
+
+def test_eval_with_stride_block_size_is_the_mean_loss_over_chunks(overfit_ckpt, tokenizer, train_text):
+    """The sliding-window loss at stride = block_size is train.py's loss on the same chunks; a
+    smaller stride gives more context, so a lower loss, and still scores every token once."""
+    model = load_model(overfit_ckpt)
+    T = model.config.block_size
+    tokens = tokenizer.encode(train_text[:5 * T + 1])
+    data = torch.tensor(tokens)
+    x, y = data[:-1].view(5, T), data[1:].view(5, T)
+    with torch.no_grad():
+        logits, direct = model(x, y)
+    loss, acc, count = sample.evaluate(model, tokens, stride=T)
+    assert count == len(tokens) - 1
+    assert loss == pytest.approx(direct.item(), rel=1e-5)
+    assert acc == pytest.approx((logits.argmax(-1) == y).float().mean().item())
+    overlapping, _, count = sample.evaluate(model, tokens, stride=T // 4)
+    assert count == len(tokens) - 1
+    assert overlapping < loss  # the memorised text is ambiguous only with little context
+
+
+def test_benchmark_prints_prefill_and_decode_rates(random_ckpt):
+    result = ok(run(random_ckpt, "--benchmark"))
+    for what in ("prefill", "decode"):
+        rate = re.search(rf"^{what} ([0-9,]+) tokens/s", result.stdout, re.M)
+        assert rate and int(rate.group(1).replace(",", "")) > 0, result.stdout
+
+
+# --- choosing the checkpoint --------------------------------------------------------------------
+
+def test_checkpoint_choice(tmp_path, monkeypatch):
+    """--ckpt, else --out_dir's best.pt then ckpt.pt, else the newest run under out*/."""
+    monkeypatch.chdir(tmp_path)
+    # out-b holds the newest file (its ckpt.pt), and there best.pt is preferred.
+    for path, stamp in [("out/ckpt.pt", 1000), ("out-b/best.pt", 1010), ("out-b/ckpt.pt", 1030),
+                        ("out-c/ckpt.pt", 1020)]:
+        (tmp_path / path).parent.mkdir(exist_ok=True)
+        (tmp_path / path).write_bytes(b"")
+        os.utime(tmp_path / path, (stamp, stamp))
+    assert str(sample.find_checkpoint(None, None)) == "out-b/best.pt"
+    assert str(sample.find_checkpoint(None, "out")) == "out/ckpt.pt"
+    assert str(sample.find_checkpoint("x.pt", "out")) == "x.pt"
+    with pytest.raises(UserError, match="no best.pt or ckpt.pt"):
+        sample.find_checkpoint(None, "elsewhere")
+    monkeypatch.chdir(tmp_path / "out")
+    with pytest.raises(UserError, match="no checkpoint found"):
+        sample.find_checkpoint(None, None)
+
+
+# --- bad input ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--top_p=0"], "top_p must be"),
+    (["--top_p=1.5"], "top_p must be"),
+    (["--temperature=-1"], "temperature must be"),
+    (["--temperature=nan"], "temperature must be"),
+    (["--num_beams=0"], "num_beams must be"),
+    (["--num_samples=0"], "num_samples must be"),
+    (["--repetition_penalty=0"], "repetition_penalty must be"),
+    (["--top_k=-2"], "top_k must be"),
+    (["--num_beams=2", "--num_samples=2"], "beam search is deterministic"),
+    (["--stride=4"], "only applies to --eval"),
+    (["--chat", "--benchmark"], "not allowed with"),
+    (["--temprature=1"], "unrecognized arguments"),
+])
+def test_bad_flag_values_are_user_errors(argv, needle):
+    with pytest.raises(UserError, match=needle):
+        sample.parse_args(argv)
+
+
+@pytest.fixture
+def pickled_ckpt(random_ckpt, tmp_path):
+    ckpt = train.load_checkpoint(random_ckpt)
+    path = tmp_path / "pickled.pt"
+    torch.save({**ckpt, "config": argparse.Namespace(lr=1)}, path)  # needs pickle to load
+    return path
+
+
+@pytest.fixture
+def mismatched_ckpt(random_ckpt, tmp_path):
+    ckpt = train.load_checkpoint(random_ckpt)
+    path = tmp_path / "bad.pt"
+    train.save_checkpoint({**ckpt, "model_args": {**ckpt["model_args"], "n_embd": 64}}, path)
+    return path
+
+
+def test_missing_checkpoint(tmp_path):
+    assert_one_line_error(run(tmp_path / "none.pt"), "checkpoint not found")
+
+
+def test_corrupt_checkpoint(tmp_path):
+    path = tmp_path / "corrupt.pt"
+    path.write_bytes(b"PK\x03\x04 not really a zip" * 10)
+    assert_one_line_error(run(path), "cannot read checkpoint")
+
+
+def test_checkpoint_with_pickled_objects_is_refused(pickled_ckpt):
+    assert_one_line_error(run(pickled_ckpt), "pickled Python objects")
+
+
+def test_checkpoint_whose_weights_do_not_match_its_args(mismatched_ckpt):
+    assert_one_line_error(run(mismatched_ckpt), "do not match")
+
+
+def test_unknown_character_for_a_char_vocabulary(random_ckpt):
+    assert_one_line_error(run(random_ckpt, "--start", "ROMEO: ∆"), "∆")
+
+
+def test_bad_flag_value_is_one_line(random_ckpt):
+    assert_one_line_error(run(random_ckpt, "--top_p=1.5"), "top_p must be")
+
+
+def test_eval_of_a_missing_file(random_ckpt, tmp_path):
+    assert_one_line_error(run(random_ckpt, "--eval", tmp_path / "none.txt"), "cannot read")
