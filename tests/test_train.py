@@ -1,0 +1,290 @@
+"""train.py: config loading, the LR schedule, checkpoints, exact resume, DDP equivalence, errors."""
+import argparse
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT, run_script
+from prepare import UserError
+import train
+
+TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=8",
+        "--eval_iters=4", "--device=cpu", "--dtype=float32", "--learning_rate=3e-3",
+        "--warmup_iters=5", "--lr_decay_iters=40", "--min_lr=3e-4"]
+
+
+@pytest.fixture(scope="session")
+def char_data(tiny_corpus, tmp_path_factory):
+    """A char-level dataset made by prepare.py from the tiny corpus."""
+    out = tmp_path_factory.mktemp("data") / "tiny_char"
+    result = run_script("prepare.py", "--input", tiny_corpus, "--out", out, "--tokenizer", "char")
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def train_run(data, out_dir, *args, check=True):
+    result = run_script("train.py", *TINY, f"--dataset={data}", f"--out_dir={out_dir}", *args)
+    if check:
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result
+
+
+def metrics(out_dir):
+    lines = (out_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def losses(out_dir):
+    return {r["iter"]: r["loss"] for r in metrics(out_dir) if "loss" in r}
+
+
+def assert_one_line_error(result, *needles):
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+# --- config -------------------------------------------------------------------------------------
+
+def test_config_file_then_command_line_override_defaults(tmp_path):
+    config_file = tmp_path / "c.py"
+    config_file.write_text("n_layer = 3\nlearning_rate = 1\nout_dir = 'from-file'\nimport math\n")
+    cfg = train.load_config([str(config_file), "--out_dir=cli", "--max_iters", "7", "--bias=False"])
+    assert cfg["n_layer"] == 3
+    assert cfg["learning_rate"] == 1.0 and type(cfg["learning_rate"]) is float  # int accepted for float
+    assert cfg["out_dir"] == "cli" and cfg["max_iters"] == 7 and cfg["bias"] is False
+    assert cfg["n_head"] == train.DEFAULTS["n_head"]
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--max_iters=1e3"], "max_iters expects int"),  # a float where an int is expected
+    (["--compile=maybe"], "compile expects bool"),
+    (["--learning_rate=fast"], "learning_rate expects float"),
+    (["--max_itres=10"], "Did you mean 'max_iters'"),  # a typo is not a new setting
+    (["--max_iters"], "needs a value"),
+])
+def test_bad_command_line_values_are_errors(argv, needle):
+    with pytest.raises(UserError, match=needle):
+        train.load_config(argv)
+
+
+def test_unknown_key_in_config_file_is_an_error(tmp_path):
+    """nanoGPT's configurator turns a typo in a config file into a silent new global."""
+    config_file = tmp_path / "c.py"
+    config_file.write_text("learning_rte = 1e-3\n")
+    with pytest.raises(UserError, match="learning_rate"):
+        train.load_config([str(config_file)])
+
+
+def test_shipped_configs_load():
+    for path in sorted((ROOT / "config").glob("*.py")):
+        train.load_config([str(path)])
+
+
+def test_bad_setting_from_the_command_line_is_one_line():
+    assert_one_line_error(run_script("train.py", "--n_layr=2"), "n_layer")
+
+
+# --- learning rate ------------------------------------------------------------------------------
+
+def test_lr_schedule_end_points():
+    lr = lambda it: train.get_lr(it, learning_rate=1.0, warmup_iters=10, lr_decay_iters=110, min_lr=0.1)
+    assert 0 < lr(0) < lr(5) < lr(9) < 1.0  # warmup never starts at 0 (that step would be wasted)
+    assert lr(10) == pytest.approx(1.0)
+    assert lr(60) == pytest.approx(0.55)  # half way down the cosine
+    assert lr(110) == pytest.approx(0.1) and lr(10_000) == pytest.approx(0.1)
+    decay = [lr(it) for it in range(10, 111)]
+    assert all(a >= b for a, b in zip(decay, decay[1:]))
+
+
+# --- device and precision -----------------------------------------------------------------------
+
+def test_absent_device_is_a_clear_error():
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is present here")
+    with pytest.raises(UserError, match="CUDA is not available"):
+        train.resolve_device("cuda")
+    assert train.resolve_device("auto") in ("cpu", "mps")
+
+
+def test_dtype_resolution():
+    assert train.resolve_dtype("float32", "cpu") == torch.float32
+    assert train.resolve_dtype("auto", "cpu") == (torch.bfloat16 if train.cpu_has_bf16() else torch.float32)
+    with pytest.raises(UserError, match="float16 needs a CUDA device"):
+        train.resolve_dtype("float16", "cpu")
+
+
+# --- training runs ------------------------------------------------------------------------------
+
+def test_short_run_lowers_loss_and_writes_metrics_and_checkpoints(char_data, out_dir):
+    train_run(char_data, out_dir, "--max_iters=40", "--eval_interval=20", "--log_interval=10")
+    records = metrics(out_dir)
+    logs = [r for r in records if "loss" in r]
+    evals = [r for r in records if "val_loss" in r]
+    assert [r["iter"] for r in logs] == [10, 20, 30, 40]
+    assert [r["iter"] for r in evals] == [0, 20, 40]
+    for r in logs:
+        assert {"iter", "elapsed_s", "lr", "loss"} <= r.keys()
+    for r in evals:
+        assert {"iter", "elapsed_s", "lr", "train_loss", "val_loss", "val_ppl", "val_acc"} <= r.keys()
+        assert r["val_ppl"] == pytest.approx(math.exp(r["val_loss"]))
+        assert 0 <= r["val_acc"] <= 1
+    vocab = json.loads((char_data / "meta.json").read_text())["vocab_size"]
+    assert evals[0]["val_loss"] == pytest.approx(math.log(vocab), rel=0.1)  # untrained: uniform
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.5
+    assert evals[-1]["val_acc"] > evals[0]["val_acc"]
+    assert json.loads((out_dir / "config.json").read_text())["n_embd"] == 32
+
+    ckpt = train.load_checkpoint(out_dir / "ckpt.pt")
+    best = train.load_checkpoint(out_dir / "best.pt")
+    assert ckpt["iter_num"] == 40 and "optimizer" in ckpt and "optimizer" not in best
+    assert not any(k.startswith("_orig_mod.") for k in ckpt["model"])
+    assert best["best_val_loss"] == pytest.approx(min(r["val_loss"] for r in evals))
+    assert ckpt["tokenizer"]["kind"] == "char"
+
+
+def test_resume_after_a_checkpoint_matches_an_uninterrupted_run(char_data, tmp_path):
+    """Resuming must restore model, optimizer, LR step, batch sampler and dropout RNG exactly."""
+    common = ["--eval_interval=15", "--log_interval=1", "--dropout=0.1"]
+    train_run(char_data, tmp_path / "straight", *common, "--max_iters=30")
+    train_run(char_data, tmp_path / "resumed", *common, "--max_iters=15")
+    train_run(char_data, tmp_path / "resumed", *common, "--max_iters=30", "--init_from=resume")
+    straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
+    assert sorted(resumed) == list(range(1, 31))
+    for it in range(16, 31):
+        assert resumed[it] == pytest.approx(straight[it], abs=1e-6), it
+    final = lambda out: [r for r in metrics(out) if "val_loss" in r][-1]["val_loss"]
+    assert final(tmp_path / "resumed") == pytest.approx(final(tmp_path / "straight"), abs=1e-6)
+
+
+def test_sigterm_saves_a_checkpoint_that_resumes_exactly(char_data, tmp_path):
+    """A pre-empted job (SIGTERM) stops at a step boundary and loses nothing."""
+    settings = ["--eval_interval=1000", "--log_interval=1", "--dropout=0.1"]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *TINY, f"--dataset={char_data}",
+                             *settings, "--max_iters=1000", f"--out_dir={killed}"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (killed / "metrics.jsonl").exists():
+        time.sleep(0.1)
+    while time.time() < deadline and len(losses(killed)) < 5:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    stopped_at = train.load_checkpoint(killed / "ckpt.pt")["iter_num"]
+    assert 5 <= stopped_at < 1000, stdout
+    end = f"--max_iters={stopped_at + 8}"
+    train_run(char_data, killed, *settings, end, "--init_from=resume")
+    train_run(char_data, tmp_path / "straight", *settings, end)
+    straight, resumed = losses(tmp_path / "straight"), losses(killed)
+    for it in range(stopped_at + 1, stopped_at + 9):
+        assert resumed[it] == pytest.approx(straight[it], abs=1e-6), it
+
+
+def test_two_ddp_ranks_match_one_rank_with_twice_the_accumulation(char_data, tmp_path):
+    """gradient_accumulation_steps is global: 2 gloo ranks x 1 micro-step == 1 rank x 2."""
+    settings = ["--max_iters=8", "--eval_interval=4", "--log_interval=1", "--gradient_accumulation_steps=2"]
+    single = tmp_path / "single"
+    train_run(char_data, single, *settings)
+    ddp = tmp_path / "ddp"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(ROOT / "train.py"), *TINY, f"--dataset={char_data}", *settings, f"--out_dir={ddp}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("iter 8: loss") == 1  # only rank 0 prints
+    one, two = losses(single), losses(ddp)
+    assert sorted(two) == list(range(1, 9))
+    for it in one:
+        assert two[it] == pytest.approx(one[it], abs=1e-5), it
+    val = lambda out: [r["val_loss"] for r in metrics(out) if "val_loss" in r]
+    assert val(ddp) == pytest.approx(val(single), abs=1e-5)
+
+
+def test_bf16_autocast_on_cpu_trains(char_data, out_dir):
+    train_run(char_data, out_dir, "--dtype=bfloat16", "--max_iters=20", "--eval_interval=20")
+    evals = [r for r in metrics(out_dir) if "val_loss" in r]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.5
+
+
+def test_fine_tune_from_a_checkpoint_path(char_data, tmp_path):
+    train_run(char_data, tmp_path / "base", "--max_iters=20", "--eval_interval=20")
+    base_val = [r for r in metrics(tmp_path / "base") if "val_loss" in r][-1]["val_loss"]
+    train_run(char_data, tmp_path / "tuned", "--max_iters=10", "--eval_interval=10",
+              f"--init_from={tmp_path / 'base' / 'ckpt.pt'}", "--learning_rate=3e-4")
+    first_eval = [r for r in metrics(tmp_path / "tuned") if "val_loss" in r][0]
+    assert first_eval["val_loss"] == pytest.approx(base_val, abs=1e-5)  # starts from its weights
+
+
+# --- errors -------------------------------------------------------------------------------------
+
+def test_missing_dataset_names_the_prepare_command(tmp_path):
+    result = train_run(tmp_path / "nothing", tmp_path / "out", check=False)
+    assert_one_line_error(result, "prepare.py")
+
+
+def test_block_size_beyond_the_data_is_an_error(char_data, tmp_path):
+    result = train_run(char_data, tmp_path / "out", "--block_size=100000", check=False)
+    assert_one_line_error(result, "block_size")
+
+
+def test_resume_with_another_shape_names_the_field(char_data, tmp_path):
+    train_run(char_data, tmp_path / "out", "--max_iters=2", "--eval_interval=2")
+    result = train_run(char_data, tmp_path / "out", "--max_iters=4", "--init_from=resume",
+                       "--n_layer=3", check=False)
+    assert_one_line_error(result, "n_layer=2")
+
+
+def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(char_data, tmp_path):
+    out = tmp_path / "out"
+    result = train_run(char_data, out, "--max_iters=50", "--eval_interval=1000", "--log_interval=1",
+                       "--learning_rate=1e12", "--warmup_iters=0", "--grad_clip=0.0", check=False)
+    assert_one_line_error(result, "at iter")
+    ckpt = train.load_checkpoint(out / "ckpt.pt")  # the iter-0 checkpoint is intact
+    assert ckpt["iter_num"] == 0
+    assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
+
+
+def test_pickled_checkpoint_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"model": {}, "model_args": {}, "payload": argparse.Namespace(x=1)}, path)
+    with pytest.raises(UserError, match="pickled"):
+        train.load_checkpoint(path)
+
+
+def test_a_killed_writer_never_leaves_a_broken_checkpoint(tmp_path):
+    """SIGKILL during save_checkpoint: the file on disk is always the old or the new checkpoint."""
+    path = tmp_path / "ckpt.pt"
+    writer = (
+        "import sys, torch; sys.path.insert(0, %r); from train import save_checkpoint\n"
+        "i = 0\n"
+        "while True:\n"
+        "    i += 1\n"
+        "    save_checkpoint({'model': {'w': torch.full((4_000_000,), float(i))}, 'i': i}, %r)\n"
+        "    print(i, flush=True)\n" % (str(ROOT), str(path)))
+    for attempt in range(5):
+        proc = subprocess.Popen([sys.executable, "-c", writer], stdout=subprocess.PIPE, text=True)
+        proc.stdout.readline()  # one complete save exists
+        time.sleep(0.05 + 0.07 * attempt)  # land the kill at different moments of a save
+        proc.kill()
+        proc.wait()
+        ckpt = torch.load(path, weights_only=True)
+        assert (ckpt["model"]["w"] == ckpt["i"]).all()
+
+
+def test_plot_draws_the_loss_curves(char_data, out_dir):
+    pytest.importorskip("matplotlib", reason="plotting is optional; matplotlib is not installed")
+    train_run(char_data, out_dir, "--max_iters=10", "--eval_interval=5", "--log_interval=2")
+    result = run_script("train.py", "--plot", out_dir)
+    assert result.returncode == 0, result.stderr
+    assert (out_dir / "loss.png").stat().st_size > 1000
