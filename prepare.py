@@ -17,8 +17,9 @@ Design choices:
   by a seeded shuffle until val holds --val_fraction of the text; a single document is instead cut
   at a token boundary near its end (as nanoGPT does), and meta.json says which.
 - Streaming: files are read in blocks and cut into ~256K-char pieces at points where encoding the
-  pieces separately gives exactly the tokens of the whole (see safe_cut); a pool of processes
-  encodes pieces in order; tokens go straight to disk. Memory stays flat whatever the corpus size.
+  pieces separately gives exactly the tokens of the whole (SAFE_CUT); a pool of threads encodes
+  them in order (tiktoken and numpy release the GIL, so threads use every core without copying
+  text between processes); tokens go straight to disk. Memory stays flat whatever the corpus size.
 - Outputs are written under temp names and renamed at the end; meta.json is renamed last, so a
   dataset dir with a meta.json is complete.
 
@@ -36,8 +37,9 @@ meta.json holds the same, except that a bpe entry names its ranks file ("ranks_f
 "tokenizer.bpe") instead of embedding "ranks".
 
 tokenizer.bpe (the ranks text) is tiktoken's own .tiktoken format: one line per token,
-`<base64 of the token's bytes> <rank>`, ranks 0..V-2 in order; ranks 0..255 are the single bytes
-0..255, then one token per BPE merge in the order they were learned (merge priority). The
+`<base64 of the token's bytes> <rank>`, ranks 0..V-2 in order, every single byte among them. A BPE
+trained here has the bytes 0..255 as ranks 0..255, then one token per merge in the order the
+merges were learned (tiktoken merges the pair whose result has the lowest rank first). The
 end-of-text token "<|endoftext|>" is not in the file: its id is V - 1. Pre-tokenisation is GPT-2's
 regex ("pattern"), so tiktoken.Encoding(name, pattern, ranks, {"<|endoftext|>": V - 1}) rebuilds it.
 """
@@ -47,14 +49,15 @@ import codecs
 import functools
 import hashlib
 import json
-import multiprocessing
 import os
 import re
 import shutil
 import sys
 import time
 import urllib.request
+from array import array
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -437,9 +440,9 @@ class Progress:
             print(file=sys.stderr)
 
 
-def scan(stream, want_chars: bool) -> tuple[list[int], set[str]]:
+def scan(stream, want_chars: bool) -> tuple[array, set[str]]:
     """First pass: each document's size in characters, and the set of characters if wanted."""
-    sizes, size, chars = [], 0, set()
+    sizes, size, chars = array("q"), 0, set()  # 8 bytes a document, even for millions of them
     for block in stream:
         if block is None:
             sizes.append(size)
@@ -470,24 +473,14 @@ def choose_val_docs(sizes, val_fraction: float, seed: int) -> np.ndarray | None:
 # ----------------------------------------------------------------------------------------------
 # Encoding on all cores, writing the bins
 
-_worker = {}  # in each encoding process: the tokenizer and the token dtype
 
-
-def _init_worker(tok_dict: dict, dtype: str):
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    _worker.update(tok=tokenizer_from_dict(tok_dict), dtype=np.dtype(dtype))
-
-
-def _encode_batch(texts: list[str]) -> list[bytes]:
-    tok, dtype = _worker["tok"], _worker["dtype"]
+def encode_batch(tok: Tokenizer, dtype: np.dtype, texts: list[str]) -> list[bytes]:
     return [tok.encode_np(text).astype(dtype).tobytes() for text in texts]
 
 
 def iter_batches(pieces, size: int = PIECE_CHARS):
     """Consecutive pieces grouped into (docs, texts) of about `size` chars: one task for a worker
-    (many short documents would otherwise cost one round trip each)."""
+    (many short documents would otherwise cost one task each)."""
     docs, texts, n = [], [], 0
     for doc, text in pieces:
         docs.append(doc)
@@ -501,23 +494,19 @@ def iter_batches(pieces, size: int = PIECE_CHARS):
 
 
 def encode_pieces(pieces, tok: Tokenizer, dtype: np.dtype, workers: int):
-    """(doc, token bytes) for each (doc, text) piece, in order, encoded by `workers` processes.
-    At most 4 batches per process are in flight, so memory does not grow with the corpus."""
-    if workers == 1:
-        _worker.update(tok=tok, dtype=dtype)
-        for docs, texts in iter_batches(pieces):
-            yield from zip(docs, _encode_batch(texts))
-        return
-    # spawn: a clean interpreter per worker, safe even after `tokenizers` started its threads
-    with multiprocessing.get_context("spawn").Pool(workers, _init_worker, (tok.to_dict(), dtype.str)) as pool:
+    """(doc, token bytes) for each (doc, text) piece, in order, encoded by `workers` threads.
+    Threads, not processes: tiktoken (and numpy for char) release the GIL while they encode, so
+    threads use every core without copying text and tokens between processes. At most 4 batches
+    per thread are in flight, so memory does not grow with the corpus."""
+    with ThreadPoolExecutor(workers) as pool:
         window = deque()
         for docs, texts in iter_batches(pieces):
-            window.append((docs, pool.apply_async(_encode_batch, (texts,))))
+            window.append((docs, pool.submit(encode_batch, tok, dtype, texts)))
             if len(window) >= 4 * workers:
-                docs, result = window.popleft()
-                yield from zip(docs, result.get())
-        for docs, result in window:
-            yield from zip(docs, result.get())
+                docs, future = window.popleft()
+                yield from zip(docs, future.result())
+        for docs, future in window:
+            yield from zip(docs, future.result())
 
 
 def write_splits(encoded, is_val, sep: bytes, paths: dict, itemsize: int) -> tuple[dict, dict]:
@@ -571,7 +560,7 @@ def parse_args(argv=None):
                    help="bytes that are not UTF-8: stop with an error, or read them as U+FFFD")
     p.add_argument("--val_fraction", type=float, default=0.1, help="share of the text that goes to val.bin")
     p.add_argument("--seed", type=int, default=1337, help="seed of the document split")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="encoding processes")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="encoding threads (default: one per core)")
     args = p.parse_args(argv)
     if not 0 < args.val_fraction < 1:
         raise UserError(f"--val_fraction must be between 0 and 1, got {args.val_fraction}")
@@ -635,14 +624,14 @@ def read(files, args, label: str, hashes=None):
     progress.close()
 
 
-def write_dataset(out: Path, tok: Tokenizer, pieces, is_val, sep: np.ndarray, args, workers: int) -> dict:
+def write_dataset(out: Path, tok: Tokenizer, pieces, is_val, sep: np.ndarray, args) -> dict:
     """Encode the pieces into out/{train,val}.bin (temp names until complete); returns the parts
     of meta.json that encoding decides."""
     dtype = token_dtype(tok.vocab_size)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"train": out / "train.bin.tmp", "val": out / "val.bin.tmp"}
     try:
-        tokens, docs = write_splits(encode_pieces(pieces, tok, dtype, workers), is_val,
+        tokens, docs = write_splits(encode_pieces(pieces, tok, dtype, args.workers), is_val,
                                     sep.astype(dtype).tobytes(), paths, dtype.itemsize)
         if is_val is None:
             tokens = split_tail(paths, tokens["train"], args.val_fraction, dtype.itemsize)
@@ -708,9 +697,8 @@ def main(argv=None):
     else:
         sep = np.array([tok.eot_id] if tok.eot_id is not None else tok.encode(sep_text), dtype=np.uint32)
     total = sum(path.stat().st_size for path, _ in files)
-    workers = max(1, min(args.workers, total // PIECE_CHARS))  # a small corpus is not worth a pool
     hashes = [hashlib.sha256() for _ in files]
-    fields = write_dataset(out, tok, iter_pieces(read(files, args, "encode", hashes)), is_val, sep, args, workers)
+    fields = write_dataset(out, tok, iter_pieces(read(files, args, "encode", hashes)), is_val, sep, args)
     write_meta(out, tok, {
         **fields,
         "doc_separator": sep.tolist(),
