@@ -1,0 +1,513 @@
+"""GPT-2 in one file: the model, its optimizer, GPT-2 weight import/export, and an inference engine.
+
+Design choices:
+- GPT-2 exactly: learned absolute position embeddings, pre-LayerNorm blocks, a 4x MLP with
+  tanh-approximated GELU, final LayerNorm, LM head tied to the token embedding. nanoGPT's (and so
+  Hugging Face's) parameter names, so GPT-2 weights map by name.
+- Attention is torch's scaled_dot_product_attention with is_causal=True: no mask tensors in training.
+- With targets, forward computes logits at every position (training); without, only at the last one.
+- Inference is beside the model, not inside it: one optional `kv_cache` argument to forward, one
+  branch inside attention. The cache is preallocated keys/values plus a position. Sampling is one
+  function on (B, V) logits; generation and beam search are plain loops around the model and it.
+- Past block_size the context window slides and is re-prefilled: with absolute positions a cached
+  key belongs to one position in one window, so reuse would change the result.
+- Weight files are safetensors, or torch.load(weights_only=True); a file that needs pickle is refused.
+"""
+import contextlib
+import json
+import math
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # longest context (GPT-2's n_positions)
+    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64: faster matmuls
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True  # biases in the Linear and LayerNorm layers, as GPT-2 has
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.n_head = config.n_head
+        self.layer_idx = layer_idx  # which layer's slot of a KVCache this attention uses
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v at once
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, kv_cache=None):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        is_causal, mask = True, None
+        if kv_cache is not None:
+            pos = kv_cache.pos  # tokens already cached before these T
+            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nh, pos + T, hs)
+            if pos > 0:
+                # SDPA's is_causal aligns the mask top-left, wrong when there are fewer queries
+                # than keys. One new token sees everything; several see the cache and their past.
+                is_causal = False
+                if T > 1:
+                    mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal
+        )
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's GELU ("gelu_new" in Hugging Face)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, kv_cache=None):
+        x = x + self.attn(self.ln_1(x), kv_cache)  # pre-LN: normalise the branch input, not the sum
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+# Hugging Face stores these as Conv1D weights, (in, out): the transpose of nn.Linear's (out, in).
+HF_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Weight tying: one matrix embeds tokens and scores them (GPT-2 does; saves 38M params at 124M).
+        self.lm_head.weight = self.transformer.wte.weight
+        self.apply(self._init_weights)
+        # GPT-2: scale the projections into the residual stream by 1/sqrt(number of residual adds),
+        # so the stream's variance does not grow with depth.
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, idx, targets=None, kv_cache=None):
+        B, T = idx.size()
+        pos = 0 if kv_cache is None else kv_cache.pos
+        if pos + T > self.config.block_size:
+            raise ValueError(
+                f"sequence of {pos + T} tokens is longer than block_size {self.config.block_size}; "
+                f"crop the context to its last {self.config.block_size} tokens"
+            )
+        tok_emb = self.transformer.wte(idx)  # (B, T, C)
+        pos_emb = self.transformer.wpe.weight[pos:pos + T]  # (T, C): positions within the window
+        x = self.transformer.drop(tok_emb + pos_emb)
+        for block in self.transformer.h:
+            x = block(x, kv_cache)
+        x = self.transformer.ln_f(x)
+        if kv_cache is not None:
+            kv_cache.pos += T
+        if targets is None:
+            return self.lm_head(x[:, -1:, :]), None  # (B, 1, V): generation needs only the next token
+        logits = self.lm_head(x)  # (B, T, V)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        """AdamW with weight decay on the matmul weights and embeddings (>= 2-D), none on biases and
+        LayerNorm gains (1-D): decaying those only pulls the activations' scale toward zero."""
+        params = [p for p in self.parameters() if p.requires_grad]  # the tied matrix appears once
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        # Fused AdamW updates every tensor in one kernel: on CUDA, and on CPU since torch 2.4. On
+        # CPU it is also the fastest by far: 6 ms vs 30 ms (foreach) per step for 13M parameters
+        # (2-core Xeon, torch 2.13), and the same numbers to 1 ulp.
+        cpu_fused = tuple(int(n) for n in torch.__version__.split(".")[:2]) >= (2, 4)
+        fused = device_type == "cuda" or (device_type == "cpu" and cpu_fused)
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused or None)
+
+    def num_params(self, non_embedding=True):
+        """Parameter count. non_embedding leaves out the position embeddings; the token embeddings
+        stay in, because they are the LM head's weights too."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def flops_per_token(self):
+        """Training FLOPs (forward + backward) per token at T = block_size, for MFU: 6 per weight
+        (2 forward, 4 backward) plus attention's scores and weighted sum, 12·n_layer·T·n_embd
+        (PaLM paper, appendix B; as nanoGPT's estimate_mfu)."""
+        cfg = self.config
+        return 6 * self.num_params() + 12 * cfg.n_layer * cfg.block_size * cfg.n_embd
+
+    def save_pretrained(self, save_dir):
+        """Write a Hugging Face GPT-2 directory (config.json + weights) that
+        transformers.GPT2LMHeadModel.from_pretrained loads as the same function."""
+        save_dir = Path(save_dir)
+        save_dir.mkdir(parents=True, exist_ok=True)
+        state = {}
+        for name, t in self.state_dict().items():
+            if name == "lm_head.weight":
+                continue  # tied to wte; transformers re-ties it on load
+            state[name] = (t.t() if name.endswith(HF_CONV1D) else t).detach().cpu().contiguous()
+        # HF's GPT-2 always has biases; zero biases make a bias=False model the same function there.
+        for name, m in self.named_modules():
+            if isinstance(m, (nn.Linear, nn.LayerNorm)) and m.bias is None and name != "lm_head":
+                state[f"{name}.bias"] = torch.zeros(m.weight.shape[0], dtype=m.weight.dtype)
+        try:
+            from safetensors.torch import save_file
+        except ImportError:
+            save_file = None
+        if save_file is not None:
+            _write_atomic(save_dir / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+        else:
+            _write_atomic(save_dir / "pytorch_model.bin", lambda tmp: torch.save(state, tmp))
+        text = json.dumps(hf_config(self.config), indent=2) + "\n"
+        _write_atomic(save_dir / "config.json", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+    @classmethod
+    def from_pretrained(cls, model_dir, dropout=0.0):
+        """Load a local Hugging Face GPT-2 directory (a path, never a hub name: no network)."""
+        model_dir = Path(model_dir)
+        config_path = model_dir / "config.json"
+        if not config_path.is_file():
+            raise ValueError(f"{model_dir}: no config.json here; expected a Hugging Face GPT-2 directory")
+        config = config_from_hf(json.loads(config_path.read_text(encoding="utf-8")), dropout, model_dir)
+        model = cls(config)
+        model.load_state_dict(state_from_hf(load_hf_weights(model_dir), model, model_dir))
+        return model
+
+
+def _write_atomic(path, write):
+    """write(tmp_path), then rename over path: a crash never leaves a half-written file."""
+    tmp = f"{path}.tmp"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def hf_config(config):
+    """GPTConfig -> the config.json of a Hugging Face GPT-2 model."""
+    return {
+        "model_type": "gpt2",
+        "architectures": ["GPT2LMHeadModel"],
+        "vocab_size": config.vocab_size,
+        "n_positions": config.block_size,
+        "n_ctx": config.block_size,  # older name of n_positions, still read by some tools
+        "n_embd": config.n_embd,
+        "n_layer": config.n_layer,
+        "n_head": config.n_head,
+        "n_inner": None,  # 4 * n_embd
+        "activation_function": "gelu_new",
+        "layer_norm_epsilon": 1e-5,
+        "resid_pdrop": config.dropout,
+        "embd_pdrop": config.dropout,
+        "attn_pdrop": config.dropout,
+        "initializer_range": 0.02,
+        "scale_attn_weights": True,
+        "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False,
+        "tie_word_embeddings": True,
+        # The tokenizer, not the model, knows the end-of-text id (GPT-2's is 50256; a char vocab has none).
+        "bos_token_id": None,
+        "eos_token_id": None,
+    }
+
+
+def config_from_hf(hf, dropout, model_dir):
+    """A Hugging Face GPT-2 config.json (dict) -> GPTConfig; anything this model cannot be is an error."""
+    if hf.get("model_type") != "gpt2":
+        raise ValueError(f"{model_dir}: model_type is {hf.get('model_type')!r}, this loads only 'gpt2'")
+    n_embd = hf["n_embd"]
+    required = {  # field: (value when absent, the values GPT-2 as built here can have)
+        "activation_function": ("gelu_new", {"gelu_new", "gelu_pytorch_tanh"}),
+        "layer_norm_epsilon": (1e-5, {1e-5}),
+        "n_inner": (None, {None, 4 * n_embd}),
+        "scale_attn_weights": (True, {True}),
+        "scale_attn_by_inverse_layer_idx": (False, {False}),
+        "add_cross_attention": (False, {False}),
+        "tie_word_embeddings": (True, {True}),
+    }
+    for field, (default, allowed) in required.items():
+        if hf.get(field, default) not in allowed:
+            raise ValueError(f"{model_dir}: config.json has {field}={hf[field]!r}; supported: {sorted(map(str, allowed))}")
+    return GPTConfig(
+        block_size=hf.get("n_positions", hf.get("n_ctx")), vocab_size=hf["vocab_size"],
+        n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=n_embd, dropout=dropout, bias=True,
+    )
+
+
+def load_hf_weights(model_dir):
+    """The tensors of model.safetensors, else of pytorch_model.bin (plain tensors only, no pickle)."""
+    st_path, bin_path = model_dir / "model.safetensors", model_dir / "pytorch_model.bin"
+    if st_path.is_file():
+        from safetensors.torch import load_file  # only when the file needs it
+        return load_file(st_path)
+    if not bin_path.is_file():
+        raise ValueError(f"{model_dir}: neither model.safetensors nor pytorch_model.bin is there")
+    try:
+        state = torch.load(bin_path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(
+            f"{bin_path} needs pickle to load, and unpickling can run code: refused. "
+            f"Only files of plain tensors load (convert it to model.safetensors where you trust it)"
+        ) from e
+    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise ValueError(f"{bin_path} is not a dict of tensors (name -> weight)")
+    return state
+
+
+def state_from_hf(hf_state, model, model_dir):
+    """Hugging Face GPT-2 tensors -> our state_dict: add the `transformer.` prefix if the file lacks
+    it, drop the old causal-mask buffers, transpose Conv1D weights, tie the LM head."""
+    state = {}
+    for key, t in hf_state.items():
+        name = key if key.startswith(("transformer.", "lm_head.")) else f"transformer.{key}"
+        if name.endswith((".attn.bias", ".attn.masked_bias")) or name == "lm_head.weight":
+            continue  # masks (not weights) in older files; the head is wte (tie_word_embeddings)
+        state[name] = t.t() if name.endswith(HF_CONV1D) else t
+    expected = {name: t.shape for name, t in model.state_dict().items() if name != "lm_head.weight"}
+    missing, extra = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    if missing or extra:
+        raise ValueError(f"{model_dir}: weights do not match config.json; missing {missing[:5]}, unexpected {extra[:5]}")
+    for name, shape in expected.items():
+        if state[name].shape != shape:
+            raise ValueError(f"{model_dir}: {name} has shape {tuple(state[name].shape)}, config.json implies {tuple(shape)}")
+    state["lm_head.weight"] = state["transformer.wte.weight"]
+    return state
+
+
+# ----------------------------------------------------------------------------------------------
+# Inference engine: KV cache, sampling, generation, beam search
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far, and the position after them.
+
+    k, v: (n_layer, B, n_head, max_len, head_size), allocated once at the first write (in the
+    dtype attention runs in, so autocast works); slots [:pos] hold the current window.
+    """
+
+    def __init__(self, n_layer, max_len):
+        self.n_layer, self.max_len = n_layer, max_len
+        self.k = self.v = None
+        self.pos = 0
+
+    def update(self, layer, k, v):
+        """Store one layer's new (B, nh, T, hs) keys/values at pos; return the layer's (B, nh, pos+T, hs)."""
+        B, nh, T, hs = k.shape
+        if self.k is None:
+            self.k = k.new_empty(self.n_layer, B, nh, self.max_len, hs)  # slots past pos are never read
+            self.v = v.new_empty(self.n_layer, B, nh, self.max_len, hs)
+        if self.pos + T > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} tokens; {self.pos} + {T} do not fit")
+        end = self.pos + T
+        self.k[layer, :, :, self.pos:end] = k
+        self.v[layer, :, :, self.pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def reorder(self, rows):
+        """Keep batch rows `rows` (beam search: each new beam continues some old beam)."""
+        self.k, self.v = self.k[:, rows], self.v[:, rows]
+
+
+def next_logits(model, tokens, n, kv_cache):
+    """(B, V) logits for the token after tokens[:, :n], feeding the model only what the cache lacks.
+
+    An empty cache is prefilled with the last block_size tokens in one forward; then each call
+    feeds the one newest token. When the cache is full (the context would pass block_size), the
+    window slides: its last block_size-1 tokens plus the new one are re-prefilled, so every step
+    past block_size costs one full forward but gives exactly the logits of cropping the context.
+    """
+    block_size = model.config.block_size
+    if kv_cache.pos in (0, block_size):
+        kv_cache.pos = 0
+        window = tokens[:, max(0, n - block_size):n]
+    else:
+        window = tokens[:, n - 1:n]
+    logits, _ = model(window, kv_cache=kv_cache)
+    return logits[:, -1, :]
+
+
+def sample_next_token(logits, *, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0,
+                      seen=None, generator=None):
+    """Choose one next token per row of (B, V) logits; returns (B,) token ids.
+
+    In order: repetition penalty on the tokens in `seen` (CTRL: a positive logit is divided by the
+    penalty, a negative one multiplied, so either way the token gets less likely); temperature
+    (0 = argmax, nothing else random); top-k; top-p (nucleus: the fewest most-likely tokens whose
+    probability reaches top_p; the most likely always survives); a draw with `generator`.
+    Ties: a token with the same logit as the k-th largest is kept too (so top-k may keep more than
+    k), and likewise at the top-p boundary: the result never depends on how equal values sort.
+    """
+    if temperature < 0 or (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
+        raise ValueError(f"need temperature >= 0, top_k >= 1, 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}")
+    if repetition_penalty <= 0:
+        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+    logits = logits.float()
+    if repetition_penalty != 1.0 and seen is not None:
+        scores = logits.gather(1, seen)  # (B, S): logits of the tokens already in the context
+        scores = torch.where(scores > 0, scores / repetition_penalty, scores * repetition_penalty)
+        logits = logits.scatter(1, seen, scores)
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1): the k-th largest logit
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        probs = F.softmax(logits, dim=-1)
+        sorted_probs = probs.sort(dim=-1, descending=True).values
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # probability of all likelier tokens
+        n_keep = (mass_before < top_p).sum(dim=-1, keepdim=True).clamp(min=1)
+        smallest_kept = sorted_probs.gather(-1, n_keep - 1)  # (B, 1)
+        logits = logits.masked_fill(probs < smallest_kept, float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+@contextlib.contextmanager
+def _eval_mode(model):
+    """Dropout off while generating (say, mid-training samples), and the mode restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+@torch.inference_mode()
+def generate_stream(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None,
+                    repetition_penalty=1.0, stop_tokens=(), generator=None):
+    """Continue each row of idx (B, T); yield the (B,) new tokens step by step.
+
+    Ends after max_new_tokens, or earlier once every row has produced a stop token; a row that
+    has stopped keeps yielding its stop token. Prompts longer than block_size keep their end.
+    """
+    B, T = idx.shape
+    tokens = idx.new_empty(B, T + max_new_tokens)  # the whole context; filled as tokens come
+    tokens[:, :T] = idx
+    kv_cache = KVCache(model.config.n_layer, min(model.config.block_size, T + max_new_tokens))
+    stop = torch.tensor(list(stop_tokens), dtype=idx.dtype, device=idx.device)
+    done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+    with _eval_mode(model):
+        for n in range(T, T + max_new_tokens):
+            logits = next_logits(model, tokens, n, kv_cache)
+            token = sample_next_token(logits, temperature=temperature, top_k=top_k, top_p=top_p,
+                                      repetition_penalty=repetition_penalty, seen=tokens[:, :n],
+                                      generator=generator)
+            if len(stop_tokens):
+                token = torch.where(done, tokens[:, n - 1], token)  # a stopped row repeats its stop token
+                done |= torch.isin(token, stop)
+            tokens[:, n] = token
+            yield token
+            if len(stop_tokens) and done.all():  # the one host sync per step, only with stop tokens
+                return
+
+
+def generate(model, idx, max_new_tokens, **kwargs):
+    """generate_stream collected: the new tokens of each row, each cut before its first stop token."""
+    steps = list(generate_stream(model, idx, max_new_tokens, **kwargs))
+    if not steps:
+        return [[] for _ in range(idx.size(0))]
+    stop = set(kwargs.get("stop_tokens", ()))
+    rows = torch.stack(steps, dim=1).tolist()  # (B, steps)
+    return [next((row[:i] for i, t in enumerate(row) if t in stop), row) for row in rows]
+
+
+@torch.inference_mode()
+def beam_search(model, idx, max_new_tokens, num_beams, *, stop_tokens=(), length_penalty=1.0):
+    """The best continuation of one prompt idx (1, T) by beam search: its new tokens, stop token excluded.
+
+    A hypothesis scores sum(log-probs of its new tokens) / (number of new tokens) ** length_penalty;
+    a stop token counts as a token (ending has a probability too). Each step keeps the num_beams
+    best running hypotheses; one that ends in a stop token is set aside as finished. The search
+    ends at max_new_tokens, or once num_beams hypotheses are finished and no running one scores
+    better than the worst of them so far. No randomness: the same input gives the same output.
+    """
+    if idx.size(0) != 1 or num_beams < 1:
+        raise ValueError(f"beam_search takes one prompt (1, T) and num_beams >= 1; got {tuple(idx.shape)}, {num_beams}")
+    T = idx.size(1)
+    stop = set(stop_tokens)
+    tokens = idx.repeat(num_beams, 1)  # every beam starts as the prompt ...
+    tokens = torch.cat([tokens, tokens.new_zeros(num_beams, max_new_tokens)], dim=1)
+    scores = torch.full((num_beams,), float("-inf"), device=idx.device)
+    scores[0] = 0.0  # ... but only beam 0 is live, so the first step does not pick duplicates
+    kv_cache = KVCache(model.config.n_layer, min(model.config.block_size, T + max_new_tokens))
+    finished = []  # (score, new tokens without the stop token)
+    with _eval_mode(model):
+        for n in range(T, T + max_new_tokens):
+            logprobs = F.log_softmax(next_logits(model, tokens, n, kv_cache).float(), dim=-1)  # (beams, V)
+            V = logprobs.size(-1)
+            totals = (scores[:, None] + logprobs).view(-1)
+            # Enough candidates that num_beams survive even if every beam's best ones are stop tokens.
+            top, flat = totals.topk(min(num_beams * (1 + len(stop)), totals.numel()))
+            length_norm = (n + 1 - T) ** length_penalty
+            rows, new_tokens, new_scores = [], [], []
+            for total, i in zip(top.tolist(), flat.tolist()):
+                row, token = divmod(i, V)
+                if token in stop:
+                    if total > float("-inf"):
+                        finished.append((total / length_norm, tokens[row, T:n].tolist()))
+                elif len(rows) < num_beams:
+                    rows.append(row)
+                    new_tokens.append(token)
+                    new_scores.append(total)
+            rows = torch.tensor(rows, device=idx.device)
+            tokens = tokens[rows]
+            tokens[:, n] = torch.tensor(new_tokens, device=idx.device)
+            scores = torch.tensor(new_scores, device=idx.device)
+            kv_cache.reorder(rows)
+            if len(finished) >= num_beams:
+                worst_kept = sorted(s for s, _ in finished)[-num_beams]
+                if scores.max().item() / length_norm < worst_kept:
+                    break
+        else:
+            length_norm = max(max_new_tokens, 1) ** length_penalty
+            finished += [(s / length_norm, tokens[i, T:].tolist()) for i, s in enumerate(scores.tolist())]
+    if not finished:
+        return []
+    return max(finished, key=lambda f: f[0])[1]  # max keeps the first of equal scores: deterministic
