@@ -1,0 +1,444 @@
+"""gpt.py: the model against its definition and against transformers, the engine against recomputation."""
+import datetime
+import math
+import sys
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from gpt import GPT, GPTConfig, KVCache, beam_search, generate, generate_stream, next_logits, sample_next_token
+
+
+def tiny_config(**overrides):
+    return GPTConfig(**{**dict(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32), **overrides})
+
+
+def varied_model(seed=1, **overrides):
+    """A tiny model whose greedy output varies. GPT-2's init (std 0.02) with tied embeddings makes a
+    random model repeat one token forever, which would let cache bugs pass unseen."""
+    torch.manual_seed(seed)
+    model = GPT(tiny_config(**overrides))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.startswith(("transformer.wte", "transformer.wpe")):
+                p.add_(torch.randn_like(p) * 0.3)
+    return model.eval()
+
+
+def all_logits(model, idx):
+    """Logits at every position (the training path: any targets make forward compute them all)."""
+    logits, _ = model(idx, targets=torch.zeros_like(idx))
+    return logits
+
+
+def recompute_greedy(model, idx, max_new_tokens):
+    """The reference decoder: no cache, the context cropped to its last block_size tokens, argmax."""
+    for _ in range(max_new_tokens):
+        logits, _ = model(idx[:, -model.config.block_size:])
+        idx = torch.cat([idx, logits[:, -1].argmax(dim=-1, keepdim=True)], dim=1)
+    return idx[:, -max_new_tokens:].tolist()
+
+
+def kept_tokens(logits, draws=2000, **kwargs):
+    """The set of tokens sample_next_token ever draws from one row of logits (many draws at once)."""
+    g = torch.Generator().manual_seed(0)
+    batch = torch.tensor([logits], dtype=torch.float32).expand(draws, -1)
+    return set(sample_next_token(batch, generator=g, **kwargs).tolist())
+
+
+# ----------------------------------------------------------------------------------------------
+# model
+
+
+def test_shapes_and_last_position_logits():
+    """Guards the two forward modes: all positions with targets, the last one (same values) without."""
+    model = varied_model()
+    idx = torch.randint(0, 64, (3, 10))
+    logits, loss = model(idx, targets=idx)
+    assert logits.shape == (3, 10, 64) and loss.dim() == 0
+    last, none = model(idx)
+    assert last.shape == (3, 1, 64) and none is None
+    torch.testing.assert_close(last[:, 0], logits[:, -1])
+
+
+def test_untrained_loss_is_ln_vocab_size():
+    """GPT-2's small init predicts near-uniformly; a far-off start means a broken init or loss."""
+    torch.manual_seed(0)
+    model = GPT(tiny_config(vocab_size=512))
+    idx, targets = torch.randint(0, 512, (2, 4, 16))
+    _, loss = model(idx, targets)
+    assert abs(loss.item() - math.log(512)) < 0.1
+
+
+def test_ignore_index_minus_one_is_left_out_of_the_loss():
+    model = varied_model()
+    idx = torch.randint(0, 64, (1, 8))
+    targets = idx.clone()
+    targets[0, 4:] = -1
+    logits, loss = model(idx, targets)
+    torch.testing.assert_close(loss, F.cross_entropy(logits[0, :4], targets[0, :4]))
+
+
+def test_longer_than_block_size_is_a_clear_error():
+    model = varied_model()
+    with pytest.raises(ValueError, match="block_size 16"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_causality():
+    """Changing token t must never change the logits before t (a leaking mask fails this)."""
+    model = varied_model()
+    idx = torch.randint(0, 64, (1, 16))
+    base = all_logits(model, idx)
+    for t in (0, 5, 15):
+        changed = idx.clone()
+        changed[0, t] = (idx[0, t] + 1) % 64
+        logits = all_logits(model, changed)
+        torch.testing.assert_close(logits[:, :t], base[:, :t], atol=1e-6, rtol=0)
+        assert not torch.allclose(logits[:, t], base[:, t])
+
+
+def test_init_follows_gpt2():
+    """Normal(0, 0.02) weights, residual projections 0.02/sqrt(2 n_layer), zero biases, tied head."""
+    torch.manual_seed(0)
+    model = GPT(tiny_config(n_layer=4, n_embd=128, n_head=4, vocab_size=1024))
+    h0 = model.transformer.h[0]
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert abs(h0.attn.c_attn.weight.std().item() - 0.02) < 0.002
+    assert abs(h0.mlp.c_proj.weight.std().item() - 0.02 / math.sqrt(8)) < 0.001
+    assert torch.all(h0.attn.c_attn.bias == 0) and torch.all(h0.ln_1.weight == 1)
+
+
+def test_param_count_and_flops_of_gpt2_small():
+    """GPT-2 small has 124,439,808 parameters (the published count), 85M of them in the blocks."""
+    with torch.device("meta"):  # shapes only: no memory, no init cost
+        model = GPT(GPTConfig(vocab_size=50257))
+    assert model.num_params(non_embedding=False) == 124_439_808
+    assert model.num_params() == 124_439_808 - 1024 * 768
+    # 6 FLOPs per weight and token, plus attention (12 * 12 layers * 1024 * 768): ~0.86 GFLOP/token
+    assert model.flops_per_token() == 6 * model.num_params() + 12 * 12 * 1024 * 768
+
+
+def test_configure_optimizers_decays_exactly_the_matrices():
+    """Decaying LayerNorm gains or biases (1-D) pulls activations toward zero; every >= 2-D tensor
+    (matmul weights, embeddings) and nothing else belongs in the decay group, each tensor once."""
+    model = varied_model()
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    params = list(model.parameters())
+    assert {id(p) for p in decay["params"]} == {id(p) for p in params if p.dim() >= 2}
+    assert {id(p) for p in no_decay["params"]} == {id(p) for p in params if p.dim() < 2}
+    assert len(decay["params"]) + len(no_decay["params"]) == len(params)  # tied wte/lm_head once
+
+
+def test_tiny_model_overfits_one_batch():
+    """End to end: forward, loss, backward and the optimizer together can fit a batch."""
+    torch.manual_seed(0)
+    model = GPT(tiny_config())
+    opt = model.configure_optimizers(0.0, 1e-2, (0.9, 0.95), "cpu")
+    idx = torch.randint(0, 64, (4, 17))
+    x, y = idx[:, :-1], idx[:, 1:]
+    for _ in range(50):  # reaches ~0.01 at this learning rate
+        _, loss = model(x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.1
+
+
+# ----------------------------------------------------------------------------------------------
+# KV cache and generation
+
+
+@pytest.mark.parametrize("prompt_len, new_tokens", [(5, 8), (5, 40), (20, 6)])
+def test_kv_cache_greedy_equals_recompute(prompt_len, new_tokens):
+    """Cached decoding must give exactly recomputation's tokens: within block_size (16), far past it
+    (sliding window), and for a prompt longer than block_size. Wrong positions after the slide, a
+    stale cache or an off-by-one in the cache slots all change the tokens."""
+    model = varied_model()
+    idx = torch.randint(0, 64, (1, prompt_len), generator=torch.Generator().manual_seed(prompt_len))
+    expected = recompute_greedy(model, idx, new_tokens)
+    assert len(set(expected[0])) > 3  # the check means something only if the output varies
+    assert generate(model, idx, new_tokens, temperature=0) == expected
+
+
+def test_cached_logits_equal_recomputed_logits_at_every_step():
+    """The same, on logits and on arbitrary (not model-chosen) tokens, through block_size and past it."""
+    model = varied_model()
+    tokens = torch.randint(0, 64, (2, 40))
+    kv_cache = KVCache(model.config.n_layer, model.config.block_size)
+    with torch.inference_mode():
+        for n in range(3, 40):
+            cached = next_logits(model, tokens, n, kv_cache)
+            recomputed = model(tokens[:, max(0, n - 16):n])[0][:, -1]
+            torch.testing.assert_close(cached, recomputed, atol=1e-5, rtol=1e-5)
+
+
+def test_chunked_prefill_after_cached_tokens():
+    """Several new tokens on top of a non-empty cache need a shifted causal mask (SDPA's is_causal
+    would align it wrongly); the result must equal one forward over everything."""
+    model = varied_model()
+    idx = torch.randint(0, 64, (2, 12))
+    kv_cache = KVCache(model.config.n_layer, 16)
+    with torch.inference_mode():
+        model(idx[:, :5], kv_cache=kv_cache)
+        model(idx[:, 5:7], kv_cache=kv_cache)
+        logits, _ = model(idx[:, 7:], kv_cache=kv_cache)
+        torch.testing.assert_close(logits, model(idx)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_batch_of_two_equals_each_alone():
+    """Rows of a batch must not see each other (cache slots, stop handling)."""
+    model = varied_model()
+    idx = torch.randint(0, 64, (2, 6))
+    both = generate(model, idx, 20, temperature=0)
+    assert both == generate(model, idx[:1], 20, temperature=0) + generate(model, idx[1:], 20, temperature=0)
+
+
+def test_stop_tokens_end_generation():
+    """Output is cut before the first stop token; the stream yields it, keeps yielding it for a row
+    that stopped while others continue, and ends once every row has stopped."""
+    model = varied_model()
+    idx = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(3))
+    free = generate(model, idx, 20, temperature=0)
+    stop = free[0][4]
+    first = [row.index(stop) if stop in row else None for row in free]
+    assert first[0] == free[0].index(stop) <= 4
+    cut = generate(model, idx, 20, temperature=0, stop_tokens=[stop])
+    assert cut == [row[:i] if i is not None else row for row, i in zip(free, first)]
+    steps = torch.stack(list(generate_stream(model, idx[:1], 20, temperature=0, stop_tokens=[stop])), 1)
+    assert steps[0].tolist() == free[0][:first[0] + 1]
+    if first[1] is None or first[1] > first[0]:  # row 0 stops first and then repeats its stop token
+        batch_steps = torch.stack(list(generate_stream(model, idx, 20, temperature=0, stop_tokens=[stop])), 1)
+        assert batch_steps[0, first[0]:].eq(stop).all()
+
+
+def test_generation_turns_dropout_off_and_restores_training_mode():
+    """Mid-training samples must not be drawn with dropout on, nor leave the model in eval mode."""
+    model = varied_model(dropout=0.5).train()
+    idx = torch.randint(0, 64, (1, 4))
+    assert generate(model, idx, 10, temperature=0) == generate(model, idx, 10, temperature=0)
+    assert model.training
+
+
+def test_generation_under_bf16_autocast():
+    """The cache takes the dtype attention runs in; a float32 cache under autocast breaks SDPA."""
+    model = varied_model()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = generate(model, torch.randint(0, 64, (1, 4)), 20, temperature=0)
+    assert len(out[0]) == 20
+
+
+# ----------------------------------------------------------------------------------------------
+# sampling on hand-made logits
+
+
+def test_temperature_zero_is_argmax():
+    logits = torch.tensor([[0.1, 2.0, -1.0], [3.0, 0.0, 2.9]])
+    assert sample_next_token(logits, temperature=0).tolist() == [1, 0]
+
+
+def test_top_k_keeps_exactly_the_k_largest_and_ties_at_the_kth():
+    """Tie rule: every token equal to the k-th largest logit is kept, so the outcome never depends
+    on how a sort orders equal values. (High temperature flattens the kept ones so all get drawn.)"""
+    logits = [1.0, 3.0, 2.0, 3.0, 0.0, 2.5]
+    assert kept_tokens(logits, top_k=1, temperature=100) == {1, 3}  # a tie at the top: both
+    assert kept_tokens(logits, top_k=2, temperature=100) == {1, 3}
+    assert kept_tokens(logits, top_k=3, temperature=100) == {1, 3, 5}
+    assert kept_tokens([5.0, 4.0, 4.0, 4.0, 1.0], top_k=2, temperature=100) == {0, 1, 2, 3}
+    assert kept_tokens(logits, top_k=6, temperature=100) == set(range(6))
+
+
+def test_top_p_keeps_the_smallest_nucleus_and_always_the_most_likely():
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log().tolist()
+    assert kept_tokens(logits, top_p=0.7) == {0, 1}  # 0.5 < 0.7 <= 0.5 + 0.3
+    assert kept_tokens(logits, top_p=0.9) == {0, 1, 2}
+    assert kept_tokens(logits, top_p=0.01) == {0}  # the most likely token always survives
+    assert kept_tokens(logits, top_p=1.0) == {0, 1, 2, 3}
+    tied = torch.tensor([0.1, 0.4, 0.2, 0.2, 0.1]).log().tolist()
+    assert kept_tokens(tied, top_p=0.5) == {1, 2, 3}  # 0.4 + one 0.2 reaches 0.5: its twin stays too
+    # top-k, then top-p on the renormalised rest: 0.5/0.95 + 0.3/0.95 = 0.84 reaches 0.83 (0.8 would not)
+    assert kept_tokens(logits, top_p=0.83) == {0, 1, 2}
+    assert kept_tokens(logits, top_k=3, top_p=0.83) == {0, 1}
+
+
+@pytest.mark.parametrize("logits, penalty, expected", [
+    ([3.0, 2.0], 1.49, 0), ([3.0, 2.0], 1.51, 1),  # positive: 3 / 1.5 = 2 is the turning point
+    ([-1.0, -1.5], 1.49, 0), ([-1.0, -1.5], 1.51, 1),  # negative: -1 * 1.5 = -1.5 likewise
+])
+def test_repetition_penalty_divides_positive_and_multiplies_negative_logits(logits, penalty, expected):
+    """CTRL's rule, pinned where the argmax flips: token 0 was seen, token 1 was not. Dividing a
+    negative logit (or multiplying a positive one) would make a seen token *more* likely."""
+    seen = torch.tensor([[0]])
+    out = sample_next_token(torch.tensor([logits]), temperature=0, repetition_penalty=penalty, seen=seen)
+    assert out.item() == expected
+
+
+def test_repetition_penalty_counts_a_token_once_and_spares_unseen_ones():
+    """A token seen twice is penalised once (3 / 1.4 = 2.14 still beats 2; twice would be 1.53)."""
+    logits = torch.tensor([[3.0, 2.0, 2.1]])
+    out = sample_next_token(logits, temperature=0, repetition_penalty=1.4, seen=torch.tensor([[0, 0, 1]]))
+    assert out.item() == 0
+    g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    probs = torch.tensor([[0.7, 0.2, 0.1]]).log().expand(4000, -1)
+    seen = torch.tensor([[0]]).expand(4000, -1)
+    # The same draws with and without a penalty on token 0: token 0 loses exactly its share.
+    plain = sample_next_token(probs, generator=g1)
+    penalised = sample_next_token(probs, repetition_penalty=2.0, seen=seen, generator=g2)
+    share = (penalised == 0).float().mean().item()
+    p0 = torch.softmax(torch.tensor([0.7, 0.2, 0.1]).log() * torch.tensor([2.0, 1, 1]), 0)[0].item()
+    assert abs(share - p0) < 0.03 and (plain == 0).float().mean().item() > 0.65
+
+
+def test_same_seed_same_sample_different_seed_different():
+    logits = torch.zeros(8, 1000)  # uniform: 8 draws collide by chance with probability 1e-24
+    draw = lambda seed: sample_next_token(logits, generator=torch.Generator().manual_seed(seed)).tolist()
+    assert draw(1) == draw(1)
+    assert draw(1) != draw(2)
+    model = varied_model()
+    idx = torch.randint(0, 64, (2, 4))
+    run = lambda seed: generate(model, idx, 30, temperature=1.5, top_k=40, top_p=0.95,
+                                generator=torch.Generator().manual_seed(seed))
+    assert run(7) == run(7) and run(7) != run(8)
+
+
+def test_bad_sampling_settings_are_clear_errors():
+    logits = torch.zeros(1, 5)
+    for kwargs in (dict(temperature=-1), dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5),
+                   dict(repetition_penalty=0)):
+        with pytest.raises(ValueError):
+            sample_next_token(logits, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# beam search
+
+
+def sequence_score(model, idx, new_tokens, length_penalty=1.0):
+    """beam_search's metric, computed independently: one forward over prompt + continuation."""
+    full = torch.cat([idx, torch.tensor([new_tokens])], dim=1)
+    logprobs = F.log_softmax(all_logits(model, full)[0, idx.size(1) - 1:-1], dim=-1)
+    total = logprobs.gather(1, full[0, idx.size(1):, None]).sum().item()
+    return total / len(new_tokens) ** length_penalty
+
+
+def test_beam_search_with_one_beam_is_greedy():
+    model = varied_model()
+    idx = torch.randint(0, 64, (1, 5))
+    assert beam_search(model, idx, 12, num_beams=1) == generate(model, idx, 12, temperature=0)[0]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_beam_search_scores_at_least_greedy_and_is_deterministic(seed):
+    """More beams must find a continuation at least as likely (length-normalised) as greedy's here;
+    a bug in the beam bookkeeping (mixed-up rows, stale cache order) loses this quickly."""
+    model = varied_model(seed)
+    idx = torch.randint(0, 64, (1, 4), generator=torch.Generator().manual_seed(seed))
+    greedy = generate(model, idx, 10, temperature=0)[0]
+    beams = beam_search(model, idx, 10, num_beams=4)
+    assert len(beams) == 10
+    assert sequence_score(model, idx, beams) >= sequence_score(model, idx, greedy) - 1e-5
+    assert beam_search(model, idx, 10, num_beams=4) == beams
+
+
+def test_beam_search_stop_token_is_excluded_and_ends_the_hypothesis():
+    model = varied_model()
+    idx = torch.randint(0, 64, (1, 5))
+    free = beam_search(model, idx, 8, num_beams=3)
+    out = beam_search(model, idx, 8, num_beams=3, stop_tokens=[free[2]])
+    assert free[2] not in out and len(out) <= 8
+
+
+# ----------------------------------------------------------------------------------------------
+# Hugging Face GPT-2 directories
+
+
+def test_save_then_load_gives_identical_logits(tmp_path):
+    model = varied_model()
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "config.json").is_file()
+    loaded = GPT.from_pretrained(tmp_path, dropout=0.1)
+    assert loaded.config == GPTConfig(**{**vars(model.config), "dropout": 0.1})
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight
+    idx = torch.randint(0, 64, (2, 16))
+    assert torch.equal(all_logits(loaded.eval(), idx), all_logits(model, idx))
+
+
+def test_bias_free_model_saves_as_zero_biases(tmp_path):
+    """HF's GPT-2 always has biases; zeros make the bias=False model the same function there."""
+    model = varied_model(bias=False)
+    model.save_pretrained(tmp_path)
+    loaded = GPT.from_pretrained(tmp_path).eval()
+    assert loaded.config.bias and torch.all(loaded.transformer.h[0].attn.c_attn.bias == 0)
+    idx = torch.randint(0, 64, (2, 16))
+    torch.testing.assert_close(all_logits(loaded, idx), all_logits(model, idx), atol=1e-6, rtol=1e-6)
+
+
+def test_without_safetensors_weights_go_to_pytorch_model_bin(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)  # import fails as if not installed
+    model = varied_model()
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "pytorch_model.bin").is_file() and not (tmp_path / "model.safetensors").exists()
+    idx = torch.randint(0, 64, (1, 8))
+    assert torch.equal(all_logits(GPT.from_pretrained(tmp_path).eval(), idx), all_logits(model, idx))
+
+
+def test_original_gpt2_file_layout_loads(tmp_path):
+    """OpenAI's GPT-2 files on the hub have no `transformer.` prefix, carry attn.bias/masked_bias
+    mask buffers and may hold lm_head.weight: all must load into the same model."""
+    from safetensors.torch import load_file, save_file
+    model = varied_model()
+    model.save_pretrained(tmp_path)
+    state = {k.removeprefix("transformer."): v for k, v in load_file(tmp_path / "model.safetensors").items()}
+    state["h.0.attn.bias"] = torch.ones(1, 1, 16, 16).tril()
+    state["h.0.attn.masked_bias"] = torch.tensor(-1e4)
+    state["lm_head.weight"] = state["wte.weight"].clone()
+    save_file(state, tmp_path / "model.safetensors")
+    idx = torch.randint(0, 64, (1, 8))
+    assert torch.equal(all_logits(GPT.from_pretrained(tmp_path).eval(), idx), all_logits(model, idx))
+
+
+def test_weights_file_that_needs_pickle_is_refused(tmp_path):
+    """torch.load without weights_only runs code from the file; ours must refuse, not execute."""
+    varied_model().save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    torch.save({"transformer.wte.weight": torch.zeros(64, 32), "made": datetime.date(2020, 1, 1)},
+               tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="needs pickle"):
+        GPT.from_pretrained(tmp_path)
+
+
+def test_mismatched_weights_and_configs_are_clear_errors(tmp_path):
+    from safetensors.torch import load_file, save_file
+    varied_model().save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    save_file({k: v for k, v in state.items() if k != "transformer.h.1.ln_2.weight"}, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"missing \['transformer.h.1.ln_2.weight'\]"):
+        GPT.from_pretrained(tmp_path)
+    save_file({**state, "transformer.h.2.ln_1.weight": torch.ones(32)}, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match="unexpected"):
+        GPT.from_pretrained(tmp_path)
+    config = (tmp_path / "config.json").read_text()
+    (tmp_path / "config.json").write_text(config.replace('"gelu_new"', '"relu"'))
+    with pytest.raises(ValueError, match="activation_function"):
+        GPT.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="no config.json"):
+        GPT.from_pretrained(tmp_path / "nowhere")
+
+
+def test_transformers_gives_the_same_logits_and_greedy_tokens(tmp_path):
+    """Our GPT-2 against the reference implementation, on the same random weights: guards the
+    architecture (GELU flavour, LayerNorm eps, head split) and the saved layout (Conv1D transposes)."""
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed (test-only dependency)")
+    for bias in (True, False):
+        model = varied_model(bias=bias)
+        model.save_pretrained(tmp_path / str(bias))
+        hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / str(bias)).eval()
+        idx = torch.randint(0, 64, (2, 16))
+        with torch.no_grad():
+            torch.testing.assert_close(hf(idx).logits, all_logits(model, idx), atol=1e-5, rtol=1e-5)
+            hf_tokens = hf.generate(idx[:1, :6], attention_mask=torch.ones(1, 6, dtype=torch.long),
+                                    max_new_tokens=10, do_sample=False, pad_token_id=0)
+        assert hf_tokens[0, 6:].tolist() == generate(model, idx[:1, :6], 10, temperature=0)[0]
