@@ -261,6 +261,12 @@ def bytes_to_unicode() -> dict[int, str]:
     return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
 
 
+def bpe_tokenizer(ranks: dict[bytes, int]) -> Tokenizer:
+    """A Tokenizer for freshly trained merge ranks (GPT-2 pre-tokenisation)."""
+    text = ranks_to_text(ranks)
+    return Tokenizer("bpe", enc=bpe_encoding(text, GPT2_PATTERN), ranks=text)
+
+
 def train_bpe(texts, vocab_size: int) -> dict[bytes, int]:
     """Train a byte-level BPE on `texts` and return its tiktoken merge ranks (vocab_size - 1 of
     them; <|endoftext|> takes the last id). Fewer when the corpus runs out of pairs to merge."""
@@ -606,8 +612,7 @@ def make_tokenizer(args, read, chars: set[str]) -> Tokenizer:
         t0 = time.time()
         ranks = train_bpe((text for _, text in iter_pieces(read("train bpe"))), args.vocab_size)
         print(f"trained a BPE of {len(ranks) + 1:,} tokens in {time.time() - t0:.1f}s", file=sys.stderr)
-        text = ranks_to_text(ranks)
-        return Tokenizer("bpe", enc=bpe_encoding(text, GPT2_PATTERN), ranks=text)
+        return bpe_tokenizer(ranks)
     return load_tokenizer(args.tokenizer)
 
 

@@ -43,9 +43,7 @@ def ko_text(korean_path):
 def bpe(ko_text, shakespeare_path):
     english = shakespeare_path.read_text(encoding="utf-8")[:30_000]
     texts = (t for _, t in prepare.iter_pieces([ko_text, None, english, None], size=10_000))
-    ranks = prepare.train_bpe(texts, 1024)
-    text = prepare.ranks_to_text(ranks)
-    return Tokenizer("bpe", enc=prepare.bpe_encoding(text, prepare.GPT2_PATTERN), ranks=text)
+    return prepare.bpe_tokenizer(prepare.train_bpe(texts, 1024))
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +126,7 @@ def test_bpe_through_tiktoken_equals_the_tokenizers_library(ko_text, shakespeare
     english = shakespeare_path.read_text(encoding="utf-8")
     train, held = ko_text[:100_000], ko_text[100_000:]
     ranks = prepare.train_bpe([train], 2048)
-    enc = prepare.bpe_encoding(prepare.ranks_to_text(ranks), prepare.GPT2_PATTERN)
+    enc = prepare.bpe_tokenizer(ranks).enc
 
     hf = HFTokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -421,8 +419,7 @@ def test_uint32_bins_for_a_large_vocabulary(tiny_corpus, tmp_path):
     # every byte pair (ranks 0..65535), then the single bytes: a lone byte's id is above 65,535
     ranks = {bytes([a, b]): a * 256 + b for a in range(256) for b in range(256)}
     ranks |= {bytes([b]): 65_536 + b for b in range(256)}
-    text = prepare.ranks_to_text(ranks)
-    big = Tokenizer("bpe", enc=prepare.bpe_encoding(text, prepare.GPT2_PATTERN), ranks=text)
+    big = prepare.bpe_tokenizer(ranks)
     assert big.vocab_size == 65_793
     src = tmp_path / "big.json"
     src.write_text(json.dumps({"tokenizer": big.to_dict()}), encoding="utf-8")
