@@ -21,6 +21,8 @@ Design choices:
 """
 import argparse
 import math
+import os
+import random
 import statistics
 import sys
 import time
@@ -41,6 +43,7 @@ SEPARATOR = "---------------"
 
 
 def setting(name, kind, ok, rule):
+    """A parser of `name` from text: kind(text) that satisfies `ok`, else a UserError saying `rule`."""
     def parse(text):
         try:
             value = kind(text)
@@ -159,12 +162,11 @@ def load(args):
 
 
 def make_generator(device, seed):
-    generator = torch.Generator(device=device)
+    """A random generator from `seed`; without one, a fresh seed, reported so a run can be repeated."""
     if seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(seed)
-    return generator
+        seed = random.randrange(2**31)
+        print(f"seed {seed} (--seed {seed} repeats this run)", file=sys.stderr)
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 def start_ids(tokenizer):
@@ -407,11 +409,12 @@ def run_eval(model, tokens, path, stride):
 def benchmark(model, device, runs=5):
     """Median prefill and decode tokens/s for one sequence: half a block of prompt, then the rest."""
     T = model.config.block_size
-    P, N = max(1, T // 2), max(2, T - max(1, T // 2))
+    P = max(1, T // 2)
+    N = max(2, T - P)
     generator = make_generator(device, 0)
     idx = torch.randint(model.config.vocab_size, (1, P), generator=generator, device=device)
     prefill, decode = [], []
-    for run in range(runs + 1):  # the first run warms up allocators and kernels
+    for i in range(runs + 1):  # the first run warms up allocators and kernels
         sync(device)
         t0 = time.perf_counter()
         steps = generate_stream(model, idx, N, generator=generator)
@@ -422,17 +425,24 @@ def benchmark(model, device, runs=5):
             pass
         sync(device)
         t2 = time.perf_counter()
-        if run:
+        if i:
             prefill.append(P / (t1 - t0))
             decode.append((N - 1) / (t2 - t1))
-    print(f"benchmark: batch 1, {P} prompt tokens then {N} new tokens, median of {runs} runs")
+    print(f"benchmark on {device}: batch 1, {P} prompt tokens then {N} new tokens, median of {runs} runs")
     print(f"prefill {statistics.median(prefill):,.0f} tokens/s")
     print(f"decode {statistics.median(decode):,.0f} tokens/s "
           f"({1000 / statistics.median(decode):.2f} ms/token)")
 
 
 def main():
-    args = parse_args(sys.argv[1:])
+    try:
+        run(parse_args(sys.argv[1:]))
+    except BrokenPipeError:  # stdout's reader has gone (`| head`): stop quietly, as cat does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        sys.exit(1)
+
+
+def run(args):
     text = user_text(args)
     model, tokenizer, device, ctx, loaded = load(args)
     # Check the user's input before printing anything: a mistake is then the only line on stderr.

@@ -117,7 +117,8 @@ def test_samples_have_the_asked_length_and_follow_the_seed(random_ckpt):
 
 
 def test_greedy_is_gpt_generate_at_temperature_0(random_ckpt, tokenizer):
-    """Two routes to greedy text: the CLI's stream and gpt.generate in-process."""
+    """Two routes to greedy text, the CLI's stream and gpt.generate in-process: guards against a
+    setting lost on the way to the engine, and against diagnostics mixed into stdout."""
     result = ok(run(random_ckpt, "--start", PROMPT, "--max_new_tokens=30", "--temperature=0"))
     idx = torch.tensor([tokenizer.encode(PROMPT)])
     [new] = generate(load_model(random_ckpt), idx, 30, temperature=0)
@@ -125,6 +126,7 @@ def test_greedy_is_gpt_generate_at_temperature_0(random_ckpt, tokenizer):
 
 
 def test_beam_search_prints_gpt_beam_search(random_ckpt, tokenizer):
+    """Guards against --num_beams being ignored (falling back to sampling)."""
     result = ok(run(random_ckpt, "--start", PROMPT, "--max_new_tokens=8", "--num_beams=3"))
     idx = torch.tensor([tokenizer.encode(PROMPT)])
     new = beam_search(load_model(random_ckpt), idx, 8, 3)
@@ -182,6 +184,7 @@ def test_stop_string_ends_the_text_and_is_not_printed(monkeypatch):
 
 
 def test_prompt_longer_than_block_size_is_cropped_with_a_notice(random_ckpt):
+    """Guards against a position-embedding IndexError on a long prompt, or a silent crop."""
     result = ok(run(random_ckpt, "--start", "ROMEO: " * 10, "--max_new_tokens=3", "--seed=0"))
     assert "notice: the prompt is 70 tokens; keeping its last 32" in result.stderr
     assert len(result.stdout) == 70 + 3 + 1
@@ -280,6 +283,7 @@ def test_eval_of_an_overfit_model_on_its_training_text_is_near_1(overfit_ckpt, t
 
 @pytest.mark.parametrize("n, T, stride", [(2, 8, 8), (9, 8, 8), (10, 8, 8), (50, 8, 3), (50, 8, 1), (5, 8, 4)])
 def test_windows_score_every_token_once(n, T, stride):
+    """Guards against tokens scored twice (overlap) or never (a short last window, a gap)."""
     spans = sample.windows(n, T, stride)
     scored = [t for begin, end, first in spans for t in range(first + 1, end + 1)]
     assert scored == list(range(1, n))  # targets 1..n-1, each once, in order
@@ -307,6 +311,7 @@ def test_eval_with_stride_block_size_is_the_mean_loss_over_chunks(overfit_ckpt, 
 
 
 def test_benchmark_prints_prefill_and_decode_rates(random_ckpt):
+    """Runs the mode end to end; the figures themselves are not asserted (house rule)."""
     result = ok(run(random_ckpt, "--benchmark"))
     for what in ("prefill", "decode"):
         rate = re.search(rf"^{what} ([0-9,]+) tokens/s", result.stdout, re.M)
