@@ -1,19 +1,30 @@
 """Throughput benchmarks; each mode prints its figures (tests never assert speed).
 
     python bench.py decode    # tokens/s: KV-cache decode vs full recompute vs Hugging Face generate
+    python bench.py prepare   # prepare.py MB/s vs one tiktoken thread, peak RSS; Korean BPE training
 
 Every figure is the median of --repeats timed runs after one untimed warm-up run; the methods
 compared take turns (one run of each per round), so a load change on a shared machine hits all alike.
 """
 import argparse
+import json
+import math
+import os
+import re
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 from gpt import GPT, GPTConfig, generate
+import prepare
 from prepare import run_main
+
+ROOT = Path(__file__).resolve().parent
 
 
 def median_seconds(fns, repeats):
@@ -96,6 +107,110 @@ def decode(args):
     print(f"  same tokens from every method: {'yes' if same else 'NO'}")
 
 
+# ----------------------------------------------------------------------------------------------
+# prepare
+
+SHARED = Path(__file__).resolve().parent.parent / "shared"  # test corpora, beside the project root
+
+
+def repeat_to_size(src: Path, dst: Path, mb: float) -> int:
+    """Write src over and over into dst until it holds at least `mb` MB; returns the copies."""
+    data = src.read_bytes()
+    copies = max(1, math.ceil(mb * 1e6 / len(data)))
+    with open(dst, "wb") as f:
+        for _ in range(copies):
+            f.write(data)
+    return copies
+
+
+def run_child(cmd) -> tuple[float, float, str]:
+    """Wall seconds, peak RSS (MB) and output of a child process. The peak is the largest VmHWM of
+    the child and its worker processes, polled from /proc until the child exits (the child's own
+    ru_maxrss would count this process's pages from before exec)."""
+    with tempfile.TemporaryFile("w+") as log:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen([str(c) for c in cmd], stdout=log, stderr=subprocess.STDOUT, text=True)
+        peak_kb = 0
+        while proc.poll() is None:
+            peak_kb = max(peak_kb, tree_hwm_kb(proc.pid))
+            time.sleep(0.02)
+        seconds = time.perf_counter() - t0
+        log.seek(0)
+        output = log.read()
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(map(str, cmd))} failed:\n{output}")
+    return seconds, peak_kb / 1024, output
+
+
+def tree_hwm_kb(pid: int) -> int:
+    """Sum of the peak RSS (VmHWM) of a process and all its descendants, from /proc (0 if gone)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        children = " ".join(p.read_text() for p in Path(f"/proc/{pid}/task").glob("*/children")).split()
+    except OSError:
+        return 0
+    hwm = re.search(r"VmHWM:\s+(\d+) kB", status)
+    return (int(hwm.group(1)) if hwm else 0) + sum(tree_hwm_kb(int(c)) for c in children)
+
+
+def single_thread_encode(corpus: Path) -> tuple[float, int]:
+    """Seconds inside tiktoken's encode_ordinary on one thread over the corpus (in the pieces
+    prepare.py cuts, which encode exactly like the whole; reading is not timed), and the tokens."""
+    enc = prepare.gpt2_encoding()
+    seconds, n = 0.0, 0
+    for _, text in prepare.iter_pieces(prepare.iter_docs([(corpus, None)], None, False, "strict", lambda i, b: None)):
+        t0 = time.perf_counter()
+        n += len(enc.encode_ordinary(text))
+        seconds += time.perf_counter() - t0
+    return seconds, n
+
+
+def prepare_throughput(args):
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = Path(tmp) / "shakespeare_repeated.txt"
+        copies = repeat_to_size(args.shakespeare, corpus, args.mb)
+        mb = corpus.stat().st_size / 1e6
+        print(f"prepare: GPT-2 BPE over {mb:,.1f} MB (tiny shakespeare x{copies}), {args.workers} workers, "
+              f"{os.cpu_count()} cores")
+        seconds, rss, _ = run_child([sys.executable, ROOT / "prepare.py", "--input", corpus, "--tokenizer", "gpt2",
+                                     "--out", Path(tmp) / "out", "--workers", args.workers])
+        meta = json.loads((Path(tmp) / "out" / "meta.json").read_text(encoding="utf-8"))
+        single, n = single_thread_encode(corpus)
+    print(f"  prepare.py          {mb / seconds:6.1f} MB/s  ({seconds:.1f} s wall, whole run; peak RSS {rss:.0f} MB)")
+    print(f"  encode_ordinary x1  {mb / single:6.1f} MB/s  ({single:.1f} s inside tiktoken, one thread)")
+    print(f"  prepare.py / single-thread encode_ordinary: {single / seconds:.2f}x")
+    same = meta["tokens"]["train"] + meta["tokens"]["val"] == n
+    print(f"  same token count: {'yes' if same else 'NO'} ({n:,})")
+
+
+def bpe_training(args):
+    """Train on the first 90% of the Korean lines, measure characters per token on the rest."""
+    text = args.korean.read_text(encoding="utf-8")[:args.korean_chars]
+    lines = text.split("\n")
+    cut = int(len(lines) * 0.9)
+    train, held = lines[:cut], "\n".join(lines[cut:])
+    t0 = time.perf_counter()
+    bpe = prepare.bpe_tokenizer(prepare.train_bpe(iter(train), args.vocab_size))
+    seconds = time.perf_counter() - t0
+    print(f"bpe: trained on {cut:,} lines ({sum(map(len, train)) / 1e6:.1f} M chars) of {args.korean.name}, "
+          f"vocab_size {bpe.vocab_size:,}: {seconds:.1f} s")
+    gpt2 = prepare.gpt2_encoding()
+    print(f"  chars/token on {len(lines) - cut:,} held-out lines: {len(held) / len(bpe.encode(held)):.2f} "
+          f"(GPT-2 BPE: {len(held) / len(gpt2.encode_ordinary(held)):.2f})")
+
+
+def prepare_bench(args):
+    if (SHARED / "tiktoken").is_dir():  # GPT-2's BPE files without network, as in tests/conftest.py
+        os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken"))
+    if not args.shakespeare.is_file():
+        args.shakespeare = prepare.download(prepare.SHAKESPEARE_URL)
+    prepare_throughput(args)
+    if args.korean.is_file():
+        bpe_training(args)
+    else:
+        print(f"bpe: skipped ({args.korean} not found)")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     modes = parser.add_subparsers(dest="mode", required=True)
@@ -112,6 +227,16 @@ def main():
     p.add_argument("--no_hf", action="store_true", help="skip the Hugging Face generate comparison")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=decode)
+
+    p = modes.add_parser("prepare", help="prepare.py: GPT-2 BPE MB/s vs one tiktoken thread, peak RSS; BPE training")
+    p.add_argument("--mb", type=float, default=200, help="corpus size: tiny shakespeare repeated to this many MB")
+    p.add_argument("--workers", type=int, default=os.cpu_count(), help="prepare.py --workers")
+    p.add_argument("--shakespeare", type=Path, default=SHARED / "data" / "tinyshakespeare.txt",
+                   help="tiny shakespeare (downloaded when missing)")
+    p.add_argument("--korean", type=Path, default=SHARED / "data" / "nsmc_ko.txt", help="Korean corpus for bpe")
+    p.add_argument("--korean_chars", type=int, help="use only its first N characters (smoke tests)")
+    p.add_argument("--vocab_size", type=int, default=8192, help="bpe vocabulary size")
+    p.set_defaults(run=prepare_bench)
 
     args = parser.parse_args()
     args.run(args)
