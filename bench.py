@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -123,10 +124,11 @@ def repeat_to_size(src: Path, dst: Path, mb: float) -> int:
     return copies
 
 
-def run_child(cmd) -> tuple[float, float, str]:
-    """Wall seconds, peak RSS (MB) and output of a child process. The peak is the largest VmHWM of
-    the child and its worker processes, polled from /proc until the child exits (the child's own
+def run_child(cmd) -> tuple[float, float, float, str]:
+    """Wall seconds, CPU seconds, peak RSS (MB) and output of a child process and its workers.
+    The peak is the sum of their VmHWMs, polled from /proc until the child exits (the child's own
     ru_maxrss would count this process's pages from before exec)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     with tempfile.TemporaryFile("w+") as log:
         t0 = time.perf_counter()
         proc = subprocess.Popen([str(c) for c in cmd], stdout=log, stderr=subprocess.STDOUT, text=True)
@@ -139,7 +141,9 @@ def run_child(cmd) -> tuple[float, float, str]:
         output = log.read()
     if proc.returncode:
         raise RuntimeError(f"{' '.join(map(str, cmd))} failed:\n{output}")
-    return seconds, peak_kb / 1024, output
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # includes the workers it waited for
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return seconds, cpu, peak_kb / 1024, output
 
 
 def tree_hwm_kb(pid: int) -> int:
@@ -171,14 +175,22 @@ def prepare_throughput(args):
         copies = repeat_to_size(args.shakespeare, corpus, args.mb)
         mb = corpus.stat().st_size / 1e6
         print(f"prepare: GPT-2 BPE over {mb:,.1f} MB (tiny shakespeare x{copies}), {args.workers} workers, "
-              f"{os.cpu_count()} cores")
-        seconds, rss, _ = run_child([sys.executable, ROOT / "prepare.py", "--input", corpus, "--tokenizer", "gpt2",
-                                     "--out", Path(tmp) / "out", "--workers", args.workers])
+              f"{os.cpu_count()} cores; median of {args.repeats} rounds (no warm-up: the corpus is in the page cache)")
+        cmd = [sys.executable, ROOT / "prepare.py", "--input", corpus, "--tokenizer", "gpt2", "--out",
+               Path(tmp) / "out", "--workers", args.workers]
+        runs, singles = [], []
+        for _ in range(args.repeats):  # take turns, so a load change on a shared machine hits both
+            runs.append(run_child(cmd))
+            singles.append(single_thread_encode(corpus))
         meta = json.loads((Path(tmp) / "out" / "meta.json").read_text(encoding="utf-8"))
-        single, n = single_thread_encode(corpus)
-    print(f"  prepare.py          {mb / seconds:6.1f} MB/s  ({seconds:.1f} s wall, whole run; peak RSS {rss:.0f} MB)")
+    seconds, cpu = (statistics.median(r[i] for r in runs) for i in (0, 1))
+    rss = max(r[2] for r in runs)
+    single, n = statistics.median(s[0] for s in singles), singles[0][1]
+    print(f"  prepare.py          {mb / seconds:6.1f} MB/s  ({seconds:.1f} s wall for the whole run, {cpu:.1f} s CPU; "
+          f"peak RSS {rss:.0f} MB)")
     print(f"  encode_ordinary x1  {mb / single:6.1f} MB/s  ({single:.1f} s inside tiktoken, one thread)")
-    print(f"  prepare.py / single-thread encode_ordinary: {single / seconds:.2f}x")
+    print(f"  prepare.py / single-thread encode_ordinary: {single / seconds:.2f}x "
+          f"(its CPU: {cpu / single:.2f}x the single thread's)")
     same = meta["tokens"]["train"] + meta["tokens"]["val"] == n
     print(f"  same token count: {'yes' if same else 'NO'} ({n:,})")
 
@@ -231,6 +243,7 @@ def main():
     p = modes.add_parser("prepare", help="prepare.py: GPT-2 BPE MB/s vs one tiktoken thread, peak RSS; BPE training")
     p.add_argument("--mb", type=float, default=200, help="corpus size: tiny shakespeare repeated to this many MB")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="prepare.py --workers")
+    p.add_argument("--repeats", type=int, default=3, help="rounds of prepare.py and the single thread, in turns")
     p.add_argument("--shakespeare", type=Path, default=SHARED / "data" / "tinyshakespeare.txt",
                    help="tiny shakespeare (downloaded when missing)")
     p.add_argument("--korean", type=Path, default=SHARED / "data" / "nsmc_ko.txt", help="Korean corpus for bpe")
