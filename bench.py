@@ -2,6 +2,7 @@
 
     python bench.py decode    # tokens/s: KV-cache decode vs full recompute vs Hugging Face generate
     python bench.py prepare   # prepare.py MB/s vs one tiktoken thread, peak RSS; Korean BPE training
+    python bench.py train     # training tokens/s and MFU: fp32 / bf16 / compile vs nanoGPT-like
 
 Every figure is the median of --repeats timed runs after one untimed warm-up run; the methods
 compared take turns (one run of each per round), so a load change on a shared machine hits all alike.
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 
 from gpt import GPT, GPTConfig, generate
+from train import autocast_context, measure_peak_flops, resolve_device, sync
 import prepare
 from prepare import run_main
 
@@ -222,6 +224,79 @@ def prepare_bench(args):
     else:
         print(f"bpe: skipped ({args.korean} not found)")
 
+# ----------------------------------------------------------------------------------------------
+# train
+
+TRAIN_SHAPES = {
+    # nanoGPT's "baby GPT", its recipe for CPUs (README, shakespeare_char)
+    "baby": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12),
+    # nanoGPT's shakespeare_char GPU recipe: 10.6M parameters
+    "10M": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=16),
+}
+# (dtype, torch.compile, fused AdamW). The first is the reference: how nanoGPT trains on a CPU
+# (the same architecture, fp32 with no autocast, eager, torch's default foreach AdamW).
+TRAIN_VARIANTS = {
+    "nanoGPT-like": (torch.float32, False, False),
+    "fp32": (torch.float32, False, True),
+    "bf16": (torch.bfloat16, False, True),
+    "fp32+compile": (torch.float32, True, True),
+    "bf16+compile": (torch.bfloat16, True, True),
+}
+
+
+def train_steps_fn(shape, vocab_size, dtype, compile, fused, device, steps):
+    """A function that runs `steps` optimizer steps (fwd, bwd, clip, AdamW) on a fresh model."""
+    torch.manual_seed(0)
+    B, T = shape["batch_size"], shape["block_size"]
+    model = GPT(GPTConfig(vocab_size=vocab_size, **{k: v for k, v in shape.items() if k != "batch_size"}))
+    model.to(device)
+    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), device.split(":")[0])
+    if not fused:
+        optimizer = torch.optim.AdamW(optimizer.param_groups, lr=1e-3, betas=(0.9, 0.99))
+    step_model = torch.compile(model) if compile else model
+    ctx = autocast_context(device, dtype)
+    x = torch.randint(0, vocab_size, (B, T), device=device)
+    y = torch.randint(0, vocab_size, (B, T), device=device)
+
+    def run_steps():
+        for _ in range(steps):
+            with ctx:
+                _, loss = step_model(x, y)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        sync(device)
+
+    return run_steps, model.flops_per_token() * B * T
+
+
+def train_bench(args):
+    device = resolve_device(args.device)
+    variants = {name: v for name, v in TRAIN_VARIANTS.items()
+                if not (v[1] and args.no_compile) and not (v[0] == torch.bfloat16 and args.no_bf16)}
+    peaks = {dtype: measure_peak_flops(device, dtype) for dtype, _, _ in variants.values()}
+    print(f"train: fwd+bwd+clip+AdamW on {device}, {torch.get_num_threads()} threads, torch "
+          f"{torch.__version__}, vocab {args.vocab_size}; median of {args.repeats} rounds of "
+          f"{args.steps} steps (compilation in the untimed first round)")
+    print("  measured matmul peak: " + ", ".join(
+        f"{str(d).removeprefix('torch.')} {p / 1e9:.0f} GFLOP/s" for d, p in peaks.items()))
+    for shape_name in args.shapes:
+        shape = TRAIN_SHAPES[shape_name]
+        print(f"  {shape_name}: " + ", ".join(f"{k} {v}" for k, v in shape.items()))
+        fns, flops = {}, {}
+        for name, (dtype, compile, fused) in variants.items():
+            fns[name], flops[name] = train_steps_fn(shape, args.vocab_size, dtype, compile, fused,
+                                                    device, args.steps)
+        seconds, _ = median_seconds(fns, args.repeats)
+        reference = next(iter(seconds))
+        for name, (dtype, _, _) in variants.items():
+            step = seconds[name] / args.steps
+            tokens_per_s = shape["batch_size"] * shape["block_size"] / step
+            print(f"    {name:<13} {step * 1000:8.1f} ms/iter {tokens_per_s:10,.0f} tok/s   MFU "
+                  f"{flops[name] / step / peaks[dtype] * 100:5.1f}% of {str(dtype).removeprefix('torch.')} "
+                  f"peak   {seconds[reference] / seconds[name]:5.2f}x {reference}")
+
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -250,6 +325,16 @@ def main():
     p.add_argument("--korean_chars", type=int, help="use only its first N characters (smoke tests)")
     p.add_argument("--vocab_size", type=int, default=8192, help="bpe vocabulary size")
     p.set_defaults(run=prepare_bench)
+
+    p = modes.add_parser("train", help="training tokens/s and MFU: fp32/bf16, eager/compiled, vs nanoGPT-like")
+    p.add_argument("--shapes", nargs="+", choices=list(TRAIN_SHAPES), default=list(TRAIN_SHAPES))
+    p.add_argument("--vocab_size", type=int, default=65, help="65: shakespeare_char's")
+    p.add_argument("--steps", type=int, default=10, help="optimizer steps per timed round")
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds; the median is shown")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no_compile", action="store_true", help="skip the torch.compile variants")
+    p.add_argument("--no_bf16", action="store_true", help="skip the bf16 autocast variants")
+    p.set_defaults(run=train_bench)
 
     args = parser.parse_args()
     args.run(args)

@@ -227,8 +227,11 @@ def load_checkpoint(path, device="cpu"):
 
 def model_from_checkpoint(ckpt, device="cpu", dropout=0.0):
     """Build the GPT a checkpoint describes and load its weights."""
-    model = GPT(GPTConfig(**{**ckpt["model_args"], "dropout": dropout}))
-    model.load_state_dict(ckpt["model"])
+    try:
+        model = GPT(GPTConfig(**{**ckpt["model_args"], "dropout": dropout}))
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, ValueError, RuntimeError) as e:  # unknown field, size mismatch, missing key
+        raise UserError(f"checkpoint's model_args and weights do not fit: {str(e).splitlines()[0]}") from None
     return model.to(device)
 
 
@@ -340,6 +343,7 @@ def build_model(cfg, vocab_size, tokenizer, device):
         ckpt = load_checkpoint(path, device)
         model = model_from_checkpoint(ckpt, device, cfg["dropout"])
     check_compatible(cfg, ckpt, vocab_size, tokenizer, path, resume=(init == "resume"))
+    cfg.update({k: ckpt["model_args"][k] for k in MODEL_KEYS if k != "block_size"})  # as loaded
     return model.to(device), ckpt
 
 
