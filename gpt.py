@@ -202,7 +202,8 @@ class GPT(nn.Module):
         except ImportError:
             save_file = None
         if save_file is not None:
-            _write_atomic(save_dir / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+            meta = {"format": "pt"}  # transformers' loader checks it
+            _write_atomic(save_dir / "model.safetensors", lambda tmp: save_file(state, tmp, metadata=meta))
         else:
             _write_atomic(save_dir / "pytorch_model.bin", lambda tmp: torch.save(state, tmp))
         text = json.dumps(hf_config(self.config), indent=2) + "\n"
@@ -260,6 +261,11 @@ def config_from_hf(hf, dropout, model_dir):
     """A Hugging Face GPT-2 config.json (dict) -> GPTConfig; anything this model cannot be is an error."""
     if hf.get("model_type") != "gpt2":
         raise ValueError(f"{model_dir}: model_type is {hf.get('model_type')!r}, this loads only 'gpt2'")
+    absent = [k for k in ("vocab_size", "n_embd", "n_layer", "n_head", "n_positions") if k not in hf]
+    if absent == ["n_positions"] and "n_ctx" in hf:
+        absent = []  # older configs name the context length n_ctx
+    if absent:
+        raise ValueError(f"{model_dir}: config.json lacks {absent}")
     n_embd = hf["n_embd"]
     required = {  # field: (value when absent, the values GPT-2 as built here can have)
         "activation_function": ("gelu_new", {"gelu_new", "gelu_pytorch_tanh"}),
@@ -272,7 +278,8 @@ def config_from_hf(hf, dropout, model_dir):
     }
     for field, (default, allowed) in required.items():
         if hf.get(field, default) not in allowed:
-            raise ValueError(f"{model_dir}: config.json has {field}={hf[field]!r}; supported: {sorted(map(str, allowed))}")
+            raise ValueError(f"{model_dir}: config.json has {field}={hf[field]!r}; "
+                             f"this GPT-2 supports {sorted(map(str, allowed))}")
     return GPTConfig(
         block_size=hf.get("n_positions", hf.get("n_ctx")), vocab_size=hf["vocab_size"],
         n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=n_embd, dropout=dropout, bias=True,
@@ -283,7 +290,10 @@ def load_hf_weights(model_dir):
     """The tensors of model.safetensors, else of pytorch_model.bin (plain tensors only, no pickle)."""
     st_path, bin_path = model_dir / "model.safetensors", model_dir / "pytorch_model.bin"
     if st_path.is_file():
-        from safetensors.torch import load_file  # only when the file needs it
+        try:
+            from safetensors.torch import load_file  # only when the file needs it
+        except ImportError:
+            raise ValueError(f"{st_path} needs the safetensors package: pip install safetensors") from None
         return load_file(st_path)
     if not bin_path.is_file():
         raise ValueError(f"{model_dir}: neither model.safetensors nor pytorch_model.bin is there")
@@ -311,10 +321,12 @@ def state_from_hf(hf_state, model, model_dir):
     expected = {name: t.shape for name, t in model.state_dict().items() if name != "lm_head.weight"}
     missing, extra = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
     if missing or extra:
-        raise ValueError(f"{model_dir}: weights do not match config.json; missing {missing[:5]}, unexpected {extra[:5]}")
+        raise ValueError(f"{model_dir}: the weights do not match config.json; "
+                         f"missing {missing[:5]}, unexpected {extra[:5]}")
     for name, shape in expected.items():
         if state[name].shape != shape:
-            raise ValueError(f"{model_dir}: {name} has shape {tuple(state[name].shape)}, config.json implies {tuple(shape)}")
+            raise ValueError(f"{model_dir}: {name} has shape {tuple(state[name].shape)}, "
+                             f"config.json implies {tuple(shape)}")
     state["lm_head.weight"] = state["transformer.wte.weight"]
     return state
 
@@ -382,10 +394,14 @@ def sample_next_token(logits, *, temperature=1.0, top_k=None, top_p=None, repeti
     Ties: a token with the same logit as the k-th largest is kept too (so top-k may keep more than
     k), and likewise at the top-p boundary: the result never depends on how equal values sort.
     """
-    if temperature < 0 or (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
-        raise ValueError(f"need temperature >= 0, top_k >= 1, 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if repetition_penalty <= 0:
-        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+        raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {repetition_penalty}")
     logits = logits.float()
     if repetition_penalty != 1.0 and seen is not None:
         scores = logits.gather(1, seen)  # (B, S): logits of the tokens already in the context
@@ -428,6 +444,8 @@ def generate_stream(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, 
     has stopped keeps yielding its stop token. Prompts longer than block_size keep their end.
     """
     B, T = idx.shape
+    if T == 0:
+        raise ValueError("the prompt is empty: give at least one token (e.g. end-of-text)")
     tokens = idx.new_empty(B, T + max_new_tokens)  # the whole context; filled as tokens come
     tokens[:, :T] = idx
     kv_cache = KVCache(model.config.n_layer, min(model.config.block_size, T + max_new_tokens))
@@ -460,7 +478,7 @@ def generate(model, idx, max_new_tokens, **kwargs):
 
 @torch.inference_mode()
 def beam_search(model, idx, max_new_tokens, num_beams, *, stop_tokens=(), length_penalty=1.0):
-    """The best continuation of one prompt idx (1, T) by beam search: its new tokens, stop token excluded.
+    """Beam search's best continuation of one prompt idx (1, T): its new tokens, stop token excluded.
 
     A hypothesis scores sum(log-probs of its new tokens) / (number of new tokens) ** length_penalty;
     a stop token counts as a token (ending has a probability too). Each step keeps the num_beams
@@ -468,8 +486,9 @@ def beam_search(model, idx, max_new_tokens, num_beams, *, stop_tokens=(), length
     ends at max_new_tokens, or once num_beams hypotheses are finished and no running one scores
     better than the worst of them so far. No randomness: the same input gives the same output.
     """
-    if idx.size(0) != 1 or num_beams < 1:
-        raise ValueError(f"beam_search takes one prompt (1, T) and num_beams >= 1; got {tuple(idx.shape)}, {num_beams}")
+    if idx.size(0) != 1 or idx.size(1) == 0 or num_beams < 1:
+        raise ValueError(f"beam_search takes one non-empty prompt (1, T) and num_beams >= 1; "
+                         f"got {tuple(idx.shape)} and {num_beams}")
     T = idx.size(1)
     stop = set(stop_tokens)
     tokens = idx.repeat(num_beams, 1)  # every beam starts as the prompt ...

@@ -223,6 +223,11 @@ def test_generation_turns_dropout_off_and_restores_training_mode():
     assert model.training
 
 
+def test_empty_prompt_is_a_clear_error():
+    with pytest.raises(ValueError, match="prompt is empty"):
+        generate(varied_model(), torch.zeros(1, 0, dtype=torch.long), 5)
+
+
 def test_generation_under_bf16_autocast():
     """The cache takes the dtype attention runs in; a float32 cache under autocast breaks SDPA."""
     model = varied_model()
@@ -423,6 +428,9 @@ def test_mismatched_weights_and_configs_are_clear_errors(tmp_path):
     config = (tmp_path / "config.json").read_text()
     (tmp_path / "config.json").write_text(config.replace('"gelu_new"', '"relu"'))
     with pytest.raises(ValueError, match="activation_function"):
+        GPT.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(config.replace('"n_layer"', '"n_layers"'))
+    with pytest.raises(ValueError, match=r"lacks \['n_layer'\]"):
         GPT.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match="no config.json"):
         GPT.from_pretrained(tmp_path / "nowhere")
