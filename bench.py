@@ -86,16 +86,19 @@ def decode(args):
                        n_head=args.n_head, n_embd=args.n_embd)
     model = GPT(config).eval()
     idx = torch.randint(0, config.vocab_size, (1, args.prompt_tokens))
+    hf, hf_skipped = load_hf_copy(model, args)
+    dtype = getattr(torch, args.dtype)
+    model.to(dtype)  # weights stored in dtype (not autocast): a decode step reads each weight once
     N = args.new_tokens
     print(f"decode: {model.num_params() / 1e6:.1f}M params, batch 1, {args.prompt_tokens}-token prompt, "
-          f"{N} new tokens (greedy), float32, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-          f"median of {args.repeats}")
+          f"{N} new tokens (greedy), {args.dtype}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}, median of {args.repeats}")
     methods = {  # each returns the new tokens as a list, so the outputs can be compared
         "kv-cache": lambda: generate(model, idx, N, temperature=0)[0],
         "recompute": lambda: recompute_decode(model, idx, N)[0].tolist(),
     }
-    hf, hf_skipped = load_hf_copy(model, args)
     if hf is not None:
+        hf.to(dtype)
         methods["hf-generate"] = lambda: hf_greedy(hf, idx, N)[0].tolist()
 
     seconds, outputs = median_seconds(methods, args.repeats)
@@ -312,6 +315,8 @@ def main():
     p.add_argument("--new_tokens", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3, help="timed runs per method; the median is shown")
     p.add_argument("--no_hf", action="store_true", help="skip the Hugging Face generate comparison")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="weights of both models (bfloat16: half the bytes each token reads)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=decode)
 
