@@ -486,9 +486,9 @@ def choose_val_docs(sizes, val_fraction: float, seed: int) -> np.ndarray | None:
 _worker = {}  # in each encoding process: its tokenizer and the token dtype
 
 
-def _init_worker(tok_dict: dict, dtype: str):
+def _init_worker(tok: Tokenizer, dtype: str):
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    _worker.update(tok=tokenizer_from_dict(tok_dict), dtype=np.dtype(dtype))
+    _worker.update(tok=tok, dtype=np.dtype(dtype))
 
 
 def _encode_batch(texts: list[str]) -> list[bytes]:
@@ -521,8 +521,14 @@ def encode_pieces(pieces, tok: Tokenizer, dtype: np.dtype, workers: int):
         for docs, texts in iter_batches(pieces):
             yield from zip(docs, _encode_batch(texts))
         return
+    if tok.enc:  # tiktoken pickles its GPT-2 by name, so each worker would parse GPT-2's files
+        # again (0.15 s); an unregistered copy travels with its ranks
+        e = tok.enc
+        enc = tiktoken.Encoding(e.name, pat_str=e._pat_str, mergeable_ranks=e._mergeable_ranks,
+                                special_tokens=e._special_tokens)
+        tok = Tokenizer(tok.kind, enc=enc, ranks=tok.ranks)
     # spawn: a fresh interpreter per worker, safe even after `tokenizers` started its threads
-    pool = ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), _init_worker, (tok.to_dict(), dtype.str))
+    pool = ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), _init_worker, (tok, dtype.str))
     try:
         with pool:
             window = deque()
