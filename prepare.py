@@ -199,6 +199,13 @@ def bpe_encoding(ranks: str, pattern: str) -> tiktoken.Encoding:
 
 def tokenizer_from_dict(d: dict, base_dir: Path | None = None) -> Tokenizer:
     """The inverse of Tokenizer.to_dict(); a meta.json entry's "ranks_file" is read from base_dir."""
+    try:
+        return _tokenizer_from_dict(d, base_dir)
+    except (KeyError, TypeError, AttributeError) as e:  # a hand-edited or truncated description
+        raise UserError(f"tokenizer description is incomplete or malformed ({type(e).__name__}: {e})") from e
+
+
+def _tokenizer_from_dict(d: dict, base_dir: Path | None) -> Tokenizer:
     kind = d.get("kind")
     if kind == "char":
         chars = "".join(d["chars"])

@@ -107,6 +107,14 @@ def test_endoftext_in_text_is_plain_text(gpt2, bpe):
     assert gpt2.eot_id == EOT and bpe.eot_id == bpe.vocab_size - 1
 
 
+@pytest.mark.parametrize("d", [{"kind": "char"}, {"kind": "bpe", "pattern": "x"}, {"kind": "wordpiece"},
+                               {"kind": "char", "chars": ["b", "a"]}, {"kind": "gpt2", "vocab_size": 50304}, []])
+def test_malformed_tokenizer_description_is_a_user_error(d):
+    """A hand-edited meta.json or checkpoint must give one clear line, not a KeyError traceback."""
+    with pytest.raises(UserError):
+        prepare.tokenizer_from_dict(d)
+
+
 def test_char_unknown_character_names_it():
     with pytest.raises(UserError, match=r"'é' \(U\+00E9\)"):
         char_tokenizer("abc").encode("abé")
