@@ -18,7 +18,8 @@ Design choices:
   at a token boundary near its end (as nanoGPT does), and meta.json says which.
 - Streaming: files are read in blocks and cut into ~256K-char pieces at points where encoding the
   pieces separately gives exactly the tokens of the whole (SAFE_CUT); a pool of processes encodes
-  them in order; tokens go straight to disk. Memory stays flat whatever the corpus size.
+  them in order; tokens go straight to disk. Memory stays flat whatever the corpus size (beyond a
+  few bytes per document for choosing the split).
 - Outputs are written under temp names and renamed at the end; meta.json is renamed last, so a
   dataset dir with a meta.json is complete.
 

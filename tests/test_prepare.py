@@ -116,6 +116,7 @@ def test_malformed_tokenizer_description_is_a_user_error(d):
 
 
 def test_char_unknown_character_names_it():
+    """A KeyError (or a silent wrong id) instead of telling the user which character is missing."""
     with pytest.raises(UserError, match=r"'é' \(U\+00E9\)"):
         char_tokenizer("abc").encode("abé")
 
@@ -173,6 +174,7 @@ def test_pieces_encode_like_the_whole_document(gpt2, bpe, text, size):
 
 
 def test_pieces_of_real_text_encode_like_the_whole(gpt2, bpe, shakespeare_path, ko_text):
+    """The same on whole corpora (English, Korean, --clean's single-line text with no newlines)."""
     english = shakespeare_path.read_text(encoding="utf-8")[:100_000]
     for tok, text in ((gpt2, english), (bpe, ko_text), (gpt2, " ".join(english.split()))):
         pieces = [t for _, t in prepare.iter_pieces([text, None], size=2_000)]
@@ -202,11 +204,13 @@ def test_split_docs_across_block_boundaries(blocks, sep):
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.text(alphabet="ab \n\t\u3000", max_size=12), max_size=8))
 def test_clean_collapses_whitespace_across_blocks(blocks):
+    """A whitespace run split between read blocks must still become one space (not two, not none)."""
     docs = stream_to_docs(prepare.clean_blocks([*blocks, None]))
     assert docs == [" ".join("".join(blocks).split())]
 
 
 def test_read_blocks_reports_the_byte_offset_and_drops_a_bom(tmp_path, monkeypatch):
+    """An offset relative to the block (not the file), or a BOM that becomes a vocabulary entry."""
     monkeypatch.setattr(prepare, "BLOCK_BYTES", 4)  # the bad byte lands in a later block
     path = tmp_path / "x.txt"
     path.write_bytes("\ufeff한국어 ok".encode() + b"\xff!")
@@ -216,6 +220,7 @@ def test_read_blocks_reports_the_byte_offset_and_drops_a_bom(tmp_path, monkeypat
 
 
 def test_choose_val_docs():
+    """A split that changes between runs, puts an empty document or every document in val."""
     sizes = [10] * 100 + [0] + [5] * 50
     a = prepare.choose_val_docs(sizes, 0.1, seed=1)
     assert (a == prepare.choose_val_docs(sizes, 0.1, seed=1)).all()
@@ -229,6 +234,7 @@ def test_choose_val_docs():
 
 
 def test_token_dtype():
+    """Off by one at the boundary: vocab_size 65,536 still fits uint16 (largest id 65,535)."""
     assert prepare.token_dtype(65) == np.uint16
     assert prepare.token_dtype(65_536) == np.uint16  # ids 0..65535
     assert prepare.token_dtype(65_537) == np.uint32
@@ -323,6 +329,7 @@ def test_gpt2_dataset_is_encode_ordinary_plus_separators(doc_dir, out_dir, gpt2)
 
 
 def test_meta_json_schema(doc_dir, out_dir):
+    """meta.json must describe the bins completely: a missing field breaks train.py's reader."""
     r = run_script("prepare.py", "--input", doc_dir, "--tokenizer", "gpt2", "--out", out_dir, "--seed", "7")
     assert r.returncode == 0, r.stderr
     meta, bins = read_bins(out_dir)
