@@ -4,6 +4,7 @@ import hashlib
 import json
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -238,6 +239,19 @@ def test_token_dtype():
     assert prepare.token_dtype(65) == np.uint16
     assert prepare.token_dtype(65_536) == np.uint16  # ids 0..65535
     assert prepare.token_dtype(65_537) == np.uint32
+
+
+def test_default_out_and_separator_escapes():
+    """`python prepare.py` must write data/shakespeare_char (config/small.py's dataset), and a
+    shell-quoted '\\n\\n' must mean a blank line without mangling non-ASCII separators."""
+    def out(*argv):
+        return prepare.default_out(prepare.parse_args(list(argv)))
+
+    assert out() == Path("data/shakespeare_char") and out("--tokenizer", "gpt2") == Path("data/shakespeare_gpt2")
+    assert out("--input", "corpora/books/") == Path("data/books")
+    assert out("--input", "https://example.com/a/input.txt", "x.txt") == Path("data/input")
+    assert prepare.parse_args(["--split_docs", r"\n\n"]).split_docs == "\n\n"
+    assert prepare.parse_args(["--split_docs", r"한\t"]).split_docs == "한\t"
 
 
 def test_download_caches_and_fails_in_one_line(tmp_path, monkeypatch):
