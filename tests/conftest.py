@@ -68,3 +68,13 @@ def run_script(script: str, *args, input: str | None = None, timeout: float = 30
         [sys.executable, str(ROOT / script), *map(str, args)],
         cwd=ROOT, input=input, capture_output=True, text=True, timeout=timeout, env=full_env,
     )
+
+
+def assert_one_line_error(result, *needles):
+    """A user's mistake: non-zero exit, no traceback, one `error:` line naming what is wrong."""
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]

@@ -14,7 +14,7 @@ import torch
 
 import sample
 import train
-from conftest import run_script
+from conftest import assert_one_line_error, run_script
 from gpt import GPT, GPTConfig, beam_search, generate
 from prepare import UserError, load_tokenizer
 
@@ -83,15 +83,6 @@ def run(ckpt, *args, input=None):
 def ok(result):
     assert result.returncode == 0, result.stderr[-3000:]
     return result
-
-
-def assert_one_line_error(result, *needles):
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 def load_model(path):

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, run_script
+from conftest import ROOT, assert_one_line_error, run_script
 from prepare import UserError
 import train
 
@@ -42,15 +42,6 @@ def metrics(out_dir):
 
 def losses(out_dir):
     return {r["iter"]: r["loss"] for r in metrics(out_dir) if "loss" in r}
-
-
-def assert_one_line_error(result, *needles):
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 # --- config -------------------------------------------------------------------------------------
