@@ -16,7 +16,7 @@ Design choices:
   ("\\n\\n"); a char vocabulary has no end-of-text id. train/val is split by whole documents, picked
   by a seeded shuffle until val holds --val_fraction of the text; a single document is instead cut
   at a token boundary near its end (as nanoGPT does), and meta.json says which.
-- Streaming: files are read in blocks and cut into ~256K-char pieces at points where encoding the
+- Streaming: files are read in blocks and cut into ~1M-char pieces at points where encoding the
   pieces separately gives exactly the tokens of the whole (SAFE_CUT); a pool of processes encodes
   them in order; tokens go straight to disk. Memory stays flat whatever the corpus size (beyond a
   few bytes per document for choosing the split).
@@ -75,7 +75,7 @@ EOT = "<|endoftext|>"
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 BPE_VOCAB_RANGE = (257, 1 << 20)  # 256 byte tokens + <|endoftext|> at least
 MIN_SPLIT_TOKENS = 256  # a few blocks of a small context; train.py checks its own block_size
-PIECE_CHARS = 1 << 18  # unit of work for one encoding process
+PIECE_CHARS = 1 << 20  # unit of work for one encoding process
 POOL_MIN_BYTES = 16 << 20  # below this, starting encoding processes takes longer than encoding
 BLOCK_BYTES = 1 << 20  # read size
 

@@ -380,12 +380,15 @@ def test_document_split_is_deterministic_given_seed(tiny_corpus, tmp_path):
 
 
 def test_workers_give_identical_bins(shakespeare_path, tmp_path):
-    """The process pool must return pieces in order: any reordering corrupts the text."""
+    """The process pool must return pieces in order: any reordering corrupts the text or sends a
+    document to the wrong split. 10 MB: more batches than the pool keeps in flight."""
+    corpus = tmp_path / "big.txt"
+    corpus.write_text(shakespeare_path.read_text(encoding="utf-8") * 9, encoding="utf-8")
     outs = []
     for workers in (1, 2):
         out = tmp_path / f"w{workers}"
-        r = run_script("prepare.py", "--input", shakespeare_path, "--tokenizer", "gpt2", "--out", out,
-                       "--workers", workers)
+        r = run_script("prepare.py", "--input", corpus, "--tokenizer", "gpt2", "--split_docs", r"\n\n",
+                       "--out", out, "--workers", workers)
         assert r.returncode == 0, r.stderr
         outs.append(read_bins(out)[1])
     assert all((outs[0][s] == outs[1][s]).all() for s in ("train", "val"))
