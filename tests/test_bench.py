@@ -26,7 +26,7 @@ def test_decode_past_block_size_still_runs():
 def test_prepare_smoke(shakespeare_path, korean_path):
     """The prepare benchmark runs on a small corpus, and prepare.py's token count equals tiktoken's."""
     result = run_script("bench.py", "prepare", "--mb", 1, "--shakespeare", shakespeare_path,
-                        "--korean", korean_path, "--korean_chars", 100_000, "--vocab_size", 512)
+                        "--korean", korean_path, "--korean_chars", 100_000, "--vocab_size", 512, "--repeats", 1)
     assert result.returncode == 0, result.stderr
     for label in ("prepare.py", "encode_ordinary x1", "peak RSS", "chars/token"):
         assert label in result.stdout
