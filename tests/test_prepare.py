@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tiktoken
-from conftest import run_script
+from conftest import assert_one_line_error, run_script
 from hypothesis import given, settings, strategies as st
 
 import prepare
@@ -66,15 +66,6 @@ def docs_of(tokens, sep):
     """Split a bin's tokens at the one-token separator."""
     first, *rest = np.split(tokens, np.flatnonzero(tokens == sep))
     return [first.tolist()] + [part[1:].tolist() for part in rest]  # each of rest starts with sep
-
-
-def assert_user_error(result, *fragments):
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error:"), result.stderr
-    for fragment in fragments:
-        assert fragment in last, last
 
 
 # --- tokenizers ---------------------------------------------------------------------------------
@@ -442,7 +433,7 @@ def test_reuse_tokenizer_from_a_dataset(tiny_corpus, tmp_path):
     extra.write_text(text[:3_000] + "ünïcode", encoding="utf-8")
     before = {p.name: p.read_bytes() for p in new.iterdir()}
     r = run_script("prepare.py", "--input", extra, "--tokenizer", base, "--out", new)
-    assert_user_error(r, "'ü'", "U+00FC")
+    assert_one_line_error(r, "'ü'", "U+00FC")
     assert {p.name: p.read_bytes() for p in new.iterdir()} == before, "a failed run must leave the dataset alone"
 
 
@@ -489,4 +480,4 @@ def test_bad_input_is_one_line(case, tmp_path):
     (tmp_path / "cjk.txt").write_text("".join(map(chr, range(0x20000, 0x20000 + 70_000))), encoding="utf-8")
     args, fragments = BAD_INPUTS[case]
     r = run_script("prepare.py", *(a.format(tmp=tmp_path) for a in args), "--out", tmp_path / "out")
-    assert_user_error(r, *fragments)
+    assert_one_line_error(r, *fragments)
