@@ -450,3 +450,18 @@ def test_transformers_gives_the_same_logits_and_greedy_tokens(tmp_path):
             hf_tokens = hf.generate(idx[:1, :6], attention_mask=torch.ones(1, 6, dtype=torch.long),
                                     max_new_tokens=10, do_sample=False, pad_token_id=0)
         assert hf_tokens[0, 6:].tolist() == generate(model, idx[:1, :6], 10, temperature=0)[0]
+
+
+def test_directory_written_by_transformers_loads_with_the_same_logits(tmp_path):
+    """The other direction: GPT2LMHeadModel.save_pretrained's layout (its key names, Conv1D
+    shapes, no lm_head) must load into our GPT and compute the same function."""
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed (test-only dependency)")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=2,
+                                     initializer_range=0.3)
+    hf = transformers.GPT2LMHeadModel(config).eval()
+    hf.save_pretrained(tmp_path)
+    ours = GPT.from_pretrained(tmp_path).eval()
+    idx = torch.randint(0, 64, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(all_logits(ours, idx), hf(idx).logits, atol=1e-5, rtol=1e-5)
