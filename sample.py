@@ -150,10 +150,7 @@ def load(args):
     if not ckpt.get("tokenizer"):
         raise UserError(f"{path} carries no tokenizer; it was not written by train.py")
     tokenizer = load_tokenizer(ckpt["tokenizer"])
-    try:
-        model = model_from_checkpoint(ckpt, device)
-    except (TypeError, RuntimeError) as e:  # model_args and weights disagree: a damaged file
-        raise UserError(f"{path}: weights do not match model_args ({str(e).splitlines()[0]})") from None
+    model = model_from_checkpoint(ckpt, device)
     model.eval()
     loaded = (f"loaded {path} (iter {ckpt.get('iter_num', '?')}, {model.num_params() / 1e6:.2f}M "
               f"parameters, block_size {model.config.block_size}, {tokenizer.kind} tokenizer) "

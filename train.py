@@ -231,7 +231,7 @@ def model_from_checkpoint(ckpt, device="cpu", dropout=0.0):
         model = GPT(GPTConfig(**{**ckpt["model_args"], "dropout": dropout}))
         model.load_state_dict(ckpt["model"])
     except (TypeError, ValueError, RuntimeError) as e:  # unknown field, size mismatch, missing key
-        raise UserError(f"checkpoint's model_args and weights do not fit: {str(e).splitlines()[0]}") from None
+        raise UserError(f"checkpoint's weights do not match its model_args: {str(e).splitlines()[0]}") from None
     return model.to(device)
 
 
