@@ -31,3 +31,12 @@ def test_prepare_smoke(shakespeare_path, korean_path):
     for label in ("prepare.py", "encode_ordinary x1", "peak RSS", "chars/token"):
         assert label in result.stdout
     assert "same token count: yes" in result.stdout
+
+
+def test_train_smoke():
+    """Every variant of the training benchmark runs one step on the smallest shape (compile
+    included: it is the variant most likely to break with a new torch)."""
+    result = run_script("bench.py", "train", "--shapes", "baby", "--steps", 1, "--repeats", 1)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for label in ("nanoGPT-like", "fp32", "bf16", "fp32+compile", "bf16+compile", "ms/iter"):
+        assert label in result.stdout

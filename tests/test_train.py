@@ -279,3 +279,45 @@ def test_plot_draws_the_loss_curves(char_data, out_dir):
     result = run_script("train.py", "--plot", out_dir)
     assert result.returncode == 0, result.stderr
     assert (out_dir / "loss.png").stat().st_size > 1000
+
+
+def test_patience_stops_when_val_stops_improving(char_data, out_dir):
+    """With a zero learning rate val never improves: patience=2 must stop after 3 evaluations."""
+    train_run(char_data, out_dir, "--max_iters=100", "--eval_interval=2", "--patience=2",
+              "--learning_rate=0.0", "--min_lr=0.0")
+    assert [r["iter"] for r in metrics(out_dir) if "val_loss" in r] == [0, 2, 4]
+
+
+def test_compile_failure_falls_back_to_eager(monkeypatch, capsys):
+    def broken_compile(model):
+        raise RuntimeError("no C compiler")
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    model = train.GPT(train.GPTConfig(block_size=8, vocab_size=16, n_layer=1, n_head=1, n_embd=8))
+    assert train.maybe_compile(model, "cpu", 8) is model
+    assert "torch.compile failed (no C compiler)" in capsys.readouterr().out
+
+
+def test_fine_tune_a_hugging_face_directory(verdict_path, tmp_path):
+    """init_from a local HF GPT-2 folder: GPT-2 tokenizer data trains; a char dataset is refused."""
+    hf_dir = tmp_path / "hf"
+    torch.manual_seed(0)
+    train.GPT(train.GPTConfig(block_size=64, vocab_size=50257, n_layer=1, n_head=2, n_embd=32)).save_pretrained(hf_dir)
+    data = tmp_path / "verdict"
+    result = run_script("prepare.py", "--input", verdict_path, "--tokenizer", "gpt2", "--out", data)
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "out"
+    result = run_script("train.py", f"--init_from={hf_dir}", f"--dataset={data}", f"--out_dir={out}",
+                        "--block_size=32", "--batch_size=4", "--eval_iters=2", "--max_iters=4",
+                        "--eval_interval=4", "--device=cpu", "--dtype=float32", "--n_layer=9")
+    assert result.returncode == 0, result.stderr[-2000:]
+    ckpt = train.load_checkpoint(out / "ckpt.pt")
+    assert ckpt["model_args"]["n_layer"] == 1 and ckpt["config"]["n_layer"] == 1  # the loaded shape
+    assert ckpt["tokenizer"]["kind"] == "gpt2"
+
+
+def test_hugging_face_weights_on_a_char_dataset_are_refused(char_data, tmp_path):
+    hf_dir = tmp_path / "hf"
+    vocab = json.loads((char_data / "meta.json").read_text())["vocab_size"]  # same size, other tokens
+    train.GPT(train.GPTConfig(block_size=64, vocab_size=vocab, n_layer=1, n_head=2, n_embd=32)).save_pretrained(hf_dir)
+    result = train_run(char_data, tmp_path / "out", f"--init_from={hf_dir}", check=False)
+    assert_one_line_error(result, "tokenizer")
