@@ -496,11 +496,18 @@ def train(cfg):
                           evals_since_best=evals_since_best, elapsed_s=elapsed0 + time.time() - t_start)
         save_checkpoint(state, out_dir / name)
 
-    # SIGTERM (a scheduler's pre-emption) and Ctrl-C stop at the next step boundary, after saving.
+    # SIGTERM (a scheduler's pre-emption) and Ctrl-C stop at the next step boundary, after saving;
+    # a second Ctrl-C stops at once (the last checkpoint on disk stays intact).
     stop_signal = []
+
+    def on_signal(signum, frame):
+        if stop_signal:
+            raise KeyboardInterrupt
+        stop_signal.append(signum)
+
     if not ddp:
         for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
+            signal.signal(sig, on_signal)
 
     t_start = time.time()
     t_last, iters_since_log = time.time(), 0
