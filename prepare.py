@@ -87,7 +87,8 @@ class UserError(Exception):
 def run_main(main):
     """Run a script's main(); a UserError becomes `error: ...` on stderr and exit status 1.
 
-    GPT_DEBUG=1 shows the full traceback instead. Ctrl-C exits with 130 and no traceback.
+    GPT_DEBUG=1 shows the full traceback instead. Ctrl-C exits with 130 and no traceback; a closed
+    stdout (`python sample.py ... | head`) ends the script quietly.
     """
     try:
         main()
@@ -101,6 +102,9 @@ def run_main(main):
             raise
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:  # stdout's reader has gone (`| head`): stop quietly, as cat does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        sys.exit(1)
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -21,7 +21,6 @@ Design choices:
 """
 import argparse
 import math
-import os
 import random
 import statistics
 import sys
@@ -432,14 +431,7 @@ def benchmark(model, device, runs=5):
 
 
 def main():
-    try:
-        run(parse_args(sys.argv[1:]))
-    except BrokenPipeError:  # stdout's reader has gone (`| head`): stop quietly, as cat does
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
-        sys.exit(1)
-
-
-def run(args):
+    args = parse_args(sys.argv[1:])
     text = user_text(args)
     model, tokenizer, device, ctx, loaded = load(args)
     # Check the user's input before printing anything: a mistake is then the only line on stderr.

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tiktoken
 from conftest import assert_one_line_error, run_script
 from hypothesis import given, settings, strategies as st
 
