@@ -17,7 +17,7 @@ import contextlib
 import json
 import math
 import os
-import pickle
+import pickle  # only for the UnpicklingError of torch.load(weights_only=True)
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -262,7 +262,7 @@ def sync(device):
 # Data, learning rate, evaluation.
 
 def open_bins(data_dir, block_size):
-    """Read meta.json and check that both bins hold more than one block of tokens."""
+    """meta.json, the bins' dtype, and each split's number of window starts (at least one)."""
     data_dir = Path(data_dir)
     meta_path = data_dir / "meta.json"
     if not meta_path.is_file():
@@ -271,12 +271,14 @@ def open_bins(data_dir, block_size):
                         f"(or plain `python prepare.py` for shakespeare_char)")
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     dtype = np.dtype(meta["dtype"])
+    window_starts = {}
     for split in ("train", "val"):
         n = (data_dir / f"{split}.bin").stat().st_size // dtype.itemsize
         if n <= block_size:
             raise UserError(f"{split}.bin of {data_dir} holds {n} tokens; block_size {block_size} "
                             f"needs at least {block_size + 1}. Lower block_size or add text.")
-    return meta, dtype
+        window_starts[split] = n - block_size  # a window is block_size + 1 tokens: inputs and targets
+    return meta, dtype, window_starts
 
 
 def get_windows(data_dir, split, dtype, starts, block_size):
@@ -285,10 +287,6 @@ def get_windows(data_dir, split, dtype, starts, block_size):
     data = np.memmap(Path(data_dir) / f"{split}.bin", dtype=dtype, mode="r")
     tokens = data[starts[:, None] + np.arange(block_size + 1)].astype(np.int64)
     return torch.from_numpy(tokens[:, :-1].copy()), torch.from_numpy(tokens[:, 1:].copy())
-
-
-def num_windows(data_dir, split, dtype, block_size):
-    return (Path(data_dir) / f"{split}.bin").stat().st_size // dtype.itemsize - block_size
 
 
 def get_lr(it, learning_rate, warmup_iters, lr_decay_iters, min_lr):
@@ -401,7 +399,7 @@ def train(cfg):
     peak_flops = measure_peak_flops(device, dtype) if master else 1.0  # before seeding: uses randn
 
     data_dir = Path(cfg["dataset"]) if os.sep in cfg["dataset"] else Path("data") / cfg["dataset"]
-    meta, bin_dtype = open_bins(data_dir, T)
+    meta, bin_dtype, window_starts = open_bins(data_dir, T)
     tokenizer = load_tokenizer(data_dir)
 
     torch.manual_seed(cfg["seed"])  # identical initial weights on every rank
@@ -445,7 +443,7 @@ def train(cfg):
     log = MetricsLog(out_dir / "metrics.jsonl", cfg) if master else None
 
     def draw_windows(split, rng, count):
-        return rng.integers(0, num_windows(data_dir, split, bin_dtype, T), size=count)
+        return rng.integers(0, window_starts[split], size=count)
 
     def get_batch(split, starts):
         x, y = get_windows(data_dir, split, bin_dtype, starts, T)
