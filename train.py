@@ -592,6 +592,10 @@ def train(cfg):
     if master:
         log.close()
     if ddp:
+        # Wait for rank 0's last checkpoint: a rank that tears down gloo while another still
+        # works can abort ("terminate called without an active exception").
+        torch.distributed.barrier()
+        del model  # DDP's reducer holds the process group: release it before the group goes
         torch.distributed.destroy_process_group()
 
 
