@@ -384,6 +384,22 @@ def test_workers_give_identical_bins(shakespeare_path, tmp_path):
     assert all((outs[0][s] == outs[1][s]).all() for s in ("train", "val"))
 
 
+def test_workers_after_bpe_training_give_identical_bins(ko_text, tmp_path):
+    """After training a BPE the pool spawns fresh interpreters (fork is unsafe once `tokenizers`
+    has started its threads) which must receive the trained tokenizer whole."""
+    corpus = tmp_path / "ko.txt"
+    corpus.write_text(ko_text[:200_000], encoding="utf-8")
+    outs = []
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        r = run_script("prepare.py", "--input", corpus, "--tokenizer", "bpe", "--vocab_size", 500,
+                       "--split_docs", r"\n", "--out", out, "--workers", workers)
+        assert r.returncode == 0, r.stderr
+        outs.append(read_bins(out)[1])
+    assert all((outs[0][s] == outs[1][s]).all() for s in ("train", "val"))
+    assert len(outs[0]["train"]) > 1000
+
+
 def test_bpe_dataset_and_loader_routes(ko_text, tmp_path):
     """Every way train.py/sample.py get a tokenizer (dir, meta.json, dict, checkpoint alone) must
     give the same encoder, and the bins must decode to the corpus."""
