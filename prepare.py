@@ -475,6 +475,19 @@ def scan(stream, want_chars: bool) -> tuple[array, set[str]]:
     return sizes, chars
 
 
+def train_split_texts(pieces, is_val, train_chars: int | None):
+    """The texts of the train split only, which a BPE learns from: val perplexity is then measured
+    on text the tokenizer never saw. A single document (is_val None) is split by tokens later, so
+    it gives its first train_chars characters, about the train part."""
+    for doc, text in pieces:
+        if is_val is not None:
+            if not is_val[doc]:
+                yield text
+        elif train_chars > 0:
+            yield text[:train_chars]
+            train_chars -= len(text)
+
+
 def choose_val_docs(sizes, val_fraction: float, seed: int) -> np.ndarray | None:
     """A bool mask of the documents that go to val: a seeded shuffle of the non-empty documents,
     taken until they hold val_fraction of the text (at least one, never all). None for a
@@ -638,8 +651,9 @@ def default_out(args) -> Path:
     return Path("data") / (Path(first.rsplit("/", 1)[-1]).stem or Path(first).resolve().name)
 
 
-def make_tokenizer(args, read, chars: set[str]) -> Tokenizer:
-    """The tokenizer --tokenizer asks for: built from the corpus (char, bpe), GPT-2's, or reused."""
+def make_tokenizer(args, chars: set[str], train_texts) -> Tokenizer:
+    """The tokenizer --tokenizer asks for: built from the corpus (char; bpe, trained on the texts
+    train_texts() yields), GPT-2's, or reused."""
     if args.tokenizer == "char":
         if len(chars) > 1 << 16:
             raise UserError(f"the corpus has {len(chars):,} distinct characters, more than a char vocabulary "
@@ -649,7 +663,7 @@ def make_tokenizer(args, read, chars: set[str]) -> Tokenizer:
         return Tokenizer("gpt2", enc=gpt2_encoding())
     if args.tokenizer == "bpe":
         t0 = time.time()
-        ranks = train_bpe((text for _, text in iter_pieces(read("train bpe"))), args.vocab_size)
+        ranks = train_bpe(train_texts(), args.vocab_size)
         print(f"trained a BPE of {len(ranks) + 1:,} tokens in {time.time() - t0:.1f}s", file=sys.stderr)
         return bpe_tokenizer(ranks)
     return load_tokenizer(args.tokenizer)
@@ -734,7 +748,9 @@ def main(argv=None):
     sep_text = args.split_docs or "\n\n"  # char: documents are joined as text
     if args.tokenizer == "char" and is_val is not None:
         chars |= set(sep_text)
-    tok = make_tokenizer(args, lambda label: read(files, args, label), chars)
+    train_chars = int(sizes[0] * (1 - args.val_fraction)) if is_val is None else None
+    tok = make_tokenizer(args, chars, lambda: train_split_texts(
+        iter_pieces(read(files, args, "train bpe")), is_val, train_chars))
 
     if is_val is None:  # one document: no separators
         sep = np.array([], dtype=np.uint32)

@@ -400,6 +400,37 @@ def test_workers_after_bpe_training_give_identical_bins(ko_text, tmp_path):
     assert len(outs[0]["train"]) > 1000
 
 
+def test_bpe_learns_from_the_train_split_only(tmp_path):
+    """Twenty documents, each one made-up word repeated: a BPE trained on a document's text makes
+    its word one token. The val documents' words must stay in pieces (the tokenizer never saw
+    them), the train documents' words must not."""
+    rng = np.random.default_rng(0)
+    words = ["".join(rng.choice(list("bcdfghjklmnpqrstvwxz"), 8)) for _ in range(20)]
+    corpus = tmp_path / "words.txt"
+    corpus.write_text("\n\n".join(" ".join([w] * 300) for w in words), encoding="utf-8")
+    out = tmp_path / "out"
+    r = run_script("prepare.py", "--input", corpus, "--tokenizer", "bpe", "--vocab_size", 600,
+                   "--split_docs", r"\n\n", "--val_fraction", 0.2, "--out", out)
+    assert r.returncode == 0, r.stderr
+    tok = load_tokenizer(out)
+    _, bins = read_bins(out)
+    val_words = set(tok.decode(bins["val"]).split())
+    assert 0 < len(val_words) < len(words)
+    for w in words:
+        assert (len(tok.encode(" " + w)) > 1) == (w in val_words), w
+
+
+def test_bpe_of_one_document_learns_from_its_train_part_only(tmp_path):
+    corpus = tmp_path / "one.txt"
+    corpus.write_text("trainword " * 9000 + "valword " * 1000, encoding="utf-8")
+    out = tmp_path / "out"
+    r = run_script("prepare.py", "--input", corpus, "--tokenizer", "bpe", "--vocab_size", 400, "--out", out)
+    assert r.returncode == 0, r.stderr
+    tok = load_tokenizer(out)
+    assert len(tok.encode(" trainword")) == 1
+    assert len(tok.encode(" valword")) > 1
+
+
 def test_bpe_dataset_and_loader_routes(ko_text, tmp_path):
     """Every way train.py/sample.py get a tokenizer (dir, meta.json, dict, checkpoint alone) must
     give the same encoder, and the bins must decode to the corpus."""
