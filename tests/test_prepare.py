@@ -527,3 +527,30 @@ def test_bad_input_is_one_line(case, tmp_path):
     args, fragments = BAD_INPUTS[case]
     r = run_script("prepare.py", *(a.format(tmp=tmp_path) for a in args), "--out", tmp_path / "out")
     assert_one_line_error(r, *fragments)
+
+
+def test_progress_line_on_a_terminal_only(monkeypatch):
+    """On a TTY: MB done of the total, MB/s and ETA, rewritten in place; elsewhere (logs, CI): nothing."""
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    clock = iter([100.0, 101.0, 102.0])  # start, then two updates a second apart
+    monkeypatch.setattr(prepare.time, "time", lambda: next(clock))
+    monkeypatch.setattr(prepare.sys, "stderr", Terminal())
+    progress = prepare.Progress("encode", total=4_000_000)
+    progress(b"x" * 1_000_000)
+    progress(b"x" * 1_000_000)
+    progress.close()
+    shown = prepare.sys.stderr.getvalue()
+    assert shown.startswith("\rencode: 1.0/4.0 MB  1.0 MB/s  ETA 3s")
+    assert "\rencode: 2.0/4.0 MB  1.0 MB/s  ETA 2s" in shown and shown.endswith("\n")
+
+    monkeypatch.setattr(prepare.sys, "stderr", io.StringIO())  # not a terminal
+    clock = iter([100.0, 101.0])
+    progress = prepare.Progress("encode", total=4_000_000)
+    progress(b"x" * 1_000_000)
+    progress.close()
+    assert prepare.sys.stderr.getvalue() == ""
