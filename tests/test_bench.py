@@ -38,5 +38,5 @@ def test_train_smoke():
     included: it is the variant most likely to break with a new torch)."""
     result = run_script("bench.py", "train", "--shapes", "baby", "--steps", 1, "--repeats", 1)
     assert result.returncode == 0, result.stderr[-2000:]
-    for label in ("nanoGPT-like", "fp32", "bf16", "fp32+compile", "bf16+compile", "ms/iter"):
+    for label in ("nanoGPT", "fp32", "bf16", "fp32+compile", "bf16+compile", "ms/iter"):
         assert label in result.stdout
