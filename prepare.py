@@ -622,6 +622,12 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not 0 < args.val_fraction < 1:
         raise UserError(f"--val_fraction must be between 0 and 1, got {args.val_fraction}")
+    if args.out is not None and not args.out.strip():  # an unset variable in `--out "$DIR"`
+        raise UserError("--out needs a directory")
+    if args.seed < 0:
+        raise UserError(f"--seed must be >= 0, got {args.seed}")
+    if Path(args.glob).is_absolute():
+        raise UserError(f"--glob {args.glob!r} must be a pattern relative to the input directories (e.g. '*.md')")
     if args.workers is not None and args.workers < 1:
         raise UserError("--workers must be at least 1")
     if args.tokenizer not in ("char", "gpt2", "bpe") and not Path(args.tokenizer).exists():
@@ -637,7 +643,11 @@ def parse_args(argv=None):
                             f"got {args.vocab_size}")
     if args.split_docs is not None:
         # interpret backslash escapes without mangling non-ASCII text
-        args.split_docs = args.split_docs.encode("latin-1", "backslashreplace").decode("unicode_escape")
+        sep = args.split_docs
+        try:
+            args.split_docs = sep.encode("latin-1", "backslashreplace").decode("unicode_escape")
+        except UnicodeDecodeError as e:  # a cut-short escape: a lone backslash at the end, \x4
+            raise UserError(f"--split_docs {sep}: {e.reason} (a literal backslash is written \\\\)") from None
         if not args.split_docs:
             raise UserError("--split_docs needs a non-empty separator")
     return args
@@ -744,6 +754,10 @@ def main(argv=None):
     if sum(sizes) == 0:
         names = ", ".join(str(path) for path, _ in files[:3]) + (" ..." if len(files) > 3 else "")
         raise UserError(f"empty corpus: no text in {names}")
+    try:  # before the work: a bad --out should not cost a scan or a BPE training first
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the output directory {out}: {e.strerror}") from None
     is_val = choose_val_docs(sizes, args.val_fraction, args.seed)
     sep_text = args.split_docs or "\n\n"  # char: documents are joined as text
     if args.tokenizer == "char" and is_val is not None:

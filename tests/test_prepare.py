@@ -512,6 +512,10 @@ BAD_INPUTS = {  # case: (arguments, fragments the error line must contain)
     "bpe_vocab_small": (["--input", "{tmp}/ok.txt", "--tokenizer", "bpe", "--vocab_size", "100"], ["--vocab_size", "100"]),
     "bpe_vocab_big": (["--input", "{tmp}/ok.txt", "--tokenizer", "bpe", "--vocab_size", "16777216"], ["--vocab_size"]),
     "bad_flag": (["--input", "{tmp}/ok.txt", "--errors", "ignore"], ["--errors"]),
+    "cut_short_escape": (["--input", "{tmp}/ok.txt", "--split_docs", "\\x4"], ["--split_docs", "escape"]),
+    "trailing_backslash": (["--input", "{tmp}/ok.txt", "--split_docs", "END\\"], ["--split_docs END\\"]),
+    "negative_seed": (["--input", "{tmp}/ok.txt", "--seed", "-1"], ["--seed"]),
+    "absolute_glob": (["--input", "{tmp}/sub", "--glob", "{tmp}/*.txt"], ["--glob", "relative"]),
 }
 
 
@@ -527,6 +531,17 @@ def test_bad_input_is_one_line(case, tmp_path):
     args, fragments = BAD_INPUTS[case]
     r = run_script("prepare.py", *(a.format(tmp=tmp_path) for a in args), "--out", tmp_path / "out")
     assert_one_line_error(r, *fragments)
+
+
+def test_unusable_out_is_one_line_and_touches_nothing(tmp_path):
+    """--out naming a file (or an unset "$DIR") was a FileExistsError traceback / a silent default."""
+    (tmp_path / "ok.txt").write_text("hello world\n" * 500, encoding="utf-8")
+    taken = tmp_path / "notes.txt"
+    taken.write_text("keep me", encoding="utf-8")
+    r = run_script("prepare.py", "--input", tmp_path / "ok.txt", "--out", taken)
+    assert_one_line_error(r, "notes.txt")
+    assert taken.read_text(encoding="utf-8") == "keep me"
+    assert_one_line_error(run_script("prepare.py", "--input", tmp_path / "ok.txt", "--out", ""), "--out")
 
 
 def test_progress_line_on_a_terminal_only(monkeypatch):
