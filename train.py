@@ -25,6 +25,8 @@ import os
 import signal
 import sys
 import time
+import traceback
+import zipfile
 from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
@@ -128,14 +130,43 @@ def load_config(argv):
             if not path.is_file():
                 raise UserError(f"config file not found: {arg}")
             namespace = {}
-            exec(compile(path.read_text(encoding="utf-8"), str(path), "exec"), namespace)
+            try:
+                exec(compile(path.read_text(encoding="utf-8"), str(path), "exec"), namespace)
+            except Exception as e:  # a config file is Python: its errors are the user's to fix
+                raise UserError(f"config file {arg}{config_error_line(e, path)}: {type(e).__name__}: "
+                                f"{e.msg if isinstance(e, SyntaxError) else e}") from None
             for key, value in namespace.items():
                 if key.startswith("_") or type(value).__name__ in ("module", "function", "type"):
                     continue
                 check_key(key, arg)
                 config[key] = parse_value(key, value, DEFAULTS[key])
         i += 1
+    check_ranges(config)
     return config
+
+
+def config_error_line(e, path):
+    """', line N' of config file `path` where exception `e` arose ('' if not inside it)."""
+    if isinstance(e, SyntaxError):
+        return f", line {e.lineno}"
+    lines = [f.lineno for f in traceback.extract_tb(e.__traceback__) if f.filename == str(path)]
+    return f", line {lines[-1]}" if lines else ""
+
+
+def check_ranges(cfg):
+    """Values of the right type that make no sense: one clear error, not a crash deep in torch."""
+    at_least = dict(eval_interval=1, eval_iters=1, log_interval=1, patience=0, batch_size=1, block_size=1,
+                    gradient_accumulation_steps=1, n_layer=1, n_head=1, n_embd=1, learning_rate=0.0,
+                    max_iters=0, weight_decay=0.0, grad_clip=0.0, warmup_iters=0, lr_decay_iters=0,
+                    min_lr=0.0, seed=0)
+    for key, low in at_least.items():
+        if not cfg[key] >= low:  # `not >=` also catches nan
+            raise UserError(f"{key} must be >= {low}, got {cfg[key]}")
+    for key in ("dropout", "beta1", "beta2"):
+        if not 0 <= cfg[key] < 1:
+            raise UserError(f"{key} must be in [0, 1), got {cfg[key]}")
+    if cfg["n_embd"] % cfg["n_head"]:
+        raise UserError(f"n_embd={cfg['n_embd']} must be a multiple of n_head={cfg['n_head']}")
 
 
 # -----------------------------------------------------------------------------
@@ -213,6 +244,8 @@ def load_checkpoint(path, device="cpu"):
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; its end is read first
+        raise UserError(f"cannot read checkpoint {path}: not a torch.save archive (truncated, or another kind of file)")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError or EOFError on bad files
@@ -331,6 +364,9 @@ def build_model(cfg, vocab_size, tokenizer, device):
         args = {k: cfg[k] for k in MODEL_KEYS} | {"vocab_size": vocab_size, "dropout": cfg["dropout"]}
         return GPT(GPTConfig(**args)).to(device), None
     path = Path(cfg["out_dir"]) / "ckpt.pt" if init == "resume" else Path(init)
+    if path.is_dir() and (path / "ckpt.pt").is_file():  # it has a config.json too, but not GPT-2's
+        raise UserError(f"{path} is the out_dir of a training run: --init_from={path / 'ckpt.pt'} starts "
+                        f"from its weights; --out_dir={path} --init_from=resume continues it")
     if path.is_dir() and (path / "config.json").is_file():
         try:
             model = GPT.from_pretrained(path, dropout=cfg["dropout"])
@@ -358,6 +394,12 @@ def check_compatible(cfg, ckpt, vocab_size, tokenizer, path, resume):
         raise UserError(f"{path} was trained with a different tokenizer ({theirs['kind']}) than "
                         f"dataset {cfg['dataset']} ({tokenizer.kind}); prepare the data with "
                         f"`python prepare.py --tokenizer {path} ...`")
+    if resume and "optimizer" not in ckpt:
+        raise UserError(f"cannot resume from {path}: it holds weights only (a copy of best.pt?); "
+                        f"--init_from=PATH starts a new run from a weights file")
+    if resume and ckpt["iter_num"] > cfg["max_iters"]:
+        raise UserError(f"cannot resume: {path} is at iter {ckpt['iter_num']}, past "
+                        f"max_iters={cfg['max_iters']}; raise max_iters to train further")
     mismatched = [k for k in MODEL_KEYS if k != "block_size" and cfg[k] != args[k]]
     if resume and mismatched:
         details = ", ".join(f"{k}={args[k]} (config says {cfg[k]})" for k in mismatched)
@@ -434,8 +476,11 @@ def train(cfg):
 
     out_dir = Path(cfg["out_dir"])
     if master:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+        except OSError as e:  # a file of that name, a read-only disk, ...
+            raise UserError(f"cannot write to out_dir {out_dir}: {e.strerror or e}") from None
         print0("config: " + ", ".join(f"{k}={v}" for k, v in cfg.items()))
         print0(f"model: {raw_model.num_params() / 1e6:.2f}M parameters; {tokens_per_iter:,} tokens "
                f"per iteration ({B} batch x {T} block x {cfg['gradient_accumulation_steps']} accum); "

@@ -2,6 +2,7 @@
 import argparse
 import json
 import math
+import re
 import signal
 import subprocess
 import sys
@@ -74,6 +75,42 @@ def test_unknown_key_in_config_file_is_an_error(tmp_path):
     config_file.write_text("learning_rte = 1e-3\n")
     with pytest.raises(UserError, match="learning_rate"):
         train.load_config([str(config_file)])
+
+
+@pytest.mark.parametrize("text, needles", [
+    ("n_layer = = 3\n", ["c.py, line 1", "SyntaxError"]),
+    ("n_layer = 2\nn_head = heads\n", ["c.py, line 2", "NameError", "heads"]),
+    ("import no_such_module_here\n", ["ModuleNotFoundError"]),
+])
+def test_a_config_file_that_does_not_run_is_one_line(tmp_path, text, needles):
+    """A typo in a config file's Python was a traceback through exec()."""
+    config_file = tmp_path / "c.py"
+    config_file.write_text(text)
+    assert_one_line_error(run_script("train.py", config_file), *needles)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--batch_size=0"], "batch_size must be >= 1"),  # was a ZeroDivisionError in evaluate()
+    (["--block_size=0"], "block_size must be >= 1"),
+    (["--eval_interval=0"], "eval_interval must be >= 1"),  # modulo by zero
+    (["--log_interval=0"], "log_interval must be >= 1"),
+    (["--eval_iters=0"], "eval_iters must be >= 1"),
+    (["--gradient_accumulation_steps=0"], "gradient_accumulation_steps must be >= 1"),  # trained nothing
+    (["--max_iters=-1"], "max_iters must be >= 0"),  # never reached: an endless run
+    (["--seed=-1"], "seed must be >= 0"),
+    (["--learning_rate=-1"], "learning_rate must be >= 0"),
+    (["--dropout=1.5"], "dropout must be in [0, 1)"),
+    (["--beta2=1"], "beta2 must be in [0, 1)"),
+    (["--n_head=0"], "n_head must be >= 1"),
+    (["--n_embd=32", "--n_head=3"], "multiple of n_head=3"),
+])
+def test_values_that_make_no_sense_are_errors(argv, needle):
+    with pytest.raises(UserError, match=re.escape(needle)):
+        train.load_config(argv)
+
+
+def test_a_zero_batch_size_is_one_line(char_data, tmp_path):
+    assert_one_line_error(train_run(char_data, tmp_path / "out", "--batch_size=0", check=False), "batch_size")
 
 
 def test_shipped_configs_load():
@@ -234,6 +271,34 @@ def test_resume_with_another_shape_names_the_field(char_data, tmp_path):
     result = train_run(char_data, tmp_path / "out", "--max_iters=4", "--init_from=resume",
                        "--n_layer=3", check=False)
     assert_one_line_error(result, "n_layer=2")
+
+
+def test_what_resuming_needs_is_checked_in_one_line(char_data, tmp_path):
+    """Resuming past max_iters looped forever; resuming a weights-only file was a KeyError;
+    --init_from=OUT_DIR was read as a Hugging Face folder; a file that is not a checkpoint said '101'."""
+    run = tmp_path / "run"
+    train_run(char_data, run, "--max_iters=4", "--eval_interval=2")
+    result = run_script("train.py", *TINY, f"--dataset={char_data}", f"--out_dir={run}", "--init_from=resume",
+                        "--max_iters=2", timeout=60)
+    assert_one_line_error(result, "iter 4", "max_iters=2")
+    weights_only = tmp_path / "weights_only"
+    weights_only.mkdir()
+    (weights_only / "ckpt.pt").write_bytes((run / "best.pt").read_bytes())
+    result = train_run(char_data, weights_only, "--max_iters=8", "--init_from=resume", check=False)
+    assert_one_line_error(result, "weights only")
+    result = train_run(char_data, tmp_path / "out", f"--init_from={run}", check=False)
+    assert_one_line_error(result, f"--init_from={run / 'ckpt.pt'}")
+    result = train_run(char_data, tmp_path / "out", f"--init_from={run / 'config.json'}", check=False)
+    assert_one_line_error(result, "not a torch.save archive")
+    assert train.load_checkpoint(run / "ckpt.pt")["iter_num"] == 4  # untouched by all of this
+
+
+def test_an_out_dir_that_cannot_be_written_is_one_line(char_data, tmp_path):
+    taken = tmp_path / "notes.txt"
+    taken.write_text("keep me")
+    assert_one_line_error(train_run(char_data, taken, check=False), "out_dir", "notes.txt")
+    assert_one_line_error(train_run(char_data, taken / "sub", check=False), "out_dir")
+    assert taken.read_text() == "keep me"
 
 
 def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(char_data, tmp_path):
