@@ -423,6 +423,10 @@ def maybe_compile(model, device, block_size):
 # -----------------------------------------------------------------------------
 
 def train(cfg):
+    previous = Path(cfg["out_dir"]) / "ckpt.pt"
+    if cfg["init_from"] != "resume" and previous.is_file():  # a new run would overwrite it
+        raise UserError(f"{cfg['out_dir']} already holds a run ({previous}); continue it with "
+                        f"--init_from=resume, or pass another --out_dir")
     rank, local_rank, world_size = setup_distributed(cfg)
     master = rank == 0
     ddp = world_size > 1

@@ -293,6 +293,18 @@ def test_what_resuming_needs_is_checked_in_one_line(char_data, tmp_path):
     assert train.load_checkpoint(run / "ckpt.pt")["iter_num"] == 4  # untouched by all of this
 
 
+def test_a_new_run_never_overwrites_an_earlier_one(char_data, tmp_path):
+    """Forgetting --init_from=resume silently replaced the run's ckpt.pt with a fresh model's."""
+    run = tmp_path / "run"
+    train_run(char_data, run, "--max_iters=2", "--eval_interval=2")
+    saved = (run / "ckpt.pt").read_bytes()
+    assert_one_line_error(train_run(char_data, run, "--max_iters=4", check=False), "--init_from=resume")
+    result = train_run(char_data, run, f"--init_from={run / 'ckpt.pt'}", check=False)
+    assert_one_line_error(result, "--init_from=resume")
+    assert (run / "ckpt.pt").read_bytes() == saved
+    train_run(char_data, run, "--max_iters=4", "--init_from=resume")  # what the message says works
+
+
 def test_an_out_dir_that_cannot_be_written_is_one_line(char_data, tmp_path):
     taken = tmp_path / "notes.txt"
     taken.write_text("keep me")
