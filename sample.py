@@ -125,6 +125,8 @@ def parse_args(argv):
 def find_checkpoint(ckpt, out_dir):
     """--ckpt, else best.pt / ckpt.pt of --out_dir, else the newest run under out*/ (best.pt first)."""
     if ckpt:
+        if Path(ckpt).is_dir():
+            raise UserError(f"--ckpt {ckpt} is a directory; --out_dir {ckpt} uses its best.pt or ckpt.pt")
         return Path(ckpt)
     names = ("best.pt", "ckpt.pt")
     if out_dir:

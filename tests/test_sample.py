@@ -371,6 +371,11 @@ def test_missing_checkpoint(tmp_path):
     assert_one_line_error(run(tmp_path / "none.pt"), "checkpoint not found")
 
 
+def test_a_directory_as_ckpt_points_to_out_dir(random_ckpt):
+    """--ckpt OUT_DIR said 'checkpoint not found' about a directory that is there."""
+    assert_one_line_error(run(random_ckpt.parent), "--out_dir")
+
+
 def test_corrupt_checkpoint(tmp_path):
     path = tmp_path / "corrupt.pt"
     path.write_bytes(b"PK\x03\x04 not really a zip" * 10)
