@@ -1,6 +1,6 @@
 """Throughput benchmarks; each mode prints its figures (tests never assert speed).
 
-    python bench.py decode    # tokens/s: KV-cache decode vs full recompute vs Hugging Face generate
+    python bench.py decode    # tokens/s: KV-cache decode vs full recompute vs Hugging Face generate (--int8)
     python bench.py prepare   # prepare.py MB/s vs one tiktoken thread, peak RSS; Korean BPE training
     python bench.py train     # training tokens/s and MFU: fp32 / bf16 / compile vs nanoGPT
 
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from gpt import GPT, GPTConfig, generate
+from gpt import GPT, GPTConfig, generate, quantize_int8
 from train import autocast_context, measure_peak_flops, resolve_device, sync
 import prepare
 from prepare import run_main
@@ -100,17 +100,26 @@ def decode(args):
     if hf is not None:
         hf.to(dtype)
         methods["hf-generate"] = lambda: hf_greedy(hf, idx, N)[0].tolist()
+    if args.int8:  # a quantized copy: other numerics, so its tokens are compared apart
+        int8 = GPT(config)
+        int8.load_state_dict(model.state_dict())
+        quantize_int8(int8)
+        methods["kv-cache-int8"] = lambda: generate(int8, idx, N, temperature=0)[0]
 
     seconds, outputs = median_seconds(methods, args.repeats)
     for name, s in seconds.items():
-        print(f"  {name:<12} {N / s:8.1f} tokens/s  ({1000 * s / N:.2f} ms/token)")
+        print(f"  {name:<13} {N / s:8.1f} tokens/s  ({1000 * s / N:.2f} ms/token)")
     print(f"  kv-cache vs recompute:   {seconds['recompute'] / seconds['kv-cache']:.2f}x")
     if hf is None:
         print(f"  hf-generate: skipped ({hf_skipped})")
     else:
         print(f"  kv-cache vs hf-generate: {seconds['hf-generate'] / seconds['kv-cache']:.2f}x")
-    same = all(out == outputs["kv-cache"] for out in outputs.values())
-    print(f"  same tokens from every method: {'yes' if same else 'NO'}")
+    same = all(out == outputs["kv-cache"] for name, out in outputs.items() if name != "kv-cache-int8")
+    print(f"  same tokens from every {args.dtype} method: {'yes' if same else 'NO'}")
+    if args.int8:
+        print(f"  kv-cache-int8 vs kv-cache: {seconds['kv-cache'] / seconds['kv-cache-int8']:.2f}x, vs "
+              f"recompute: {seconds['recompute'] / seconds['kv-cache-int8']:.2f}x" +
+              (f", vs hf-generate: {seconds['hf-generate'] / seconds['kv-cache-int8']:.2f}x" if hf else ""))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -329,6 +338,7 @@ def main():
     p.add_argument("--no_hf", action="store_true", help="skip the Hugging Face generate comparison")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="weights of both models (bfloat16: half the bytes each token reads)")
+    p.add_argument("--int8", action="store_true", help="also time a copy with int8 weights (gpt.quantize_int8)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=decode)
 

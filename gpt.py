@@ -367,6 +367,44 @@ class KVCache:
         self.k, self.v = self.k[:, rows], self.v[:, rows]
 
 
+class Int8Linear(nn.Module):
+    """A Linear for decoding with int8 weights and one bf16 scale per output row (weight-only
+    quantisation). Decoding one token reads every weight once, so on a CPU its speed is the speed
+    of memory: a quarter of fp32's bytes, ~1.8x the tokens/s at 124M (README, Decoding).
+    torch's int8 kernel wants bf16 activations, so a quantised model runs in bf16."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        w = linear.weight.detach().float()
+        # (out,): the row's largest |w| maps to 127; rounded to bf16 first, so that the int8 values
+        # are chosen for the scale the kernel will multiply by
+        scale = (w.abs().amax(dim=1).clamp(min=1e-12) / 127).to(torch.bfloat16)
+        self.register_buffer("weight", torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scale", scale)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(torch.bfloat16))
+
+    def forward(self, x):
+        y = torch._weight_int8pack_mm(x.reshape(-1, x.size(-1)), self.weight, self.scale)  # (B*T, out)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], -1)
+
+
+@torch.no_grad()
+def quantize_int8(model):
+    """Inference only, in place: every block's Linear and the LM head become Int8Linear, the rest
+    bf16. The head gets its own int8 copy of the tied embedding; wte stays for the lookup."""
+    if not hasattr(torch, "_weight_int8pack_mm"):
+        raise RuntimeError("int8 decoding needs torch >= 2.4 (torch._weight_int8pack_mm)")
+    for block in model.transformer.h:
+        for parent in (block.attn, block.mlp):
+            for name, child in parent.named_children():
+                if isinstance(child, nn.Linear):
+                    setattr(parent, name, Int8Linear(child))
+    model.lm_head = Int8Linear(model.lm_head)
+    return model.to(torch.bfloat16).eval()
+
+
 def next_logits(model, tokens, n, kv_cache):
     """(B, V) logits for the token after tokens[:, :n], feeding the model only what the cache lacks.
 

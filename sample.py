@@ -6,6 +6,7 @@
     python sample.py --analyze "Hello, how are you"          # next-token table and surprisal
     python sample.py --eval some.txt --stride 128            # loss, perplexity, accuracy
     python sample.py --benchmark                             # prefill and decode tokens/s
+    python sample.py --int8 --benchmark                      # the same with int8 weights (CPU)
 
 Design choices:
 - The checkpoint is all it needs: the tokenizer travels inside it (prepare.load_tokenizer), and
@@ -30,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from gpt import beam_search, generate_stream
+from gpt import beam_search, generate_stream, quantize_int8
 from prepare import ArgumentParser, UserError, load_tokenizer, run_main
 from train import (autocast_context, load_checkpoint, model_from_checkpoint, resolve_device,
                    resolve_dtype, sync)
@@ -102,6 +103,8 @@ def parse_args(argv):
     p.add_argument("--stop", default=None, help="stop when the generated text contains this")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    p.add_argument("--int8", action="store_true",
+                   help="CPU: int8 weights, bf16 activations (~1.8x faster decoding, slightly less exact)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--chat", action="store_true", help="interactive: continue each line typed")
     mode.add_argument("--analyze", metavar="TEXT", help="next-token candidates and surprisal of TEXT")
@@ -153,9 +156,17 @@ def load(args):
     tokenizer = load_tokenizer(ckpt["tokenizer"])
     model = model_from_checkpoint(ckpt, device)
     model.eval()
-    loaded = (f"loaded {path} (iter {ckpt.get('iter_num', '?')}, {model.num_params() / 1e6:.2f}M "
+    params = model.num_params()
+    if args.int8:
+        if device != "cpu":
+            raise UserError(f"--int8 runs on the CPU (torch's int8 matmul kernel); got --device {device}")
+        try:
+            quantize_int8(model)
+        except RuntimeError as e:
+            raise UserError(str(e)) from None
+    loaded = (f"loaded {path} (iter {ckpt.get('iter_num', '?')}, {params / 1e6:.2f}M "
               f"parameters, block_size {model.config.block_size}, {tokenizer.kind} tokenizer) "
-              f"on {device}, {str(dtype).removeprefix('torch.')}")
+              f"on {device}, {'int8 weights + bfloat16' if args.int8 else str(dtype).removeprefix('torch.')}")
     return model, tokenizer, device, autocast_context(device, dtype), loaded
 
 

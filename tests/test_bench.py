@@ -6,12 +6,13 @@ TINY_DECODE = ("decode", "--n_layer", 1, "--n_head", 2, "--n_embd", 32, "--vocab
 
 
 def test_decode_smoke():
-    """Every method runs and agrees on the greedy tokens (HF too, when transformers is installed)."""
-    result = run_script("bench.py", *TINY_DECODE)
+    """Every method runs (the int8 copy too) and the fp32 ones agree on the greedy tokens (HF too,
+    when transformers is installed)."""
+    result = run_script("bench.py", *TINY_DECODE, "--int8")
     assert result.returncode == 0, result.stderr
-    for label in ("kv-cache", "recompute", "kv-cache vs recompute", "hf-generate"):
+    for label in ("kv-cache", "recompute", "kv-cache vs recompute", "hf-generate", "kv-cache-int8 vs kv-cache"):
         assert label in result.stdout
-    assert "same tokens from every method: yes" in result.stdout
+    assert "same tokens from every float32 method: yes" in result.stdout
 
 
 def test_decode_past_block_size_still_runs():
@@ -20,7 +21,7 @@ def test_decode_past_block_size_still_runs():
     result = run_script("bench.py", *TINY_DECODE, "--prompt_tokens", 40)
     assert result.returncode == 0, result.stderr
     assert "hf-generate: skipped (the context passes block_size" in result.stdout
-    assert "same tokens from every method: yes" in result.stdout
+    assert "same tokens from every float32 method: yes" in result.stdout
 
 
 def test_prepare_smoke(shakespeare_path, korean_path):

@@ -15,7 +15,7 @@ import torch
 import sample
 import train
 from conftest import assert_one_line_error, run_script
-from gpt import GPT, GPTConfig, beam_search, generate
+from gpt import GPT, GPTConfig, beam_search, generate, quantize_int8
 from prepare import UserError, load_tokenizer
 
 PROMPT = "ROMEO:"
@@ -113,6 +113,16 @@ def test_greedy_is_gpt_generate_at_temperature_0(random_ckpt, tokenizer):
     result = ok(run(random_ckpt, "--start", PROMPT, "--max_new_tokens=30", "--temperature=0"))
     idx = torch.tensor([tokenizer.encode(PROMPT)])
     [new] = generate(load_model(random_ckpt), idx, 30, temperature=0)
+    assert result.stdout == PROMPT + tokenizer.decode(new) + "\n"
+
+
+def test_int8_greedy_is_generate_of_the_quantized_model(random_ckpt, tokenizer):
+    """--int8 must reach the engine as gpt.quantize_int8's model (not be ignored, not quantize
+    something else), and the loaded line must say so."""
+    result = ok(run(random_ckpt, "--start", PROMPT, "--max_new_tokens=30", "--temperature=0", "--int8"))
+    assert "int8 weights" in result.stderr
+    idx = torch.tensor([tokenizer.encode(PROMPT)])
+    [new] = generate(quantize_int8(load_model(random_ckpt)), idx, 30, temperature=0)
     assert result.stdout == PROMPT + tokenizer.decode(new) + "\n"
 
 
