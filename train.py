@@ -489,7 +489,8 @@ def train(cfg):
         print0(f"model: {raw_model.num_params() / 1e6:.2f}M parameters; {tokens_per_iter:,} tokens "
                f"per iteration ({B} batch x {T} block x {cfg['gradient_accumulation_steps']} accum); "
                f"{world_size} process(es) on {device}, {cfg['dtype']}")
-    log = MetricsLog(out_dir / "metrics.jsonl", cfg) if master else None
+    resume_iter = start_iter if cfg["init_from"] == "resume" else None
+    log = MetricsLog(out_dir / "metrics.jsonl", cfg, resume_iter) if master else None
 
     def draw_windows(split, rng, count):
         return rng.integers(0, window_starts[split], size=count)
@@ -649,9 +650,24 @@ def train(cfg):
 
 
 class MetricsLog:
-    """out_dir/metrics.jsonl, one JSON object per line; optionally TensorBoard and W&B too."""
+    """out_dir/metrics.jsonl, one JSON object per line; optionally TensorBoard and W&B too.
 
-    def __init__(self, path, cfg):
+    A new run starts the file afresh. A resumed one keeps the records up to its checkpoint's
+    iteration and drops the rest: a run killed without a checkpoint logged iterations that the
+    resumed run does again, and a kill mid-write leaves half a line."""
+
+    def __init__(self, path, cfg, resume_iter=None):
+        kept = []
+        if resume_iter is not None and path.is_file():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    if json.loads(line)["iter"] <= resume_iter:
+                        kept.append(line + "\n")
+                except (ValueError, KeyError, TypeError):
+                    pass  # the half-written last line of a killed run
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, path)
         self.file = open(path, "a", encoding="utf-8")
         self.tensorboard = self.wandb = None
         if cfg["tensorboard_log"]:

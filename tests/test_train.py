@@ -194,6 +194,26 @@ def test_resume_after_a_checkpoint_matches_an_uninterrupted_run(char_data, tmp_p
     assert final(tmp_path / "resumed") == pytest.approx(final(tmp_path / "straight"), abs=1e-6)
 
 
+def test_metrics_after_a_kill_hold_each_iteration_once(char_data, tmp_path):
+    """A run killed after its last checkpoint has logged iterations (and maybe half a line) that
+    the resumed run does again: metrics.jsonl must end up with each iteration once, as an
+    uninterrupted run's does, and a new run in a folder with an old metrics.jsonl starts it anew."""
+    common = ["--eval_interval=5", "--log_interval=1"]
+    train_run(char_data, tmp_path / "straight", *common, "--max_iters=10")
+    run = tmp_path / "run"
+    train_run(char_data, run, *common, "--max_iters=5")
+    with open(run / "metrics.jsonl", "a") as f:  # what a SIGKILL at iter 7 leaves behind
+        f.write('{"iter": 6, "loss": 9.9}\n{"iter": 7, "loss": 9.9}\n{"iter": 8, "lo')
+    train_run(char_data, run, *common, "--max_iters=10", "--init_from=resume")
+    iters = lambda out: [(r["iter"], "val_loss" in r) for r in metrics(out)]
+    assert iters(run) == iters(tmp_path / "straight")
+    assert 9.9 not in losses(run).values()
+
+    (run / "ckpt.pt").unlink()  # a new run here (the earlier one's checkpoint removed by hand)
+    train_run(char_data, run, *common, "--max_iters=3")
+    assert [r["iter"] for r in metrics(run) if "loss" in r] == [1, 2, 3]
+
+
 def test_sigterm_saves_a_checkpoint_that_resumes_exactly(char_data, tmp_path):
     """A pre-empted job (SIGTERM) stops at a step boundary and loses nothing."""
     settings = ["--eval_interval=1000", "--log_interval=1", "--dropout=0.1"]
