@@ -754,7 +754,7 @@ def main(argv=None):
     if sum(sizes) == 0:
         names = ", ".join(str(path) for path, _ in files[:3]) + (" ..." if len(files) > 3 else "")
         raise UserError(f"empty corpus: no text in {names}")
-    try:  # before the work: a bad --out should not cost a scan or a BPE training first
+    try:  # before the long work (BPE training, encoding): a bad --out fails at once
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create the output directory {out}: {e.strerror}") from None
