@@ -11,6 +11,8 @@ Design choices:
   function on (B, V) logits; generation and beam search are plain loops around the model and it.
 - Past block_size the context window slides and is re-prefilled: with absolute positions a cached
   key belongs to one position in one window, so reuse would change the result.
+- Decoding one token reads every weight once, so on a CPU it runs at memory speed; quantize_int8
+  swaps the matmul weights for int8 rows with bf16 scales (a quarter of fp32's bytes) for that.
 - Weight files are safetensors, or torch.load(weights_only=True); a file that needs pickle is refused.
 """
 import contextlib
