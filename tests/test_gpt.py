@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from gpt import (GPT, GPTConfig, Int8Linear, KVCache, beam_search, generate, generate_stream, next_logits,
-                 quantize_int8, sample_next_token)
+from gpt import (GPT, GPTConfig, Int8Linear, KVCache, attention, beam_search, generate, generate_stream,
+                 next_logits, quantize_int8, sample_next_token)
 
 
 def tiny_config(**overrides):
@@ -235,6 +235,27 @@ def test_generation_under_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = generate(model, torch.randint(0, 64, (1, 4)), 20, temperature=0)
     assert len(out[0]) == 20
+
+
+@pytest.mark.parametrize("T", [64, 192])  # 64: attention's fp32 detour; 192: SDPA in bf16
+def test_bf16_training_attention_matches_float64(T):
+    """Under bf16 autocast on a CPU, `attention` (which runs in fp32 at short sequences) returns
+    bf16 like SDPA, its gradients reach q, k and v in bf16, and both agree with float64 attention
+    of the same inputs to bf16 accuracy. Guards the detour against autocast re-casting q, k, v, a
+    float32 result leaking into the bf16 residual stream, or a result cut off from autograd."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, T, 16, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    grad_y = torch.randn(2, 3, T, 16, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = attention(q, k, v, None, True, 0.0)
+    y.backward(grad_y)
+    exact = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    y64 = F.scaled_dot_product_attention(*exact, is_causal=True)
+    y64.backward(grad_y.double())
+    assert y.dtype == torch.bfloat16 and all(t.grad.dtype == torch.bfloat16 for t in (q, k, v))
+    for ours, ref in [(y, y64)] + [(t.grad, e.grad) for t, e in zip((q, k, v), exact)]:
+        err = (ours.double() - ref).norm() / ref.norm()
+        assert err < 0.02, err.item()
 
 
 # ----------------------------------------------------------------------------------------------
