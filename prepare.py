@@ -46,6 +46,7 @@ regex ("pattern"), so tiktoken.Encoding(name, pattern, ranks, {"<|endoftext|>": 
 import argparse
 import base64
 import codecs
+import contextlib
 import functools
 import hashlib
 import json
@@ -739,6 +740,24 @@ def atomic_write(path: Path, text: str):
     os.replace(tmp, path)
 
 
+@contextlib.contextmanager
+def output_dir(out: Path):
+    """Create `out`; if the work inside fails, remove the folders this created (only if empty): an
+    empty folder left by a failed run would look like a dataset to the next command."""
+    created = [d for d in (out, *out.parents) if not d.exists()]  # deepest first
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the output directory {out}: {e.strerror}") from None
+    try:
+        yield
+    except BaseException:
+        for d in created:
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        raise
+
+
 def main(argv=None):
     args = parse_args(argv)
     t0 = time.time()
@@ -754,10 +773,12 @@ def main(argv=None):
     if sum(sizes) == 0:
         names = ", ".join(str(path) for path, _ in files[:3]) + (" ..." if len(files) > 3 else "")
         raise UserError(f"empty corpus: no text in {names}")
-    try:  # before the long work (BPE training, encoding): a bad --out fails at once
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create the output directory {out}: {e.strerror}") from None
+    with output_dir(out):  # before the long work (BPE training, encoding): a bad --out fails at once
+        build_dataset(args, files, out, sizes, chars, t0)
+
+
+def build_dataset(args, files, out: Path, sizes, chars, t0):
+    """Choose the split, build the tokenizer, write the bins and meta.json into `out`."""
     is_val = choose_val_docs(sizes, args.val_fraction, args.seed)
     sep_text = args.split_docs or "\n\n"  # char: documents are joined as text
     if args.tokenizer == "char" and is_val is not None:

@@ -521,7 +521,9 @@ BAD_INPUTS = {  # case: (arguments, fragments the error line must contain)
 
 @pytest.mark.parametrize("case", BAD_INPUTS)
 def test_bad_input_is_one_line(case, tmp_path):
-    """Each user mistake must end in one `error:` line naming the problem, never a traceback."""
+    """Each user mistake must end in one `error:` line naming the problem, never a traceback, and
+    leave no --out folder behind (an empty one was left when the mistake showed up after mkdir:
+    a corpus too small, an impossible BPE vocabulary)."""
     (tmp_path / "sub").mkdir()
     (tmp_path / "empty.txt").write_text("", encoding="utf-8")
     (tmp_path / "small.txt").write_text("hello world\n" * 5, encoding="utf-8")
@@ -529,8 +531,9 @@ def test_bad_input_is_one_line(case, tmp_path):
     (tmp_path / "binary.txt").write_bytes(b"hello \xff world\n" * 100)
     (tmp_path / "cjk.txt").write_text("".join(map(chr, range(0x20000, 0x20000 + 70_000))), encoding="utf-8")
     args, fragments = BAD_INPUTS[case]
-    r = run_script("prepare.py", *(a.format(tmp=tmp_path) for a in args), "--out", tmp_path / "out")
+    r = run_script("prepare.py", *(a.format(tmp=tmp_path) for a in args), "--out", tmp_path / "out" / "new")
     assert_one_line_error(r, *fragments)
+    assert not (tmp_path / "out").exists()
 
 
 def test_unusable_out_is_one_line_and_touches_nothing(tmp_path):
