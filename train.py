@@ -167,6 +167,8 @@ def check_ranges(cfg):
             raise UserError(f"{key} must be in [0, 1), got {cfg[key]}")
     if cfg["n_embd"] % cfg["n_head"]:
         raise UserError(f"n_embd={cfg['n_embd']} must be a multiple of n_head={cfg['n_head']}")
+    if cfg["backend"] not in ("auto", "nccl", "gloo"):
+        raise UserError(f"unknown backend '{cfg['backend']}' (use auto, nccl or gloo)")
 
 
 # -----------------------------------------------------------------------------
@@ -347,6 +349,8 @@ def setup_distributed(cfg):
     backend = cfg["backend"]
     if backend == "auto":
         backend = "nccl" if cfg["device"].startswith("cuda") else "gloo"
+    if backend == "nccl" and not cfg["device"].startswith("cuda"):  # NCCL only moves CUDA tensors
+        raise UserError(f"backend nccl needs CUDA devices, not {cfg['device']}; use --backend=gloo")
     torch.distributed.init_process_group(backend=backend)
     return rank, local_rank, world_size
 

@@ -103,10 +103,22 @@ def test_a_config_file_that_does_not_run_is_one_line(tmp_path, text, needles):
     (["--beta2=1"], "beta2 must be in [0, 1)"),
     (["--n_head=0"], "n_head must be >= 1"),
     (["--n_embd=32", "--n_head=3"], "multiple of n_head=3"),
+    (["--backend=mpi"], "unknown backend 'mpi'"),  # was torch's error, from every rank, at init
 ])
 def test_values_that_make_no_sense_are_errors(argv, needle):
     with pytest.raises(UserError, match=re.escape(needle)):
         train.load_config(argv)
+
+
+def test_nccl_without_cuda_is_an_error_before_joining(monkeypatch):
+    """--backend=nccl on CPU processes: a clear error before init_process_group, which would fail
+    (or wait for the other ranks) with torch's message."""
+    for name, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="2").items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(train.torch.distributed, "init_process_group", lambda **kw: pytest.fail("joined"))
+    cfg = train.load_config(["--backend=nccl", "--device=cpu"])
+    with pytest.raises(UserError, match="backend nccl needs CUDA devices"):
+        train.setup_distributed(cfg)
 
 
 def test_a_zero_batch_size_is_one_line(char_data, tmp_path):
