@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from gpt import GPT, GPTConfig, generate, quantize_int8
+from gpt import GPT, GPTConfig, generate, quantize_int8, store_linear_weights_transposed
 from train import autocast_context, measure_peak_flops, resolve_device, sync
 import prepare
 from prepare import run_main
@@ -89,6 +89,7 @@ def decode(args):
     hf, hf_skipped = load_hf_copy(model, args)
     dtype = getattr(torch, args.dtype)
     model.to(dtype)  # weights stored in dtype (not autocast): a decode step reads each weight once
+    store_linear_weights_transposed(model)  # as sample.py does on a CPU
     N = args.new_tokens
     print(f"decode: {model.num_params() / 1e6:.1f}M params, batch 1, {args.prompt_tokens}-token prompt, "
           f"{N} new tokens (greedy), {args.dtype}, {torch.get_num_threads()} threads, "

@@ -13,7 +13,8 @@ Design choices:
 - Past block_size the context window slides and is re-prefilled: with absolute positions a cached
   key belongs to one position in one window, so reuse would change the result.
 - Decoding one token reads every weight once, so on a CPU it runs at memory speed; quantize_int8
-  swaps the matmul weights for int8 rows with bf16 scales (a quarter of fp32's bytes) for that.
+  swaps the matmul weights for int8 rows with bf16 scales (a quarter of fp32's bytes) for that;
+  store_linear_weights_transposed lays fp32 weights out as a CPU's matrix-vector kernel reads fastest.
 - Weight files are safetensors, or torch.load(weights_only=True); a file that needs pickle is refused.
 """
 import contextlib
@@ -391,7 +392,7 @@ class Int8Linear(nn.Module):
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
-        w = linear.weight.detach().float()
+        w = linear.weight.detach().float().contiguous()  # (out, in) rows, whatever its memory layout
         # (out,): the row's largest |w| maps to 127; rounded to bf16 first, so that the int8 values
         # are chosen for the scale the kernel will multiply by
         scale = (w.abs().amax(dim=1).clamp(min=1e-12) / 127).to(torch.bfloat16)
@@ -419,6 +420,20 @@ def quantize_int8(model):
                     setattr(parent, name, Int8Linear(child))
     model.lm_head = Int8Linear(model.lm_head)
     return model.to(torch.bfloat16).eval()
+
+
+@torch.no_grad()
+def store_linear_weights_transposed(model):
+    """Inference on a CPU, in place: keep every Linear weight in memory as (in, out), Hugging Face's
+    Conv1D layout, seen through a transposed view, so shapes, names and values do not change.
+    Decoding one token multiplies a vector by each weight; MKL streams x @ W from a row-major
+    (in, out) matrix ~7% faster than from nn.Linear's (out, in) one: 45.7 vs 42.6 tokens/s at 124M
+    (README, Decoding). The tied embedding follows the head; a lookup then gathers a strided row.
+    Not for training: fused AdamW and DDP expect contiguous parameters."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            m.weight.data = m.weight.data.t().contiguous().t()  # .data keeps the parameter (and its tie)
+    return model
 
 
 def next_logits(model, tokens, n, kv_cache):

@@ -8,7 +8,7 @@ import torch
 from torch.nn import functional as F
 
 from gpt import (GPT, GPTConfig, Int8Linear, KVCache, attention, beam_search, generate, generate_stream,
-                 next_logits, quantize_int8, sample_next_token)
+                 next_logits, quantize_int8, sample_next_token, store_linear_weights_transposed)
 
 
 def tiny_config(**overrides):
@@ -521,3 +521,25 @@ def test_int8_model_stays_close_to_fp32_and_its_cache_still_equals_recompute():
     expected = recompute_greedy(quantized, prompt, 40)
     assert len(set(expected[0])) > 3
     assert generate(quantized, prompt, 40, temperature=0) == expected
+
+
+def test_transposed_weight_storage_is_the_same_model():
+    """store_linear_weights_transposed only moves bytes: every Linear weight is stored (in, out)
+    yet keeps its (out, in) shape and values; the head stays tied to the embedding; logits match
+    the untouched model to rounding; the KV cache still equals recompute; its state_dict loads
+    into a fresh GPT as the same function."""
+    model = varied_model()
+    stored = store_linear_weights_transposed(varied_model())
+    assert stored.lm_head.weight is stored.transformer.wte.weight
+    for (name, p), (_, q) in zip(model.named_parameters(), stored.named_parameters()):
+        assert torch.equal(p, q), name
+    assert all(m.weight.t().is_contiguous() for m in stored.modules() if isinstance(m, torch.nn.Linear))
+    idx = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(stored(idx, idx)[0], model(idx, idx)[0], rtol=1e-5, atol=1e-5)
+        fresh = GPT(stored.config)
+        fresh.load_state_dict(stored.state_dict())
+        torch.testing.assert_close(fresh.eval()(idx, idx)[0], model(idx, idx)[0], rtol=1e-5, atol=1e-5)
+    prompt = idx[:1, :5]
+    expected = recompute_greedy(stored, prompt, 40)
+    assert generate(stored, prompt, 40, temperature=0) == expected == recompute_greedy(model, prompt, 40)
