@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from gpt import beam_search, generate_stream, quantize_int8
+from gpt import beam_search, generate_stream, quantize_int8, store_linear_weights_transposed
 from prepare import ArgumentParser, UserError, load_tokenizer, run_main
 from train import (autocast_context, load_checkpoint, model_from_checkpoint, resolve_device,
                    resolve_dtype, sync)
@@ -102,7 +102,7 @@ def parse_args(argv):
     p.add_argument("--seed", type=parse_seed, default=None, help="default: a fresh random seed")
     p.add_argument("--stop", default=None, help="stop when the generated text contains this")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
-    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    p.add_argument("--dtype", default="auto", help="auto (fp32 on a CPU, bf16 or fp16 on CUDA) | float32 | bfloat16 | float16")
     p.add_argument("--int8", action="store_true",
                    help="CPU: int8 weights, bf16 activations (~1.8x faster decoding, slightly less exact)")
     mode = p.add_mutually_exclusive_group()
@@ -148,7 +148,9 @@ def find_checkpoint(ckpt, out_dir):
 def load(args):
     """(model, tokenizer, device, ctx, a line saying what was loaded) for the chosen checkpoint."""
     device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
+    # On a CPU "auto" is fp32, not bf16 autocast: decoding reads each weight once per token, and
+    # autocast would re-cast every weight on every step (13 vs 44 tokens/s at 124M, 2-core Xeon).
+    dtype = torch.float32 if args.dtype == "auto" and device == "cpu" else resolve_dtype(args.dtype, device)
     path = find_checkpoint(args.ckpt, args.out_dir)
     ckpt = load_checkpoint(path, device)
     if not ckpt.get("tokenizer"):
@@ -164,6 +166,8 @@ def load(args):
             quantize_int8(model)
         except RuntimeError as e:
             raise UserError(str(e)) from None
+    elif device == "cpu":
+        store_linear_weights_transposed(model)  # ~7% faster decoding on a CPU (gpt.py says why)
     loaded = (f"loaded {path} (iter {ckpt.get('iter_num', '?')}, {params / 1e6:.2f}M "
               f"parameters, block_size {model.config.block_size}, {tokenizer.kind} tokenizer) "
               f"on {device}, {'int8 weights + bfloat16' if args.int8 else str(dtype).removeprefix('torch.')}")
