@@ -46,10 +46,10 @@ class GPTConfig:
 
 
 def attention(q, k, v, mask, is_causal, dropout_p):
-    """scaled_dot_product_attention, with one CPU exception: when training in bf16 on short
-    sequences (<= 128 keys), PyTorch's CPU flash-attention backward is 2-5x slower in bf16 than in
-    fp32 (torch 2.13, Xeon with AMX: 3.7 vs 0.9 ms at (B, nh, T, hs) = (12, 4, 64, 32); 1.4-2x
-    at T = 128; even at 192; faster in bf16 from 256). There attention alone runs in fp32: a bf16 step of a
+    """scaled_dot_product_attention, with one CPU exception. Training in bf16 on short sequences
+    (<= 128 keys), PyTorch's CPU flash-attention backward is 1.4-5x slower in bf16 than in fp32
+    (torch 2.13, Xeon with AMX: 3.7 vs 0.9 ms at (B, nh, T, hs) = (12, 4, 64, 32); even at
+    T = 192; bf16 wins from 256). There attention alone runs in fp32: a bf16 training step of a
     4-layer, 128-wide model takes 23 ms instead of 36 (fp32: 31)."""
     if q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.requires_grad and k.size(-2) <= 128:
         with torch.autocast("cpu", enabled=False):  # autocast would cast q, k, v back to bf16

@@ -102,7 +102,8 @@ def parse_args(argv):
     p.add_argument("--seed", type=parse_seed, default=None, help="default: a fresh random seed")
     p.add_argument("--stop", default=None, help="stop when the generated text contains this")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
-    p.add_argument("--dtype", default="auto", help="auto (fp32 on a CPU, bf16 or fp16 on CUDA) | float32 | bfloat16 | float16")
+    p.add_argument("--dtype", default="auto",
+                   help="auto (fp32 on a CPU, bf16 or fp16 on CUDA) | float32 | bfloat16 | float16")
     p.add_argument("--int8", action="store_true",
                    help="CPU: int8 weights, bf16 activations (~1.8x faster decoding, slightly less exact)")
     mode = p.add_mutually_exclusive_group()
