@@ -91,11 +91,16 @@ def load_model(path):
 
 # --- generation ---------------------------------------------------------------------------------
 
-def test_auto_dtype_decodes_in_fp32_on_a_cpu(random_ckpt):
+def test_auto_dtype_decodes_in_fp32_on_a_cpu(random_ckpt, tmp_path):
     """--dtype auto on a CPU used to mean bf16 autocast, which re-casts every weight on every
-    decoding step: 3.3x slower than fp32 at 124M. Explicit --dtype=bfloat16 is still honoured."""
+    decoding step: 3.3x slower than fp32 at 124M. Scoring whole windows (--eval) keeps auto's
+    bf16 where the CPU has it; an explicit --dtype=bfloat16 is honoured when generating too."""
     auto = ok(run_script("sample.py", "--ckpt", random_ckpt, "--device=cpu", "--max_new_tokens=3"))
     assert "on cpu, float32" in auto.stderr
+    text = tmp_path / "text.txt"
+    text.write_text(PROMPT * 3, encoding="utf-8")
+    scored = ok(run_script("sample.py", "--ckpt", random_ckpt, "--device=cpu", "--eval", text))
+    assert f"on cpu, {'bfloat16' if train.cpu_has_bf16() else 'float32'}" in scored.stderr
     asked = ok(run_script("sample.py", "--ckpt", random_ckpt, "--device=cpu", "--dtype=bfloat16",
                           "--max_new_tokens=3"))
     assert "on cpu, bfloat16" in asked.stderr
