@@ -536,6 +536,16 @@ def test_bad_input_is_one_line(case, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_failed_run_keeps_an_out_folder_that_was_already_there(tmp_path):
+    """Only folders the failed run created are removed: an existing (even empty) --out stays."""
+    (tmp_path / "small.txt").write_text("hello world\n" * 5, encoding="utf-8")
+    out = tmp_path / "mine"
+    out.mkdir()
+    r = run_script("prepare.py", "--input", tmp_path / "small.txt", "--out", out)
+    assert_one_line_error(r, "too small")
+    assert out.is_dir()
+
+
 def test_unusable_out_is_one_line_and_touches_nothing(tmp_path):
     """--out naming a file (or an unset "$DIR") was a FileExistsError traceback / a silent default."""
     (tmp_path / "ok.txt").write_text("hello world\n" * 500, encoding="utf-8")
