@@ -224,6 +224,29 @@ def test_generation_turns_dropout_off_and_restores_training_mode():
     assert model.training
 
 
+def test_dropout_acts_at_gpt2s_sites_in_training_and_nowhere_in_eval(monkeypatch):
+    """GPT-2 drops out the embeddings' sum and each attention and MLP output (and attention
+    weights, inside SDPA); losing a site, or dropping in eval, changes what a model learns/says."""
+    model = varied_model(dropout=0.5)
+    plain = GPT(tiny_config()).eval()
+    plain.load_state_dict(model.state_dict())
+    idx = torch.randint(0, 64, (2, 16))
+    assert torch.equal(all_logits(model.eval(), idx), all_logits(plain, idx))
+
+    model.train()
+    runs = {}
+    for seed in (0, 0, 1):
+        torch.manual_seed(seed)
+        runs.setdefault(seed, []).append(all_logits(model, idx))
+    assert torch.equal(*runs[0]) and not torch.allclose(runs[0][0], runs[1][0])
+
+    calls = []
+    dropout = F.dropout
+    monkeypatch.setattr(F, "dropout", lambda x, p, training: calls.append((p, training)) or dropout(x, p, training))
+    all_logits(model, idx)
+    assert calls == [(0.5, True)] * (1 + 2 * model.config.n_layer)
+
+
 def test_empty_prompt_is_a_clear_error():
     with pytest.raises(ValueError, match="prompt is empty"):
         generate(varied_model(), torch.zeros(1, 0, dtype=torch.long), 5)
