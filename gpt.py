@@ -516,13 +516,17 @@ def generate_stream(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, 
     B, T = idx.shape
     if T == 0:
         raise ValueError("the prompt is empty: give at least one token (e.g. end-of-text)")
-    tokens = idx.new_empty(B, T + max_new_tokens)  # the whole context; filled as tokens come
+    # The whole context, filled as tokens come. It starts with room for one block of new tokens and
+    # doubles when full: a huge max_new_tokens (a user's "until a stop token") allocates nothing.
+    tokens = idx.new_empty(B, T + min(max_new_tokens, model.config.block_size))
     tokens[:, :T] = idx
     kv_cache = KVCache(model.config.n_layer, min(model.config.block_size, T + max_new_tokens))
     stop = torch.tensor(list(stop_tokens), dtype=idx.dtype, device=idx.device)
     done = torch.zeros(B, dtype=torch.bool, device=idx.device)
     with _eval_mode(model):
         for n in range(T, T + max_new_tokens):
+            if n == tokens.size(1):
+                tokens = torch.cat([tokens, torch.empty_like(tokens)], dim=1)
             logits = next_logits(model, tokens, n, kv_cache)
             token = sample_next_token(logits, temperature=temperature, top_k=top_k, top_p=top_p,
                                       repetition_penalty=repetition_penalty, seen=tokens[:, :n],
@@ -561,8 +565,7 @@ def beam_search(model, idx, max_new_tokens, num_beams, *, stop_tokens=(), length
                          f"got {tuple(idx.shape)} and {num_beams}")
     T = idx.size(1)
     stop = set(stop_tokens)
-    tokens = idx.repeat(num_beams, 1)  # every beam starts as the prompt ...
-    tokens = torch.cat([tokens, tokens.new_zeros(num_beams, max_new_tokens)], dim=1)
+    tokens = idx.repeat(num_beams, 1)  # (beams, n): every beam starts as the prompt ...
     scores = torch.full((num_beams,), float("-inf"), device=idx.device)
     scores[0] = 0.0  # ... but only beam 0 is live, so the first step does not pick duplicates
     kv_cache = KVCache(model.config.n_layer, min(model.config.block_size, T + max_new_tokens))
@@ -586,8 +589,9 @@ def beam_search(model, idx, max_new_tokens, num_beams, *, stop_tokens=(), length
                     new_tokens.append(token)
                     new_scores.append(total)
             rows = torch.tensor(rows, device=idx.device)
-            tokens = tokens[rows]
-            tokens[:, n] = torch.tensor(new_tokens, device=idx.device)
+            # Each step copies the kept beams anyway, so they grow by one column as they go: nothing
+            # is allocated for max_new_tokens up front (a huge one means "until a stop token").
+            tokens = torch.cat([tokens[rows], torch.tensor(new_tokens, device=idx.device)[:, None]], dim=1)
             scores = torch.tensor(new_scores, device=idx.device)
             kv_cache.reorder(rows)
             if len(finished) >= num_beams:

@@ -566,3 +566,30 @@ def test_transposed_weight_storage_is_the_same_model():
     prompt = idx[:1, :5]
     expected = recompute_greedy(stored, prompt, 40)
     assert generate(stored, prompt, 40, temperature=0) == expected == recompute_greedy(model, prompt, 40)
+
+
+# ----------------------------------------------------------------------------------------------
+# a huge max_new_tokens ("until a stop token")
+
+
+def test_huge_max_new_tokens_streams_without_allocating_it_up_front():
+    """Audit 10 #6: generate_stream preallocated (B, T + max_new_tokens), so max_new_tokens=10**12
+    (a user's "until --stop or end-of-text") died allocating 8 TB. The first 40 tokens (past
+    block_size, so the buffers grow and the window slides) must be recomputation's."""
+    model = varied_model()
+    idx = torch.randint(0, 64, (1, 5), generator=torch.Generator().manual_seed(5))
+    steps = generate_stream(model, idx, 10**12, temperature=0)
+    got = [next(steps).item() for _ in range(40)]
+    steps.close()
+    assert [got] == recompute_greedy(model, idx, 40)
+
+
+def test_huge_max_new_tokens_beam_search_ends_at_its_stop_tokens():
+    """Audit 10 #6 for beam_search, which preallocated (num_beams, max_new_tokens): with stop
+    tokens the search ends by itself, with the result of a small max_new_tokens."""
+    model = varied_model()
+    idx = torch.randint(0, 64, (1, 5), generator=torch.Generator().manual_seed(5))
+    stop = range(0, 64, 2)  # half the vocabulary: hypotheses finish within a few steps
+    small = beam_search(model, idx, 40, num_beams=3, stop_tokens=stop)
+    assert len(small) < 40  # it ended at a stop token, not at max_new_tokens
+    assert beam_search(model, idx, 10**12, num_beams=3, stop_tokens=stop) == small
