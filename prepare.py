@@ -14,8 +14,10 @@ Design choices:
 - Each file is a document (--split_docs cuts files further). Documents in one split are separated by
   <|endoftext|> (gpt2, bpe) or, for char, by the --split_docs separator or else a blank line
   ("\\n\\n"); a char vocabulary has no end-of-text id. train/val is split by whole documents, picked
-  by a seeded shuffle until val holds --val_fraction of the text; a single document is instead cut
-  at a token boundary near its end (as nanoGPT does), and meta.json says which.
+  by a seeded shuffle, when they can hold about --val_fraction of the text (0.5x to 1.5x of it).
+  Otherwise (a single document, or a few large ones) the last --val_fraction of every document is
+  cut off at a token boundary for val, as nanoGPT does with one file, so each document (each
+  language of a mixed corpus) is in both splits. meta.json says which.
 - Streaming: files are read in blocks and cut into ~1M-char pieces at points where encoding the
   pieces separately gives exactly the tokens of the whole (SAFE_CUT); a pool of processes encodes
   them in order; tokens go straight to disk. Memory stays flat whatever the corpus size (beyond a
@@ -26,8 +28,8 @@ Design choices:
 Outputs in --out: train.bin and val.bin hold the token ids back to back as raw little-endian
 uint16 (vocab_size <= 65,536) or uint32; meta.json (JSON) describes them: format_version,
 tokenizer, vocab_size, eot_id, dtype, tokens and documents per split, doc_separator (the ids
-written between documents), split ("by_document" | "single_document_tail"), val_fraction, seed,
-inputs (path or url, bytes, sha256) and the reading options.
+written between documents), split ("by_document" | "document_tails" | "single_document_tail"),
+val_fraction, seed, inputs (path or url, bytes, sha256) and the reading options.
 
 Tokenizer description (Tokenizer.to_dict(), stored in checkpoints; JSON-able and self-contained):
     {"kind": "char", "vocab_size": V, "eot_id": null, "chars": ["\\n", " ", "!", ...]}
@@ -49,6 +51,7 @@ import codecs
 import contextlib
 import functools
 import hashlib
+import itertools
 import json
 import multiprocessing
 import os
@@ -476,33 +479,43 @@ def scan(stream, want_chars: bool) -> tuple[array, set[str]]:
     return sizes, chars
 
 
-def train_split_texts(pieces, is_val, train_chars: int | None):
+def train_split_texts(pieces, is_val, sizes, val_fraction: float):
     """The texts of the train split only, which a BPE learns from: val perplexity is then measured
-    on text the tokenizer never saw. A single document (is_val None) is split by tokens later, so
-    it gives its first train_chars characters, about the train part."""
-    for doc, text in pieces:
+    on text the tokenizer never saw. When each document is cut at its tail (is_val None), the cut
+    is made in tokens later, so each document gives its first (1 - val_fraction) of characters,
+    about its train part."""
+    doc, left = None, 0
+    for i, text in pieces:
         if is_val is not None:
-            if not is_val[doc]:
+            if not is_val[i]:
                 yield text
-        elif train_chars > 0:
-            yield text[:train_chars]
-            train_chars -= len(text)
+            continue
+        if i != doc:
+            doc, left = i, int(sizes[i] * (1 - val_fraction))
+        if left > 0:
+            yield text[:left]
+            left -= len(text)
 
 
 def choose_val_docs(sizes, val_fraction: float, seed: int) -> np.ndarray | None:
-    """A bool mask of the documents that go to val: a seeded shuffle of the non-empty documents,
-    taken until they hold val_fraction of the text (at least one, never all). None for a
-    single-document corpus, which is split near its end instead."""
+    """A bool mask of the documents that go to val whole, or None: cut every document's tail.
+
+    Whole documents (a seeded shuffle of the non-empty ones) go to val while that keeps val near
+    val_fraction of the text: a document that would push val past 1.5x the target, or leave train
+    empty, is skipped, and the picking stops once the target is reached. If the documents picked
+    hold less than 0.5x the target (a few large documents), or there is a single document, None:
+    the last val_fraction of every document goes to val instead, so each document (each language
+    of a mixed corpus) is in both splits."""
     sizes = np.asarray(sizes, dtype=np.int64)
     nonempty = np.flatnonzero(sizes)
-    if len(nonempty) < 2:
-        return None
-    order = np.random.default_rng(seed).permutation(nonempty)
-    held = np.cumsum(sizes[order])
-    k = min(int(np.searchsorted(held, val_fraction * held[-1])) + 1, len(order) - 1)
-    is_val = np.zeros(len(sizes), dtype=bool)
-    is_val[order[:k]] = True
-    return is_val
+    total, target = sizes.sum(), val_fraction * sizes.sum()
+    is_val, held = np.zeros(len(sizes), dtype=bool), 0
+    for doc in np.random.default_rng(seed).permutation(nonempty):
+        if held >= target:
+            break
+        if held + sizes[doc] <= 1.5 * target and held + sizes[doc] < total:
+            is_val[doc], held = True, held + sizes[doc]
+    return is_val if held >= 0.5 * target else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -567,33 +580,43 @@ def encode_pieces(pieces, tok: Tokenizer, dtype: np.dtype, workers: int):
         raise UserError(f"an encoding process died ({e}); out of memory? try --workers 1") from e
 
 
-def write_splits(encoded, is_val, sep: bytes, paths: dict, itemsize: int) -> tuple[dict, dict]:
-    """Append each document's tokens to its split's file, `sep` between documents of a split.
-    Returns tokens and documents per split."""
-    tokens, docs, last = {"train": 0, "val": 0}, {"train": 0, "val": 0}, {"train": None, "val": None}
-    with open(paths["train"], "wb") as ftrain, open(paths["val"], "wb") as fval:
+def write_splits(encoded, is_val, sep: bytes, paths: dict, itemsize: int, val_fraction: float) -> tuple[dict, dict]:
+    """Append each document's tokens to its split's file, `sep` between documents of a split. With
+    is_val None each document goes to train, then its tail moves to val (move_tail). Returns
+    tokens and documents per split."""
+    docs = {"train": 0, "val": 0}
+    with open(paths["train"], "w+b") as ftrain, open(paths["val"], "wb") as fval:
         out = {"train": ftrain, "val": fval}
-        for doc, data in encoded:
+        for doc, pieces in itertools.groupby(encoded, key=lambda piece: piece[0]):
             split = "val" if is_val is not None and is_val[doc] else "train"
-            if last[split] != doc:
-                if last[split] is not None:
-                    out[split].write(sep)
-                    tokens[split] += len(sep) // itemsize
-                last[split] = doc
+            start = out[split].tell()
+            if start:
+                out[split].write(sep)
+            for _, data in pieces:
+                out[split].write(data)
+            if is_val is not None:
                 docs[split] += 1
-            out[split].write(data)
-            tokens[split] += len(data) // itemsize
+            else:
+                docs["train"] += move_tail(ftrain, fval, start, sep, val_fraction, itemsize)
+                docs["val"] += 1
+        tokens = {split: f.tell() // itemsize for split, f in out.items()}
     return tokens, docs
 
 
-def split_tail(paths: dict, n: int, val_fraction: float, itemsize: int) -> dict:
-    """Move the last val_fraction of a single document's n tokens from train to val."""
-    k = int(n * (1 - val_fraction))  # nanoGPT's int(n * 0.9)
-    with open(paths["train"], "r+b") as ftrain, open(paths["val"], "wb") as fval:
-        ftrain.seek(k * itemsize)
-        shutil.copyfileobj(ftrain, fval, 1 << 24)
-        ftrain.truncate(k * itemsize)
-    return {"train": k, "val": n - k}
+def move_tail(ftrain, fval, start: int, sep: bytes, val_fraction: float, itemsize: int) -> bool:
+    """Move the last val_fraction of the document that ends ftrain (from byte `start`, its
+    separator first if start > 0) to the end of fval: nanoGPT's int(n * 0.9) cut, at a token
+    boundary. False if no token of it stays in train."""
+    body = start + (len(sep) if start else 0)
+    n = (ftrain.tell() - body) // itemsize
+    k = int(n * (1 - val_fraction))
+    ftrain.seek(body + k * itemsize)
+    if fval.tell():
+        fval.write(sep)
+    shutil.copyfileobj(ftrain, fval, 1 << 24)
+    ftrain.seek(body + k * itemsize if k else start)  # nothing left in train: drop its separator too
+    ftrain.truncate()
+    return k > 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -701,10 +724,7 @@ def write_dataset(out: Path, tok: Tokenizer, pieces, is_val, sep: np.ndarray, ar
     paths = {"train": out / "train.bin.tmp", "val": out / "val.bin.tmp"}
     try:
         tokens, docs = write_splits(encode_pieces(pieces, tok, dtype, workers), is_val,
-                                    sep.astype(dtype).tobytes(), paths, dtype.itemsize)
-        if is_val is None:
-            tokens = split_tail(paths, tokens["train"], args.val_fraction, dtype.itemsize)
-            docs = {"train": 1, "val": 1}
+                                    sep.astype(dtype).tobytes(), paths, dtype.itemsize, args.val_fraction)
         for split, n in tokens.items():
             if n < MIN_SPLIT_TOKENS:
                 raise UserError(f"corpus too small: the {split} split holds {n:,} tokens, fewer than the "
@@ -777,17 +797,28 @@ def main(argv=None):
         build_dataset(args, files, out, sizes, chars, t0)
 
 
+def split_kind(is_val, sizes, val_fraction: float) -> str:
+    """meta.json's name for the split choose_val_docs chose; says so when it cut every document."""
+    if is_val is not None:
+        return "by_document"
+    if np.count_nonzero(sizes) < 2:
+        return "single_document_tail"
+    print(f"split: no set of whole documents holds about {val_fraction * 100:g}% of the text, so val is "
+          f"the last {val_fraction * 100:g}% of every document", file=sys.stderr)
+    return "document_tails"
+
+
 def build_dataset(args, files, out: Path, sizes, chars, t0):
     """Choose the split, build the tokenizer, write the bins and meta.json into `out`."""
     is_val = choose_val_docs(sizes, args.val_fraction, args.seed)
+    split = split_kind(is_val, sizes, args.val_fraction)
     sep_text = args.split_docs or "\n\n"  # char: documents are joined as text
-    if args.tokenizer == "char" and is_val is not None:
+    if args.tokenizer == "char" and split != "single_document_tail":
         chars |= set(sep_text)
-    train_chars = int(sizes[0] * (1 - args.val_fraction)) if is_val is None else None
     tok = make_tokenizer(args, chars, lambda: train_split_texts(
-        iter_pieces(read(files, args, "train bpe")), is_val, train_chars))
+        iter_pieces(read(files, args, "train bpe")), is_val, sizes, args.val_fraction))
 
-    if is_val is None:  # one document: no separators
+    if split == "single_document_tail":  # nothing to separate
         sep = np.array([], dtype=np.uint32)
     else:
         sep = np.array([tok.eot_id] if tok.eot_id is not None else tok.encode(sep_text), dtype=np.uint32)
@@ -798,7 +829,7 @@ def build_dataset(args, files, out: Path, sizes, chars, t0):
     write_meta(out, tok, {
         **fields,
         "doc_separator": sep.tolist(),
-        "split": "by_document" if is_val is not None else "single_document_tail",
+        "split": split,
         "val_fraction": args.val_fraction,
         "seed": args.seed,
         "inputs": [{**({"url": url} if url else {}), "path": str(path), "bytes": path.stat().st_size,

@@ -2,6 +2,7 @@
 encoding equals whole-document encoding, the bins and meta.json, the loader, and bad inputs."""
 import hashlib
 import json
+import re
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -220,8 +221,29 @@ def test_choose_val_docs():
     assert 0.1 <= held < 0.1 + 10 / sum(sizes)
     assert not a[100], "an empty document must never be the val split"
     assert prepare.choose_val_docs([0, 7, 0], 0.1, 0) is None  # one real document: split its tail
-    two = prepare.choose_val_docs([1, 1000], 0.9, 0)
-    assert two.sum() == 1, "val gets at least one document and never all"
+    for seed in range(10):
+        two = prepare.choose_val_docs([500, 500], 0.9, seed)
+        assert two.sum() == 1, "val never gets every document"
+
+
+@pytest.mark.parametrize("sizes", [[2_000, 30_000], [30_000, 2_000, 1_000], [60, 20, 20], [1, 1, 1, 5, 95]])
+def test_val_share_of_whole_documents_stays_near_val_fraction(sizes):
+    """Audit 10 #1: val took whole documents "until it held val_fraction (at least one)", so one
+    big document put 60-90% of the corpus in val. Whole documents may only land val within
+    [0.5x, 1.5x] of val_fraction; otherwise every document is cut at its tail (None)."""
+    for seed in range(20):
+        is_val = prepare.choose_val_docs(sizes, 0.1, seed)
+        if is_val is not None:
+            share = np.asarray(sizes)[is_val].sum() / sum(sizes)
+            assert 0.05 <= share <= 0.15, (seed, is_val)
+            assert not is_val.all()
+
+
+def test_many_equal_documents_still_split_by_whole_documents():
+    """The fallback (each document's tail) must not replace the document split where it works."""
+    for seed in range(20):
+        is_val = prepare.choose_val_docs([100] * 50, 0.1, seed)
+        assert is_val is not None and is_val.sum() == 5
 
 
 def test_token_dtype():
@@ -398,6 +420,49 @@ def test_workers_after_bpe_training_give_identical_bins(ko_text, tmp_path):
         outs.append(read_bins(out)[1])
     assert all((outs[0][s] == outs[1][s]).all() for s in ("train", "val"))
     assert len(outs[0]["train"]) > 1000
+
+
+def test_a_small_and_a_big_file_keep_val_near_val_fraction(shakespeare_path, tmp_path):
+    """Audit 10 #1 (`--input my_notes/` with two files): the big file went to val whole, 60% of
+    the tokens. Two documents cannot hold ~10% whole, so each is cut at its tail."""
+    text = shakespeare_path.read_text(encoding="utf-8")
+    notes = tmp_path / "my_notes"
+    notes.mkdir()
+    (notes / "big.txt").write_text(text[:30_000], encoding="utf-8")
+    (notes / "small.txt").write_text(text[50_000:70_000], encoding="utf-8")
+    out = tmp_path / "notes"
+    r = run_script("prepare.py", "--input", notes, "--out", out)
+    assert r.returncode == 0, r.stderr
+    meta, bins = read_bins(out)
+    assert 0.05 <= len(bins["val"]) / (len(bins["train"]) + len(bins["val"])) <= 0.15
+    assert meta["split"] == "document_tails" and meta["documents"] == {"train": 2, "val": 2}
+    assert "last 10% of every document" in r.stderr
+
+
+def test_a_big_korean_file_beside_english_ones_is_in_both_splits(korean_path, shakespeare_path, tmp_path):
+    """Audit 10 #1: the whole Korean file went to val (89% of the tokens) and the "Korean" BPE was
+    trained on English only. Each document's tail goes to val instead: both languages are in both
+    splits, and each document's train part followed by its val part is its whole encoding."""
+    english = shakespeare_path.read_text(encoding="utf-8")
+    texts = {"a_en.txt": english[:10_000], "b_ko.txt": korean_path.read_text(encoding="utf-8")[:30_000],
+             "c_en.txt": english[20_000:30_000]}
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for name, text in texts.items():
+        (mixed / name).write_text(text, encoding="utf-8")
+    out = tmp_path / "mix_bpe"
+    r = run_script("prepare.py", "--input", mixed, "--tokenizer", "bpe", "--vocab_size", 400, "--out", out)
+    assert r.returncode == 0, r.stderr
+    meta, bins = read_bins(out)
+    tok = load_tokenizer(out)
+    assert 0.05 <= len(bins["val"]) / (len(bins["train"]) + len(bins["val"])) <= 0.15
+    hangul = re.compile("[\uac00-\ud7a3]")
+    assert hangul.search(tok.decode(bins["train"])) and hangul.search(tok.decode(bins["val"]))
+    assert len(tok.encode("영화")) < 6, "the BPE learned no Korean (6 bytes = 6 tokens)"
+    train, val = docs_of(bins["train"], tok.eot_id), docs_of(bins["val"], tok.eot_id)
+    for i, text in enumerate(texts.values()):
+        n = len(tok.encode(text))
+        assert train[i] + val[i] == tok.encode(text) and len(train[i]) == int(n * 0.9)
 
 
 def test_bpe_learns_from_the_train_split_only(tmp_path):
