@@ -311,25 +311,38 @@ def train_bpe(texts, vocab_size: int) -> dict[bytes, int]:
 
 
 def resolve_inputs(inputs: list[str], glob: str) -> list[tuple[Path, str | None]]:
-    """(file, url or None) for every input file: files as given, directories searched recursively
-    for `glob` (sorted; hidden folders skipped), URLs downloaded once into CACHE_DIR."""
-    files = []
+    """(file, url or None) for every input file, each once: a file given twice (or a folder and a
+    file inside it) would otherwise be two documents, one of which can land in val as a copy of
+    train. Duplicates (by resolved path) are skipped with a notice; the first keeps its place."""
+    files, seen, skipped = [], set(), []
     for name in inputs:
-        if name.startswith(("http://", "https://")):
-            files.append((download(name), name))
-            continue
-        path = Path(name)
-        if path.is_dir():
-            found = sorted(p for p in path.rglob(glob)
-                           if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
-            if not found:
-                raise UserError(f"no files matching {glob!r} under {name} (choose another pattern with --glob)")
-            files += [(p, None) for p in found]
-        elif path.is_file():
-            files.append((path, None))
-        else:
-            raise UserError(f"{name}: no such file or directory")
+        for path, url in expand_input(name, glob):
+            if path.resolve() in seen:
+                skipped.append(str(path))
+            else:
+                seen.add(path.resolve())
+                files.append((path, url))
+    if skipped:
+        more = f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+        print(f"skipping inputs given more than once: {', '.join(skipped[:3])}{more}", file=sys.stderr)
     return files
+
+
+def expand_input(name: str, glob: str) -> list[tuple[Path, str | None]]:
+    """(file, url or None) for one --input: a file as given, a directory searched recursively for
+    `glob` (sorted; hidden folders skipped), a URL downloaded once into CACHE_DIR."""
+    if name.startswith(("http://", "https://")):
+        return [(download(name), name)]
+    path = Path(name)
+    if path.is_dir():
+        found = sorted(p for p in path.rglob(glob)
+                       if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        if not found:
+            raise UserError(f"no files matching {glob!r} under {name} (choose another pattern with --glob)")
+        return [(p, None) for p in found]
+    if path.is_file():
+        return [(path, None)]
+    raise UserError(f"{name}: no such file or directory")
 
 
 def download(url: str) -> Path:

@@ -266,6 +266,30 @@ def test_default_out_and_separator_escapes():
     assert prepare.parse_args(["--split_docs", r"한\t"]).split_docs == "한\t"
 
 
+def test_an_input_given_twice_is_read_once(tmp_path, capsys):
+    """Audit 10 #2: a file given twice, or a folder plus a file inside it, was read twice, so the
+    same text sat in train and in val (val = leaked train). Kept once, in first-seen order."""
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for name in ("a.txt", "b.txt"):
+        (folder / name).write_text(name, encoding="utf-8")
+    a, b = folder / "a.txt", folder / "b.txt"
+    dotted = f"{tmp_path}/mixed/../mixed/b.txt"  # another spelling of b.txt
+    files = prepare.resolve_inputs([str(b), str(folder), dotted, str(b)], "*.txt")
+    assert files == [(b, None), (a, None)]
+    notice = capsys.readouterr().err
+    assert notice.count("\n") == 1 and "given more than once" in notice and dotted in notice
+
+
+def test_a_file_given_twice_is_one_document(tiny_corpus, out_dir):
+    """The repro `--input shk.txt shk.txt`: train 200,000 tokens and val the same 200,000."""
+    r = run_script("prepare.py", "--input", tiny_corpus, tiny_corpus, "--out", out_dir)
+    assert r.returncode == 0, r.stderr
+    meta, bins = read_bins(out_dir)
+    assert len(meta["inputs"]) == 1 and meta["split"] == "single_document_tail"
+    assert len(bins["train"]) + len(bins["val"]) == len(tiny_corpus.read_text(encoding="utf-8"))
+
+
 def test_download_caches_and_fails_in_one_line(tmp_path, monkeypatch):
     """No network must give an actionable message, and a cached download must not need network."""
     monkeypatch.setattr(prepare, "CACHE_DIR", tmp_path / "cache")
