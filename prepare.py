@@ -821,8 +821,28 @@ def split_kind(is_val, sizes, val_fraction: float) -> str:
     return "document_tails"
 
 
+def existing_tokenizer(out: Path) -> dict | None:
+    """The tokenizer of the dataset already in `out`, if there is one."""
+    if not (out / "meta.json").is_file():
+        return None
+    try:
+        return load_tokenizer(out / "meta.json").to_dict()
+    except UserError:  # a damaged dataset: nothing a checkpoint could have been trained on
+        return None
+
+
+def note_replaced(out: Path, old: dict | None, tok: Tokenizer):
+    """Re-preparing a dataset is normal, but with another tokenizer it orphans the checkpoints
+    trained on it (train.py's resume then fails on the vocabulary): say so."""
+    if old is None or old == tok.to_dict():
+        return
+    change = f"{old['kind']} -> {tok.kind}" if old["kind"] != tok.kind else f"another {tok.kind} vocabulary"
+    print(f"replacing {out} ({change}): checkpoints trained on it no longer match", file=sys.stderr)
+
+
 def build_dataset(args, files, out: Path, sizes, chars, t0):
     """Choose the split, build the tokenizer, write the bins and meta.json into `out`."""
+    old = existing_tokenizer(out)  # before write_dataset removes its meta.json
     is_val = choose_val_docs(sizes, args.val_fraction, args.seed)
     split = split_kind(is_val, sizes, args.val_fraction)
     sep_text = args.split_docs or "\n\n"  # char: documents are joined as text
@@ -849,6 +869,7 @@ def build_dataset(args, files, out: Path, sizes, chars, t0):
                     "sha256": h.hexdigest()} for (path, url), h in zip(files, hashes)],
         "options": {"glob": args.glob, "split_docs": args.split_docs, "clean": args.clean, "errors": args.errors},
     })
+    note_replaced(out, old, tok)
     secs = time.time() - t0
     n = fields["tokens"]
     print(f"{out}: train {n['train']:,} tokens, val {n['val']:,} tokens ({tok.kind}, vocab {tok.vocab_size:,}, "

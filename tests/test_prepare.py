@@ -572,6 +572,22 @@ def test_reuse_tokenizer_from_a_dataset(tiny_corpus, tmp_path):
     assert {p.name: p.read_bytes() for p in new.iterdir()} == before, "a failed run must leave the dataset alone"
 
 
+def test_replacing_a_dataset_made_with_another_tokenizer_says_so(tiny_corpus, out_dir):
+    """Audit 10 #12: re-preparing data/x with another tokenizer silently broke every checkpoint
+    trained on it. Re-preparing stays allowed (a normal workflow) but says what it replaced;
+    re-preparing with the same tokenizer says nothing."""
+    def prepare_with(*args):
+        r = run_script("prepare.py", "--input", tiny_corpus, "--out", out_dir, *args)
+        assert r.returncode == 0, r.stderr
+        return r.stderr
+
+    assert "replacing" not in prepare_with()
+    assert "replacing" not in prepare_with()
+    notice = [line for line in prepare_with("--tokenizer", "gpt2").splitlines() if "replacing" in line]
+    assert notice == [f"replacing {out_dir} (char -> gpt2): checkpoints trained on it no longer match"]
+    assert load_tokenizer(out_dir).kind == "gpt2"
+
+
 def test_uint32_bins_for_a_large_vocabulary(tiny_corpus, tmp_path):
     """Ids above 65,535 written as uint16 would wrap around silently."""
     # every byte pair (ranks 0..65535), then the single bytes: a lone byte's id is above 65,535
