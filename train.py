@@ -187,7 +187,8 @@ def resolve_device(name):
         raise UserError(f"device '{name}' requested but MPS is not available here (try --device=cpu)")
     if kind not in ("cpu", "cuda", "mps"):
         raise UserError(f"unknown device '{name}' (use auto, cpu, cuda, cuda:N or mps)")
-    return name
+    # There is one CPU device: 'cpu:0' would tag checkpoint storages that torch.load cannot map.
+    return "cpu" if kind == "cpu" else name
 
 
 def cpu_has_bf16():

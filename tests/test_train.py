@@ -156,6 +156,14 @@ def test_absent_device_is_a_clear_error():
     assert train.resolve_device("auto") in ("cpu", "mps")
 
 
+def test_cpu_with_an_index_is_plain_cpu():
+    """--device=cpu:0 trained, but its checkpoint then held storages tagged 'cpu:0' that
+    torch.load could not map back (resume and sample.py failed)."""
+    assert train.resolve_device("cpu:0") == "cpu"
+    assert train.resolve_device("cpu:3") == "cpu"
+    assert train.resolve_device("cpu") == "cpu"
+
+
 def test_dtype_resolution():
     assert train.resolve_dtype("float32", "cpu") == torch.float32
     assert train.resolve_dtype("auto", "cpu") == (torch.bfloat16 if train.cpu_has_bf16() else torch.float32)
