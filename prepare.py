@@ -61,6 +61,7 @@ import signal
 import sys
 import time
 import urllib.request
+import zipfile
 from array import array
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
@@ -258,6 +259,10 @@ def load_tokenizer(source) -> Tokenizer:
         except (ValueError, KeyError, TypeError) as e:
             raise UserError(f"{path}: not a dataset meta.json ({e!r})") from e
         return tokenizer_from_dict(entry, path.parent)
+    if not zipfile.is_zipfile(path):  # torch.save writes zip archives (and mmap reads nothing else)
+        inside = (path.parent / "meta.json").is_file()  # e.g. the tokenizer.bpe the README names
+        hint = f"; pass the dataset folder that holds it: {path.parent}" if inside else ""
+        raise UserError(f"{source}: not a dataset directory, meta.json or checkpoint{hint}")
     import torch  # only for checkpoints; mmap reads the tokenizer without loading the weights
 
     try:

@@ -588,6 +588,20 @@ def test_replacing_a_dataset_made_with_another_tokenizer_says_so(tiny_corpus, ou
     assert load_tokenizer(out_dir).kind == "gpt2"
 
 
+def test_tokenizer_given_a_file_inside_a_dataset_suggests_the_folder(tmp_path):
+    """Audit 10 #22: `--tokenizer data/ko_bpe/tokenizer.bpe` (the file the README names) printed
+    torch's mmap error text. It must say what to pass instead: the dataset folder."""
+    dataset = tmp_path / "ko_bpe"
+    dataset.mkdir()
+    (dataset / "meta.json").write_text("{}", encoding="utf-8")
+    (dataset / "tokenizer.bpe").write_text("IQ== 0\n", encoding="utf-8")
+    (tmp_path / "ok.txt").write_text("hello world\n" * 500, encoding="utf-8")
+    r = run_script("prepare.py", "--input", tmp_path / "ok.txt", "--tokenizer", dataset / "tokenizer.bpe",
+                   "--out", tmp_path / "out")
+    assert_one_line_error(r, "tokenizer.bpe", f"pass the dataset folder that holds it: {dataset}")
+    assert "mmap" not in r.stderr and "torch" not in r.stderr
+
+
 def test_uint32_bins_for_a_large_vocabulary(tiny_corpus, tmp_path):
     """Ids above 65,535 written as uint16 would wrap around silently."""
     # every byte pair (ranks 0..65535), then the single bytes: a lone byte's id is above 65,535
