@@ -2,7 +2,7 @@
 
     python train.py config/small.py                        # one process (CPU, one GPU, MPS)
     python train.py config/small.py --max_iters=500 --device=cpu
-    torchrun --nproc_per_node=2 train.py config/small.py --device=cpu      # DDP over gloo
+    torchrun --nproc_per_node=2 train.py config/small.py --device=cpu --gradient_accumulation_steps=2
     torchrun --nproc_per_node=8 train.py config/default.py                 # DDP over NCCL
     python train.py --plot out                             # out/metrics.jsonl -> out/loss.png
 
@@ -344,6 +344,11 @@ def setup_distributed(cfg):
         return 0, 0, 1
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     world_size = int(os.environ["WORLD_SIZE"])
+    accum = cfg["gradient_accumulation_steps"]
+    if accum % world_size:  # each process runs an equal share of the micro-steps
+        raise UserError(f"gradient_accumulation_steps={accum} must be a multiple of the number of "
+                        f"processes ({world_size}): pass --gradient_accumulation_steps="
+                        f"{math.ceil(accum / world_size) * world_size}")
     if cfg["device"].startswith("cuda") or (cfg["device"] == "auto" and torch.cuda.is_available()):
         cfg["device"] = f"cuda:{local_rank}"
         torch.cuda.set_device(cfg["device"])
@@ -441,9 +446,6 @@ def train(cfg):
     device_type = device.split(":")[0]
     ctx = autocast_context(device, dtype)
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == torch.float16))
-    if cfg["gradient_accumulation_steps"] % world_size:
-        raise UserError(f"gradient_accumulation_steps={cfg['gradient_accumulation_steps']} must be "
-                        f"a multiple of the number of processes ({world_size})")
     accum = cfg["gradient_accumulation_steps"] // world_size  # micro-steps of this process
     B, T = cfg["batch_size"], cfg["block_size"]
     tokens_per_iter = B * T * cfg["gradient_accumulation_steps"]

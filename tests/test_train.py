@@ -116,8 +116,20 @@ def test_nccl_without_cuda_is_an_error_before_joining(monkeypatch):
     for name, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="2").items():
         monkeypatch.setenv(name, value)
     monkeypatch.setattr(train.torch.distributed, "init_process_group", lambda **kw: pytest.fail("joined"))
-    cfg = train.load_config(["--backend=nccl", "--device=cpu"])
+    cfg = train.load_config(["--backend=nccl", "--device=cpu", "--gradient_accumulation_steps=2"])
     with pytest.raises(UserError, match="backend nccl needs CUDA devices"):
+        train.setup_distributed(cfg)
+
+
+@pytest.mark.parametrize("accum, fix", [(1, "--gradient_accumulation_steps=2"), (3, "--gradient_accumulation_steps=4")])
+def test_accumulation_not_shared_by_the_processes_names_the_value_to_pass(monkeypatch, accum, fix):
+    """The documented `torchrun --nproc_per_node=2 ... config/small.py` failed on accumulation 1
+    with a message that did not say what to pass; it must fail before joining the group."""
+    for name, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="2").items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(train.torch.distributed, "init_process_group", lambda **kw: pytest.fail("joined"))
+    cfg = train.load_config([f"--gradient_accumulation_steps={accum}", "--device=cpu"])
+    with pytest.raises(UserError, match=f"multiple of the number of processes \\(2\\).*{fix}"):
         train.setup_distributed(cfg)
 
 
