@@ -716,7 +716,9 @@ def make_tokenizer(args, chars: set[str], train_texts) -> Tokenizer:
     if args.tokenizer == "bpe":
         t0 = time.time()
         ranks = train_bpe(train_texts(), args.vocab_size)
-        print(f"trained a BPE of {len(ranks) + 1:,} tokens in {time.time() - t0:.1f}s", file=sys.stderr)
+        n = len(ranks) + 1
+        short = f", not the {args.vocab_size:,} asked: the corpus has no more pairs to merge" if n < args.vocab_size else ""
+        print(f"trained a BPE of {n:,} tokens{short} ({time.time() - t0:.1f}s)", file=sys.stderr)
         return bpe_tokenizer(ranks)
     return load_tokenizer(args.tokenizer)
 

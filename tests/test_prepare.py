@@ -520,6 +520,18 @@ def test_bpe_of_one_document_learns_from_its_train_part_only(tmp_path):
     assert len(tok.encode(" valword")) > 1
 
 
+def test_bpe_smaller_than_asked_says_so(tmp_path):
+    """Audit 10 #23: --vocab_size 70000 on a small corpus trained 8,536 tokens and said only
+    "trained a BPE of 8,536 tokens": the user must learn that the corpus ran out of merges."""
+    corpus = tmp_path / "small.txt"
+    corpus.write_text("the cat sat on the mat\n" * 400, encoding="utf-8")
+    out = tmp_path / "out"
+    r = run_script("prepare.py", "--input", corpus, "--tokenizer", "bpe", "--vocab_size", 5000, "--out", out)
+    assert r.returncode == 0, r.stderr
+    n = read_bins(out)[0]["vocab_size"]
+    assert n < 300 and f"BPE of {n:,} tokens, not the 5,000 asked" in r.stderr
+
+
 def test_bpe_dataset_and_loader_routes(ko_text, tmp_path):
     """Every way train.py/sample.py get a tokenizer (dir, meta.json, dict, checkpoint alone) must
     give the same encoder, and the bins must decode to the corpus."""
