@@ -11,6 +11,9 @@ Design choices:
   `load_tokenizer` rebuilds any of them from a dict, a dataset dir, its meta.json or a checkpoint.
 - Text is encoded as plain text: a literal "<|endoftext|>" in a corpus is ordinary characters
   (tiktoken's encode_ordinary); the end-of-text id only ever comes from a document boundary.
+- Files are read as UTF-8 with CRLF and lone CR turned into LF (Python's universal newlines), so
+  a file saved on Windows gives the same tokens as on Linux: no '\\r' in a char vocabulary, no
+  CR tokens in a BPE.
 - Each file is a document (--split_docs cuts files further). Documents in one split are separated by
   <|endoftext|> (gpt2, bpe) or, for char, by the --split_docs separator or else a blank line
   ("\\n\\n"); a char vocabulary has no end-of-text id. train/val is split by whole documents, picked
@@ -51,6 +54,7 @@ import codecs
 import contextlib
 import functools
 import hashlib
+import io
 import itertools
 import json
 import multiprocessing
@@ -372,14 +376,16 @@ def download(url: str) -> Path:
 
 
 def read_blocks(path: Path, errors: str, on_bytes):
-    """The text of one file in blocks, decoded as UTF-8 (a leading byte-order mark is dropped).
-    on_bytes(data) sees every raw block (for hashing and progress)."""
-    decoder = codecs.getincrementaldecoder("utf-8")(errors)
+    """The text of one file in blocks, decoded as UTF-8 (a leading byte-order mark is dropped),
+    with CRLF and lone CR read as LF. on_bytes(data) sees every raw block (hashing, progress)."""
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors)
+    # Python's universal newlines; it holds back a block's final CR until it sees the next byte
+    decoder = io.IncrementalNewlineDecoder(utf8, translate=True)
     offset, first = 0, True
     with open(path, "rb") as f:
         while True:
             data = f.read(BLOCK_BYTES)
-            pending = len(decoder.getstate()[0])  # bytes of a character cut by the previous block
+            pending = len(utf8.getstate()[0])  # bytes of a character cut by the previous block
             try:
                 text = decoder.decode(data, final=not data)
             except UnicodeDecodeError as e:
@@ -692,6 +698,7 @@ def parse_args(argv=None):
             raise UserError(f"--split_docs {sep}: {e.reason} (a literal backslash is written \\\\)") from None
         if not args.split_docs:
             raise UserError("--split_docs needs a non-empty separator")
+        args.split_docs = args.split_docs.replace("\r\n", "\n").replace("\r", "\n")  # as the text is read
     return args
 
 

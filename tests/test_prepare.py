@@ -211,6 +211,34 @@ def test_read_blocks_reports_the_byte_offset_and_drops_a_bom(tmp_path, monkeypat
     assert "".join(prepare.read_blocks(path, "replace", lambda data: None)) == "한국어 ok\ufffd!"
 
 
+def test_read_blocks_turns_crlf_and_cr_into_lf(tmp_path, monkeypatch):
+    """Audit 10 #24: CRLF input kept '\r' in a char vocabulary (and GPT-2 BPE tokens). Every
+    CRLF and lone CR reads as LF, also when a CRLF straddles two read blocks."""
+    path = tmp_path / "x.txt"
+    text = "\ufeffa\r\nb\rc\r\n\r\n한\r\r\nd\n\re\r"
+    path.write_bytes(text.encode())
+    for block_bytes in range(1, 9):  # every split of every CRLF and of the 3-byte 한
+        monkeypatch.setattr(prepare, "BLOCK_BYTES", block_bytes)
+        assert "".join(prepare.read_blocks(path, "strict", lambda data: None)) == "a\nb\nc\n\n한\n\nd\n\ne\n"
+    assert prepare.parse_args(["--split_docs", r"\r\n\r\n"]).split_docs == "\n\n", "it would never match"
+
+
+def test_crlf_and_lf_files_give_the_same_dataset(tiny_corpus, tmp_path):
+    """The same text saved with Windows line ends must give identical bins and vocabulary."""
+    text = tiny_corpus.read_text(encoding="utf-8")
+    metas, bins = [], []
+    for name, newline in (("lf", "\n"), ("crlf", "\r\n")):
+        corpus = tmp_path / f"{name}.txt"
+        corpus.write_bytes(text.replace("\n", newline).encode())
+        r = run_script("prepare.py", "--input", corpus, "--out", tmp_path / name)
+        assert r.returncode == 0, r.stderr
+        meta, b = read_bins(tmp_path / name)
+        metas.append(meta)
+        bins.append(b)
+    assert metas[0]["tokenizer"] == metas[1]["tokenizer"] and "\r" not in metas[1]["tokenizer"]["chars"]
+    assert all((bins[0][s] == bins[1][s]).all() for s in ("train", "val"))
+
+
 def test_choose_val_docs():
     """A split that changes between runs, puts an empty document or every document in val."""
     sizes = [10] * 100 + [0] + [5] * 50
