@@ -394,16 +394,19 @@ def build_model(cfg, vocab_size, tokenizer, device):
 def check_compatible(cfg, ckpt, vocab_size, tokenizer, path, resume):
     """A model can only continue on data of its own vocabulary and, when resuming, its own shape."""
     args = ckpt["model_args"]
+    # A Hugging Face folder carries no tokenizer of ours: it is GPT-2's, which prepare.py names gpt2.
+    fix = f"prepare the data with `python prepare.py --tokenizer {path if ckpt['tokenizer'] else 'gpt2'} ...`"
     if args["vocab_size"] != vocab_size:
         raise UserError(f"{path} has vocab_size={args['vocab_size']} but dataset "
-                        f"{cfg['dataset']} has vocab_size={vocab_size}; prepare the data with "
-                        f"`python prepare.py --tokenizer {path} ...`")
+                        f"{cfg['dataset']} has vocab_size={vocab_size}; {fix}")
     theirs = ckpt["tokenizer"] or {"kind": "gpt2"}
     same = theirs == tokenizer.to_dict() if ckpt["tokenizer"] else tokenizer.kind == "gpt2"
     if not same:
-        raise UserError(f"{path} was trained with a different tokenizer ({theirs['kind']}) than "
-                        f"dataset {cfg['dataset']} ({tokenizer.kind}); prepare the data with "
-                        f"`python prepare.py --tokenizer {path} ...`")
+        if theirs["kind"] == tokenizer.kind == "char":
+            what = f"a different character set than dataset {cfg['dataset']}"
+        else:
+            what = f"a different tokenizer ({theirs['kind']}) than dataset {cfg['dataset']} ({tokenizer.kind})"
+        raise UserError(f"{path} was trained with {what}; {fix}")
     if resume and "optimizer" not in ckpt:
         raise UserError(f"cannot resume from {path}: it holds weights only (a copy of best.pt?); "
                         f"--init_from=PATH starts a new run from a weights file")

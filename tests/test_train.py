@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import ROOT, assert_one_line_error, run_script
-from prepare import UserError
+from prepare import UserError, load_tokenizer
 import train
 
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=8",
@@ -449,4 +449,23 @@ def test_hugging_face_weights_on_a_char_dataset_are_refused(char_data, tmp_path)
     vocab = json.loads((char_data / "meta.json").read_text())["vocab_size"]  # same size, other tokens
     train.GPT(train.GPTConfig(block_size=64, vocab_size=vocab, n_layer=1, n_head=2, n_embd=32)).save_pretrained(hf_dir)
     result = train_run(char_data, tmp_path / "out", f"--init_from={hf_dir}", check=False)
-    assert_one_line_error(result, "tokenizer")
+    assert_one_line_error(result, "tokenizer", "--tokenizer gpt2")
+
+
+def test_a_tokenizer_mismatch_suggests_a_fix_that_works(char_data, tmp_path):
+    """For a Hugging Face folder the messages said `prepare.py --tokenizer FOLDER`, which prepare.py
+    cannot read (the fix is --tokenizer gpt2); two char vocabularies were 'a different tokenizer
+    (char) than ... (char)'."""
+    cfg = train.load_config([f"--dataset={char_data}"])
+    char = load_tokenizer(char_data)
+    args = dict(vocab_size=char.vocab_size, **{k: cfg[k] for k in train.MODEL_KEYS})
+    hf_dir = tmp_path / "hf"
+    for vocab_size in (char.vocab_size, 50257):  # the tokenizer check, then the vocab_size check
+        hf = dict(model_args=args | dict(vocab_size=vocab_size), tokenizer=None)
+        with pytest.raises(UserError, match="--tokenizer gpt2") as error:
+            train.check_compatible(cfg, hf, char.vocab_size, char, hf_dir, resume=False)
+        assert str(hf_dir) not in str(error.value).split("prepare.py")[-1]
+    other_chars = char.to_dict() | dict(chars=sorted(set(char.chars) - {"!"} | {"~"}))
+    ckpt = dict(model_args=args, tokenizer=other_chars)
+    with pytest.raises(UserError, match="a different character set"):
+        train.check_compatible(cfg, ckpt, char.vocab_size, char, tmp_path / "ckpt.pt", resume=False)
