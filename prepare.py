@@ -360,17 +360,17 @@ def download(url: str) -> Path:
     path = CACHE_DIR / f"{hashlib.sha1(url.encode()).hexdigest()[:10]}-{name}"
     if path.is_file():
         return path
-    CACHE_DIR.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     print(f"downloading {url}", file=sys.stderr)
-    try:
-        with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f:
-            shutil.copyfileobj(r, f)
-    except (OSError, ValueError) as e:  # URLError, HTTPError and timeouts are OSErrors
-        tmp.unlink(missing_ok=True)
-        reason = getattr(e, "reason", e)
-        raise UserError(f"could not download {url} ({reason}); to use a local copy instead, "
-                        f"pass --input PATH") from e
+    with created_dir(CACHE_DIR, "download cache"):
+        try:
+            with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f:
+                shutil.copyfileobj(r, f)
+        except (OSError, ValueError) as e:  # URLError, HTTPError and timeouts are OSErrors
+            tmp.unlink(missing_ok=True)
+            reason = getattr(e, "reason", e)
+            raise UserError(f"could not download {url} ({reason}); to use a local copy instead, "
+                            f"pass --input PATH") from e
     os.replace(tmp, path)
     return path
 
@@ -788,14 +788,15 @@ def atomic_write(path: Path, text: str):
 
 
 @contextlib.contextmanager
-def output_dir(out: Path):
-    """Create `out`; if the work inside fails, remove the folders this created (only if empty): an
-    empty folder left by a failed run would look like a dataset to the next command."""
-    created = [d for d in (out, *out.parents) if not d.exists()]  # deepest first
+def created_dir(path: Path, what: str):
+    """Create `path`; if the work inside fails, remove the folders this created (only if empty): an
+    empty --out left by a failed run would look like a dataset to the next command, and an empty
+    data/.cache after a failed download is litter."""
+    created = [d for d in (path, *path.parents) if not d.exists()]  # deepest first
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"cannot create the output directory {out}: {e.strerror}") from None
+        raise UserError(f"cannot create the {what} {path}: {e.strerror}") from None
     try:
         yield
     except BaseException:
@@ -820,7 +821,7 @@ def main(argv=None):
     if sum(sizes) == 0:
         names = ", ".join(str(path) for path, _ in files[:3]) + (" ..." if len(files) > 3 else "")
         raise UserError(f"empty corpus: no text in {names}")
-    with output_dir(out):  # before the long work (BPE training, encoding): a bad --out fails at once
+    with created_dir(out, "output directory"):  # before the long work (BPE training, encoding): a bad --out fails at once
         build_dataset(args, files, out, sizes, chars, t0)
 
 

@@ -352,6 +352,20 @@ def test_download_caches_and_fails_in_one_line(tmp_path, monkeypatch):
     assert not list((tmp_path / "cache").glob("*.tmp"))
 
 
+def test_a_failed_download_leaves_no_empty_cache_folder(tmp_path, monkeypatch):
+    """Audit 10 #25: a failed download (offline, a bad URL) left an empty data/.cache/ behind.
+    Folders the download created are removed when empty; folders that were there stay."""
+    monkeypatch.setattr(prepare, "CACHE_DIR", tmp_path / "data" / ".cache")
+    url = "http://127.0.0.1:9/x.txt"  # the discard port: refused at once, no network needed
+    with pytest.raises(UserError, match="could not download"):
+        prepare.download(url)
+    assert not (tmp_path / "data").exists()
+    (tmp_path / "data").mkdir()
+    with pytest.raises(UserError, match="could not download"):
+        prepare.download(url)
+    assert list(tmp_path.rglob("*")) == [tmp_path / "data"]
+
+
 # --- datasets (prepare.py as a user runs it) -------------------------------------------------------
 
 
