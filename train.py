@@ -19,6 +19,7 @@ Design choices:
 """
 import ast
 import difflib
+import importlib.util
 import json
 import math
 import os
@@ -435,7 +436,15 @@ def maybe_compile(model, device, block_size):
 
 # -----------------------------------------------------------------------------
 
+def check_logging_packages(cfg):
+    """tensorboard_log / wandb_log need their package: say so before out_dir is touched."""
+    for key, package in (("tensorboard_log", "tensorboard"), ("wandb_log", "wandb")):
+        if cfg[key] and importlib.util.find_spec(package) is None:
+            raise UserError(f"{key}=True needs {package}: pip install {package}")
+
+
 def train(cfg):
+    check_logging_packages(cfg)
     previous = Path(cfg["out_dir"]) / "ckpt.pt"
     if cfg["init_from"] != "resume" and previous.is_file():  # a new run would overwrite it
         raise UserError(f"{cfg['out_dir']} already holds a run ({previous}); continue it with "
@@ -681,10 +690,10 @@ class MetricsLog:
         self.file = open(path, "a", encoding="utf-8")
         self.tensorboard = self.wandb = None
         if cfg["tensorboard_log"]:
-            from torch.utils.tensorboard import SummaryWriter  # needs `pip install tensorboard`
+            from torch.utils.tensorboard import SummaryWriter  # checked by check_logging_packages
             self.tensorboard = SummaryWriter(Path(cfg["out_dir"]) / "tensorboard")
         if cfg["wandb_log"]:
-            import wandb  # needs `pip install wandb`
+            import wandb
             self.wandb = wandb.init(project=cfg["wandb_project"], name=cfg["wandb_run_name"], config=cfg)
 
     def write(self, **record):

@@ -1,5 +1,6 @@
 """train.py: config loading, the LR schedule, checkpoints, exact resume, DDP equivalence, errors."""
 import argparse
+import importlib.util
 import json
 import math
 import re
@@ -373,6 +374,17 @@ def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(char_data, tmp_
     ckpt = train.load_checkpoint(out / "ckpt.pt")  # the iter-0 checkpoint is intact
     assert ckpt["iter_num"] == 0
     assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
+
+
+@pytest.mark.parametrize("key, package", [("tensorboard_log", "tensorboard"), ("wandb_log", "wandb")])
+def test_logging_without_its_package_is_one_line_before_writing(char_data, out_dir, key, package):
+    """Without the package this was a ModuleNotFoundError traceback after out_dir was half made."""
+    if importlib.util.find_spec(package):
+        pytest.skip(f"{package} is installed here")
+    cfg = train.load_config([*TINY, f"--dataset={char_data}", f"--out_dir={out_dir}", f"--{key}=True"])
+    with pytest.raises(UserError, match=f"^{key}=True needs {package}: pip install {package}$"):
+        train.train(cfg)
+    assert not out_dir.exists()
 
 
 def test_pickled_checkpoint_is_refused(tmp_path):
