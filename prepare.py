@@ -467,26 +467,38 @@ def iter_pieces(stream, size: int = PIECE_CHARS):
 
 
 class Progress:
-    """`label: MB done / total, MB/s, ETA` on stderr when it is a terminal, a few times a second."""
+    """`label: MB done / total, MB/s, ETA` on stderr when it is a terminal, a few times a second,
+    and once more at the end, so the last line shows the whole input read."""
 
     def __init__(self, label: str, total: int):
         self.label, self.total, self.done = label, total, 0
         self.t0 = self.shown = time.time()
         self.tty = sys.stderr.isatty()
+        self.width = 0  # of the longest line shown: a shorter one must cover it
 
     def __call__(self, data: bytes):
         self.done += len(data)
         now = time.time()
         if self.tty and now - self.shown > 0.25:
-            self.shown = now
-            rate = self.done / (now - self.t0)
-            eta = (self.total - self.done) / rate if rate else 0
-            print(f"\r{self.label}: {self.done / 1e6:,.1f}/{self.total / 1e6:,.1f} MB  {rate / 1e6:.1f} MB/s  "
-                  f"ETA {eta:.0f}s ", end="", file=sys.stderr, flush=True)
+            self.show(now)
+
+    def show(self, now: float):
+        self.shown = now
+        rate = self.done / (now - self.t0)
+        eta = (self.total - self.done) / rate if rate else 0
+        line = f"{self.label}: {self.done / 1e6:,.1f}/{self.total / 1e6:,.1f} MB  {rate / 1e6:.1f} MB/s  ETA {eta:.0f}s"
+        self.width = max(self.width, len(line))
+        print(f"\r{line:<{self.width}}", end="", file=sys.stderr, flush=True)
 
     def close(self):
-        if self.tty and self.shown > self.t0:
+        if self.tty and self.shown > self.t0:  # a line is on screen: finish it
+            self.show(time.time())
             print(file=sys.stderr)
+
+
+def size_text(n: float) -> str:
+    """Bytes as KB below a megabyte, else MB: a 20 KB corpus is not "0.0 MB"."""
+    return f"{n / 1e3:,.1f} KB" if n < 1e6 else f"{n / 1e6:,.1f} MB"
 
 
 def scan(stream, want_chars: bool) -> tuple[array, set[str]]:
@@ -888,7 +900,7 @@ def build_dataset(args, files, out: Path, sizes, chars, t0):
     secs = time.time() - t0
     n = fields["tokens"]
     print(f"{out}: train {n['train']:,} tokens, val {n['val']:,} tokens ({tok.kind}, vocab {tok.vocab_size:,}, "
-          f"{fields['dtype']}) from {total / 1e6:,.1f} MB in {secs:.1f}s ({total / 1e6 / secs:.1f} MB/s)")
+          f"{fields['dtype']}) from {size_text(total)} in {secs:.1f}s ({size_text(total / secs)}/s)")
 
 
 if __name__ == "__main__":

@@ -731,27 +731,37 @@ def test_unusable_out_is_one_line_and_touches_nothing(tmp_path):
 
 
 def test_progress_line_on_a_terminal_only(monkeypatch):
-    """On a TTY: MB done of the total, MB/s and ETA, rewritten in place; elsewhere (logs, CI): nothing."""
+    """On a TTY: MB done of the total, MB/s and ETA, rewritten in place, and at the end the final
+    figures (audit 10 #26: the last line shown was e.g. 23.1/26.8 MB, never 100%); elsewhere
+    (logs, CI): nothing."""
     import io
 
     class Terminal(io.StringIO):
         def isatty(self):
             return True
 
-    clock = iter([100.0, 101.0, 102.0])  # start, then two updates a second apart
+    clock = iter([100.0, 101.0, 101.1, 101.2, 102.0])  # start, three updates (two too soon to show), close
     monkeypatch.setattr(prepare.time, "time", lambda: next(clock))
     monkeypatch.setattr(prepare.sys, "stderr", Terminal())
-    progress = prepare.Progress("encode", total=4_000_000)
-    progress(b"x" * 1_000_000)
-    progress(b"x" * 1_000_000)
+    progress = prepare.Progress("encode", total=3_000_000)
+    for _ in range(3):
+        progress(b"x" * 1_000_000)
     progress.close()
-    shown = prepare.sys.stderr.getvalue()
-    assert shown.startswith("\rencode: 1.0/4.0 MB  1.0 MB/s  ETA 3s")
-    assert "\rencode: 2.0/4.0 MB  1.0 MB/s  ETA 2s" in shown and shown.endswith("\n")
+    shown = prepare.sys.stderr.getvalue().split("\r")
+    assert shown[1] == "encode: 1.0/3.0 MB  1.0 MB/s  ETA 2s"
+    assert shown[2] == "encode: 3.0/3.0 MB  1.5 MB/s  ETA 0s\n"
 
     monkeypatch.setattr(prepare.sys, "stderr", io.StringIO())  # not a terminal
-    clock = iter([100.0, 101.0])
+    clock = iter([100.0, 101.0, 102.0])
     progress = prepare.Progress("encode", total=4_000_000)
     progress(b"x" * 1_000_000)
     progress.close()
     assert prepare.sys.stderr.getvalue() == ""
+
+
+def test_sizes_in_the_summary():
+    """Audit 10 #26: the summary said "from 0.0 MB" for inputs under 50 KB."""
+    assert prepare.size_text(20_479) == "20.5 KB"
+    assert prepare.size_text(999) == "1.0 KB"
+    assert prepare.size_text(1_115_394) == "1.1 MB"
+    assert prepare.size_text(200_800_000) == "200.8 MB"
