@@ -667,16 +667,19 @@ def parse_args(argv=None):
     p.add_argument("--out", help="output directory (default: data/<first input's name>, or "
                                  "data/shakespeare_<tokenizer> for the default corpus)")
     p.add_argument("--tokenizer", default="char",
-                   help="char | gpt2 | bpe | PATH of a dataset dir, meta.json or checkpoint whose tokenizer to reuse")
-    p.add_argument("--vocab_size", type=int, help="bpe: vocabulary size, <|endoftext|> included (default 8192)")
-    p.add_argument("--glob", default="*.txt", help="file pattern inside directories")
+                   help="char | gpt2 | bpe | PATH of a dataset dir, meta.json or checkpoint whose tokenizer to "
+                        "reuse (default: %(default)s)")
+    p.add_argument("--vocab_size", type=int, help="bpe: vocabulary size, <|endoftext|> included (default: 8192)")
+    p.add_argument("--glob", default="*.txt", help="file pattern inside directories (default: %(default)r)")
     p.add_argument("--split_docs", metavar="SEP",
                    help=r"also cut files into documents at SEP; backslash escapes work ('\n\n' = blank line)")
     p.add_argument("--clean", action="store_true", help="collapse each whitespace run into one space")
     p.add_argument("--errors", choices=["strict", "replace"], default="strict",
-                   help="bytes that are not UTF-8: stop with an error, or read them as U+FFFD")
-    p.add_argument("--val_fraction", type=float, default=0.1, help="share of the text that goes to val.bin")
-    p.add_argument("--seed", type=int, default=1337, help="seed of the document split")
+                   help="bytes that are not UTF-8: stop with an error, or read them as U+FFFD (default: %(default)s)")
+    p.add_argument("--val_fraction", type=float, default=0.1,
+                   help="share of the text that goes to val.bin: whole documents when some hold about that share, "
+                        "else the end of every document (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=1337, help="seed of the document split (default: %(default)s)")
     p.add_argument("--workers", type=int, help="encoding processes (default: one per core for a corpus of "
                                                   f"{POOL_MIN_BYTES >> 20} MB or more, else 1)")
     args = p.parse_args(argv)

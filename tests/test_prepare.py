@@ -318,6 +318,16 @@ def test_a_file_given_twice_is_one_document(tiny_corpus, out_dir):
     assert len(bins["train"]) + len(bins["val"]) == len(tiny_corpus.read_text(encoding="utf-8"))
 
 
+def test_help_shows_the_defaults(capsys):
+    """Audit 10 #28: --help left out the defaults of --glob, --val_fraction and others."""
+    with pytest.raises(SystemExit):
+        prepare.parse_args(["--help"])
+    shown = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for default in ("(default: char)", "(default: '*.txt')", "(default: strict)", "(default: 0.1)",
+                    "(default: 1337)", "(default: 8192)"):
+        assert default in shown, default
+
+
 def test_download_caches_and_fails_in_one_line(tmp_path, monkeypatch):
     """No network must give an actionable message, and a cached download must not need network."""
     monkeypatch.setattr(prepare, "CACHE_DIR", tmp_path / "cache")
