@@ -120,11 +120,15 @@ def load_config(argv):
         arg = argv[i]
         if arg.startswith("--"):
             key, has_value, value = arg[2:].partition("=")
-            if not has_value:
-                if i + 1 == len(argv):
-                    raise UserError(f"{arg} needs a value: {arg}=VALUE")
-                value, i = argv[i + 1], i + 1
             check_key(key, "the command line")
+            if not has_value:
+                following = argv[i + 1] if i + 1 < len(argv) else None
+                if type(DEFAULTS[key]) is bool and str(following).lower() not in ("true", "false"):
+                    value = True  # a bare --flag switches a bool setting on
+                elif following is None:
+                    raise UserError(f"{arg} needs a value: {arg}=VALUE")
+                else:
+                    value, i = following, i + 1
             config[key] = parse_value(key, value, DEFAULTS[key])
         else:
             path = Path(arg)
@@ -166,6 +170,15 @@ def check_ranges(cfg):
     for key in ("dropout", "beta1", "beta2"):
         if not 0 <= cfg[key] < 1:
             raise UserError(f"{key} must be in [0, 1), got {cfg[key]}")
+    for key in ("out_dir", "dataset"):
+        if not cfg[key].strip():
+            raise UserError(f"{key} is empty; name a folder, e.g. --{key}={DEFAULTS[key]}")
+    if cfg["decay_lr"] and cfg["warmup_iters"] > cfg["lr_decay_iters"]:
+        raise UserError(f"warmup_iters={cfg['warmup_iters']} exceeds lr_decay_iters={cfg['lr_decay_iters']}: "
+                        f"the LR would drop from its peak straight to min_lr; lower warmup_iters")
+    if cfg["decay_lr"] and cfg["min_lr"] > cfg["learning_rate"]:
+        raise UserError(f"min_lr={cfg['min_lr']} exceeds learning_rate={cfg['learning_rate']}: the LR "
+                        f"would rise, not decay; lower min_lr (learning_rate / 10 is usual) or --decay_lr=False")
     if cfg["n_embd"] % cfg["n_head"]:
         raise UserError(f"n_embd={cfg['n_embd']} must be a multiple of n_head={cfg['n_head']}")
     if cfg["backend"] not in ("auto", "nccl", "gloo"):
@@ -297,6 +310,18 @@ def sync(device):
 
 # -----------------------------------------------------------------------------
 # Data, learning rate, evaluation.
+
+def dataset_dir(name):
+    """The folder of a prepared dataset: a name under data/, a path to the folder or its meta.json."""
+    path = Path(name) if os.sep in name else Path("data") / name
+    if not path.is_dir() and Path(name).is_file():
+        if Path(name).name == "meta.json":
+            return Path(name).parent
+        stem = Path(name).stem
+        raise UserError(f"dataset {name} is a file, not a folder made by prepare.py; make one with "
+                        f"`python prepare.py --input {name} --out data/{stem}`, then --dataset={stem}")
+    return path
+
 
 def open_bins(data_dir, block_size):
     """meta.json, the bins' dtype, and each split's number of window starts (at least one)."""
@@ -463,7 +488,7 @@ def train(cfg):
     tokens_per_iter = B * T * cfg["gradient_accumulation_steps"]
     peak_flops = measure_peak_flops(device, dtype) if master else 1.0  # before seeding: uses randn
 
-    data_dir = Path(cfg["dataset"]) if os.sep in cfg["dataset"] else Path("data") / cfg["dataset"]
+    data_dir = dataset_dir(cfg["dataset"])
     meta, bin_dtype, window_starts = open_bins(data_dir, T)
     tokenizer = load_tokenizer(data_dir)
 
@@ -741,12 +766,15 @@ def plot(out_dir):
 
 def main():
     argv = sys.argv[1:]
-    if argv[:1] in (["-h"], ["--help"]):
+    if "-h" in argv or "--help" in argv:
         print(__doc__ + "\nSettings and their defaults:\n" +
               "\n".join(f"  --{k}={v!r}" for k, v in DEFAULTS.items()))
         return
-    if argv[:1] == ["--plot"]:
-        return plot(argv[1] if len(argv) > 1 else "out")
+    if argv and argv[0].partition("=")[0] == "--plot":  # --plot, --plot DIR or --plot=DIR
+        dirs = argv[0].split("=", 1)[1:] + argv[1:]
+        if len(dirs) > 1:
+            raise UserError(f"--plot takes one out_dir, got {len(dirs)}: {' '.join(dirs)}")
+        return plot(dirs[0] if dirs else "out")
     train(load_config(argv))
 
 

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -58,6 +59,49 @@ def test_config_file_then_command_line_override_defaults(tmp_path):
     assert cfg["n_head"] == train.DEFAULTS["n_head"]
 
 
+def test_a_bare_flag_switches_a_bool_setting_on(tmp_path):
+    """`--compile` alone was 'needs a value'."""
+    config_file = tmp_path / "c.py"
+    config_file.write_text("n_layer = 3\n")
+    cfg = train.load_config(["--compile", "--bias", "false", "--decay_lr", str(config_file), "--max_iters", "7"])
+    assert cfg["compile"] is True and cfg["bias"] is False and cfg["decay_lr"] is True
+    assert cfg["n_layer"] == 3 and cfg["max_iters"] == 7
+    assert train.load_config(["--tensorboard_log"])["tensorboard_log"] is True  # last argument
+
+
+@pytest.mark.parametrize("argv", [["c.py", "--help"], ["--max_iters=3", "-h"]])
+def test_help_anywhere_prints_the_settings(monkeypatch, capsys, argv):
+    """`train.py config/x.py --help` was '--help needs a value'."""
+    monkeypatch.setattr(sys, "argv", ["train.py", *argv])
+    train.main()
+    assert "--max_iters=5000" in capsys.readouterr().out
+
+
+def test_plot_takes_one_out_dir(monkeypatch, tmp_path):
+    """`--plot=DIR` was 'unknown setting'; `--plot a b` silently ignored b."""
+    drawn = []
+    monkeypatch.setattr(train, "plot", drawn.append)
+    for argv in (["--plot=a"], ["--plot", "a"]):
+        monkeypatch.setattr(sys, "argv", ["train.py", *argv])
+        train.main()
+    assert drawn == ["a", "a"]
+    monkeypatch.setattr(sys, "argv", ["train.py", "--plot", "a", "b"])
+    with pytest.raises(UserError, match="one out_dir"):
+        train.main()
+
+
+def test_dataset_may_name_its_meta_json_and_a_text_file_gets_the_prepare_command(char_data, tmp_path):
+    """--dataset=.../meta.json said '.../meta.json/meta.json is missing'; a raw text file got the
+    suggestion `prepare.py --out FILE`, which fails since FILE exists."""
+    assert train.dataset_dir(str(char_data / "meta.json")) == char_data
+    assert train.dataset_dir(str(char_data)) == char_data
+    assert train.dataset_dir("shakespeare_char") == Path("data") / "shakespeare_char"
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    with pytest.raises(UserError, match=re.escape(f"python prepare.py --input {text} --out data/notes")):
+        train.dataset_dir(str(text))
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["--max_iters=1e3"], "max_iters expects int"),  # a float where an int is expected
     (["--compile=maybe"], "compile expects bool"),
@@ -105,10 +149,18 @@ def test_a_config_file_that_does_not_run_is_one_line(tmp_path, text, needles):
     (["--n_head=0"], "n_head must be >= 1"),
     (["--n_embd=32", "--n_head=3"], "multiple of n_head=3"),
     (["--backend=mpi"], "unknown backend 'mpi'"),  # was torch's error, from every rank, at init
+    (["--out_dir="], "out_dir is empty"),  # wrote the run into the current directory
+    (["--warmup_iters=200", "--lr_decay_iters=100"], "warmup_iters=200 exceeds lr_decay_iters=100"),
+    (["--min_lr=1e-3", "--learning_rate=1e-4"], "min_lr=0.001 exceeds learning_rate=0.0001"),
 ])
 def test_values_that_make_no_sense_are_errors(argv, needle):
     with pytest.raises(UserError, match=re.escape(needle)):
         train.load_config(argv)
+
+
+def test_contradictory_lr_settings_are_fine_without_decay():
+    cfg = train.load_config(["--decay_lr=False", "--warmup_iters=200", "--lr_decay_iters=100", "--min_lr=1"])
+    assert cfg["warmup_iters"] == 200 and cfg["min_lr"] == 1.0
 
 
 def test_nccl_without_cuda_is_an_error_before_joining(monkeypatch):
