@@ -543,14 +543,15 @@ def choose_val_docs(sizes, val_fraction: float, seed: int) -> np.ndarray | None:
     the last val_fraction of every document goes to val instead, so each document (each language
     of a mixed corpus) is in both splits."""
     sizes = np.asarray(sizes, dtype=np.int64)
-    nonempty = np.flatnonzero(sizes)
-    total, target = sizes.sum(), val_fraction * sizes.sum()
+    order = np.random.default_rng(seed).permutation(np.flatnonzero(sizes))
+    total = int(sizes.sum())
+    target = val_fraction * total
     is_val, held = np.zeros(len(sizes), dtype=bool), 0
-    for doc in np.random.default_rng(seed).permutation(nonempty):
+    for doc, size in zip(order.tolist(), sizes[order].tolist()):  # Python ints: fast for millions
         if held >= target:
             break
-        if held + sizes[doc] <= 1.5 * target and held + sizes[doc] < total:
-            is_val[doc], held = True, held + sizes[doc]
+        if held + size <= 1.5 * target and held + size < total:
+            is_val[doc], held = True, held + size
     return is_val if held >= 0.5 * target else None
 
 
