@@ -49,7 +49,7 @@ DEFAULTS = dict(
     eval_interval=250,
     eval_iters=50,  # batches per split per evaluation
     log_interval=10,
-    always_save_checkpoint=True,  # False: write ckpt.pt only when val loss improves (as nanoGPT)
+    always_save_checkpoint=True,  # False: evaluations write ckpt.pt only if val improved (a run's end always does)
     patience=0,  # stop after this many evaluations without a val improvement; 0 = never
     # data
     batch_size=12,  # sequences per micro-step per process
@@ -436,9 +436,12 @@ def check_compatible(cfg, ckpt, vocab_size, tokenizer, path, resume):
     if resume and "optimizer" not in ckpt:
         raise UserError(f"cannot resume from {path}: it holds weights only (a copy of best.pt?); "
                         f"--init_from=PATH starts a new run from a weights file")
-    if resume and ckpt["iter_num"] > cfg["max_iters"]:
-        raise UserError(f"cannot resume: {path} is at iter {ckpt['iter_num']}, past "
-                        f"max_iters={cfg['max_iters']}; raise max_iters to train further")
+    if resume and ckpt["iter_num"] >= cfg["max_iters"]:
+        raise UserError(f"nothing to resume: {path} is at iter {ckpt['iter_num']} and max_iters="
+                        f"{cfg['max_iters']}; raise --max_iters (and lr_decay_iters) to train further")
+    if resume and cfg["patience"] and ckpt["evals_since_best"] >= cfg["patience"]:
+        raise UserError(f"nothing to resume: {path} is {ckpt['evals_since_best']} evaluations past its best "
+                        f"val loss and patience={cfg['patience']} stops it there; raise --patience to train further")
     mismatched = [k for k in MODEL_KEYS if k != "block_size" and cfg[k] != args[k]]
     if resume and mismatched:
         details = ", ".join(f"{k}={args[k]} (config says {cfg[k]})" for k in mismatched)
@@ -498,6 +501,7 @@ def train(cfg):
                                            (cfg["beta1"], cfg["beta2"]), device_type)
     batch_rng = np.random.default_rng(cfg["seed"])  # the same stream on every rank
     iter_num, best_val_loss, evals_since_best, elapsed0 = 0, float("inf"), 0, 0.0
+    resume_iter = None  # the iteration a resumed run starts at (its evaluation, if due, is done)
     torch.manual_seed(cfg["seed"] + rank)  # dropout masks differ between ranks
     if cfg["init_from"] == "resume":
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -511,8 +515,9 @@ def train(cfg):
             torch.manual_seed(cfg["seed"] + rank + 1000 * iter_num)
         if device_type == "cuda" and "cuda" in ckpt["rng"]:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu())
+        resume_iter = iter_num
+        print0(f"resuming from {previous} at iter {iter_num} (best val loss {best_val_loss:.4f})")
     del ckpt  # free its copy of the weights and optimizer state
-    start_iter = iter_num
 
     raw_model = model  # what checkpoints store: no DDP / compile wrappers, no _orig_mod. prefix
     if cfg["compile"]:
@@ -533,7 +538,6 @@ def train(cfg):
         print0(f"model: {raw_model.num_params() / 1e6:.2f}M parameters; {tokens_per_iter:,} tokens "
                f"per iteration ({B} batch x {T} block x {cfg['gradient_accumulation_steps']} accum); "
                f"{world_size} process(es) on {device}, {cfg['dtype']}")
-    resume_iter = start_iter if cfg["init_from"] == "resume" else None
     log = MetricsLog(out_dir / "metrics.jsonl", cfg, resume_iter) if master else None
 
     def draw_windows(split, rng, count):
@@ -612,7 +616,8 @@ def train(cfg):
 
         # Evaluate, keep the best weights, write the resume checkpoint.
         last_iter = iter_num == cfg["max_iters"]
-        if (iter_num % cfg["eval_interval"] == 0 and iter_num != start_iter) or last_iter or iter_num == 0:
+        done = last_iter  # the end of the run writes ckpt.pt below the loop
+        if (iter_num % cfg["eval_interval"] == 0 or last_iter) and iter_num != resume_iter:
             metrics = evaluate()
             if not math.isfinite(metrics["val_loss"]):
                 raise UserError(f"val loss is {metrics['val_loss']} at iter {iter_num}; stopping "
@@ -625,23 +630,17 @@ def train(cfg):
             print0(f"iter {iter_num}: train loss {metrics['train_loss']:.4f}, val loss "
                    f"{metrics['val_loss']:.4f}, val ppl {metrics['val_ppl']:.2f}, "
                    f"val acc {metrics['val_acc']:.3f}" + (" (best)" if improved else ""))
+            if cfg["patience"] and evals_since_best >= cfg["patience"]:
+                print0(f"early stop: no val improvement in {cfg['patience']} evaluations")
+                done = True
             if master:
                 log.write(iter=iter_num, elapsed_s=elapsed0 + time.time() - t_start, lr=lr, **metrics)
                 if improved:
                     checkpoint("best.pt", full=False)
-                if improved or cfg["always_save_checkpoint"]:
+                if (improved or cfg["always_save_checkpoint"]) and not done:
                     checkpoint("ckpt.pt", full=True)
             t_last = time.time()  # evaluation time is not training throughput
-            if cfg["patience"] and evals_since_best >= cfg["patience"]:
-                print0(f"early stop: no val improvement in {cfg['patience']} evaluations")
-                break
-        if last_iter:
-            break
-        if stop_signal:
-            if master:
-                checkpoint("ckpt.pt", full=True)
-            print0(f"stopped by signal {stop_signal[0]} at iter {iter_num}; {out_dir / 'ckpt.pt'} "
-                   f"resumes it (--init_from=resume)")
+        if done or stop_signal:
             break
 
         # One optimizer step: accum micro-steps on this rank's share of the global batch.
@@ -683,8 +682,13 @@ def train(cfg):
             loss_sum.zero_()
             t_last, iters_since_log = time.time(), 0
 
+    # The end of the run (max_iters, an early stop or a signal) always saves where it got to.
     if master:
+        checkpoint("ckpt.pt", full=True)
         log.close()
+    if stop_signal:
+        print0(f"stopped by signal {stop_signal[0]} at iter {iter_num}; {out_dir / 'ckpt.pt'} "
+               f"resumes it (--init_from=resume)")
     if ddp:
         # Wait for rank 0's last checkpoint: a rank that tears down gloo while another still
         # works can abort ("terminate called without an active exception").

@@ -474,11 +474,32 @@ def test_plot_draws_the_loss_curves(char_data, out_dir):
     assert (out_dir / "loss.png").stat().st_size > 1000
 
 
-def test_patience_stops_when_val_stops_improving(char_data, out_dir):
-    """With a zero learning rate val never improves: patience=2 must stop after 3 evaluations."""
-    train_run(char_data, out_dir, "--max_iters=100", "--eval_interval=2", "--patience=2",
-              "--learning_rate=0.0", "--min_lr=0.0")
-    assert [r["iter"] for r in metrics(out_dir) if "val_loss" in r] == [0, 2, 4]
+def test_patience_and_the_end_of_a_run_save_and_resume_once(char_data, tmp_path):
+    """With a zero learning rate val never improves: patience=2 must stop after 3 evaluations.
+    With always_save_checkpoint=False ckpt.pt was the last improvement's (iter 0), so continuing a
+    finished run silently restarted there; resuming an early-stopped run (or one at max_iters)
+    evaluated again and duplicated its last metrics records."""
+    run = tmp_path / "run"
+    frozen = ["--always_save_checkpoint=False", "--learning_rate=0.0", "--min_lr=0.0",
+              "--eval_interval=2", "--log_interval=1"]
+    train_run(char_data, run, *frozen, "--max_iters=100", "--patience=2")
+    assert [r["iter"] for r in metrics(run) if "val_loss" in r] == [0, 2, 4]
+    assert train.load_checkpoint(run / "ckpt.pt")["iter_num"] == 4  # the run's end, not its best
+    best = min(r["val_loss"] for r in metrics(run) if "val_loss" in r)
+
+    again = train_run(char_data, run, *frozen, "--max_iters=100", "--patience=2", "--init_from=resume",
+                      check=False)
+    assert_one_line_error(again, "raise --patience")
+    result = train_run(char_data, run, *frozen, "--max_iters=6", "--patience=10", "--init_from=resume")
+    assert f"resuming from {run / 'ckpt.pt'} at iter 4 (best val loss {best:.4f})" in result.stdout
+    assert [(r["iter"], "val_loss" in r) for r in metrics(run)] == [
+        (0, True), (1, False), (2, False), (2, True), (3, False), (4, False), (4, True),
+        (5, False), (6, False), (6, True)]
+    records = metrics(run)
+    again = train_run(char_data, run, *frozen, "--max_iters=6", "--patience=10", "--init_from=resume",
+                      check=False)
+    assert_one_line_error(again, "iter 6", "raise --max_iters (and lr_decay_iters)")
+    assert metrics(run) == records
 
 
 def test_compile_failure_falls_back_to_eager(monkeypatch, capsys):
