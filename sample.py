@@ -14,8 +14,10 @@ Design choices:
   search are gpt.py's engine; this file only drives them.
 - stdout carries only model text (or the tables asked for); what was loaded, notices and errors
   go to stderr, so `python sample.py ... > out.txt` keeps a clean file.
-- Streaming decodes the growing list of new tokens and prints the new suffix only once it does
-  not end in U+FFFD: a byte-level token can stop in the middle of a UTF-8 character.
+- Streaming decodes the new tokens not yet printed and prints their text only once it does not
+  end in U+FFFD: a byte-level token can stop in the middle of a UTF-8 character. Decoding only
+  those keeps a long run (a huge --max_new_tokens: until --stop, end-of-text or Ctrl-C) linear.
+- A chat's context is the text shown: a reply cut by --stop or Ctrl-C keeps only what was printed.
 - --eval scores every token once with windows of block_size that end `stride` tokens apart. The
   default stride = block_size gives train.py's val loss (context 0..block_size-1 per token);
   a smaller stride gives each token at least block_size - stride tokens of context (lower loss).
@@ -81,8 +83,8 @@ CHAT_HELP = """commands:
   /seed S      restart the random generator from seed S
   /reset       forget the conversation so far
   /help        this list
-  quit, exit   leave (so does end of input)
-any other line is continued by the model"""
+  quit, exit   leave (so does end of input, or Ctrl-C at the prompt)
+any other line is continued by the model; Ctrl-C stops a reply (what was shown of it stays)"""
 
 
 def parse_args(argv):
@@ -107,7 +109,9 @@ def parse_args(argv):
     p.add_argument("--int8", action="store_true",
                    help="CPU: int8 weights, bf16 activations (~1.8x faster decoding, slightly less exact)")
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--chat", action="store_true", help="interactive: continue each line typed")
+    mode.add_argument("--chat", action="store_true", help="interactive: continue each line typed; "
+                      "Ctrl-C stops a reply (what was shown of it stays in the context), at the "
+                      "prompt it quits")
     mode.add_argument("--analyze", metavar="TEXT", help="next-token candidates and surprisal of TEXT")
     mode.add_argument("--eval", metavar="FILE", help="loss, perplexity and accuracy on a text file")
     mode.add_argument("--benchmark", action="store_true", help="prefill and decode tokens/s")
@@ -237,33 +241,52 @@ def holdback(text, stop):
     return 0
 
 
-def stream(model, tokenizer, ids, s, generator, stop):
+def stream(model, tokenizer, ids, s, generator, stop, interruptible=False):
     """Sample up to s["max_new_tokens"] tokens after `ids`, printing text as it is produced.
 
-    Stops at end-of-text or once the text contains `stop` (which is not printed). Returns the
-    new tokens (without end-of-text).
+    Stops at end-of-text or once the text contains `stop` (which is not printed); if
+    `interruptible` (a chat reply), at Ctrl-C too, instead of ending the program. Returns the
+    tokens of the text printed, not those of `stop` or anything after it.
     """
     idx = torch.tensor([ids], dtype=torch.long, device=next(model.parameters()).device)
     stop_tokens = () if tokenizer.eot_id is None else (tokenizer.eot_id,)
-    new, printed = [], 0
     steps = generate_stream(model, idx, s["max_new_tokens"], temperature=s["temperature"],
                             top_k=s["top_k"] or None, top_p=s["top_p"] if s["top_p"] < 1 else None,
                             repetition_penalty=s["repetition_penalty"], stop_tokens=stop_tokens,
                             generator=generator)
-    for token in steps:
-        token = token.item()
-        if token in stop_tokens:
-            break
-        new.append(token)
-        text = tokenizer.decode(new)
-        if stop and stop in text:
-            break
-        if not text.endswith("\ufffd"):  # else maybe half a character: wait for the next token
-            printed = emit(text[:len(text) - holdback(text, stop)] if stop else text, printed)
-    text = tokenizer.decode(new)  # the rest, including anything held back
-    emit(text[:text.index(stop)] if stop and stop in text else text, printed)
-    steps.close()
-    return new
+    # Only new[start:] is decoded each step: text not yet printed in full (half a UTF-8 character,
+    # or what may be the start of `stop`). `printed` counts its characters already printed.
+    new, start, printed = [], 0, 0
+    try:
+        for token in steps:
+            token = token.item()
+            if token in stop_tokens:
+                break
+            new.append(token)
+            text = tokenizer.decode(new[start:])
+            if stop and stop in text:
+                break
+            if not text.endswith("\ufffd"):  # else maybe half a character: wait for the next token
+                printed = emit(text[:len(text) - holdback(text, stop)] if stop else text, printed)
+                if printed == len(text):  # nothing held back: `stop` cannot begin before here
+                    start, printed = len(new), 0
+    except KeyboardInterrupt:
+        if not interruptible:
+            raise
+    finally:
+        steps.close()
+    text = tokenizer.decode(new[start:])  # the rest, including anything held back
+    printed = emit(text[:text.index(stop)] if stop and stop in text else text, printed)
+    return new[:start] + shown_tokens(tokenizer, new[start:], text[:printed])
+
+
+def shown_tokens(tokenizer, tokens, shown):
+    """Tokens for `shown`, a prefix of decode(tokens): the whole tokens whose text it holds, then
+    the rest of it encoded anew (the token that completed a stop string holds text never shown)."""
+    k = 0
+    while k < len(tokens) and shown.startswith(tokenizer.decode(tokens[:k + 1])):
+        k += 1
+    return tokens[:k] + tokenizer.encode(shown[len(tokenizer.decode(tokens[:k])):])
 
 
 def emit(text, printed):
@@ -330,7 +353,8 @@ def chat(model, tokenizer, args):
             else:
                 ids = tokenizer.encode(("\n" if context else "") + line)
                 context = (context + ids)[-model.config.block_size:] or start_ids(tokenizer)
-                context += stream(model, tokenizer, context, s, generator, args.stop)
+                # Ctrl-C ends the reply, not the chat; the context keeps what was shown of it.
+                context += stream(model, tokenizer, context, s, generator, args.stop, interruptible=True)
                 print(flush=True)
         except UserError as e:
             print(f"error: {e}", file=sys.stderr, flush=True)

@@ -4,9 +4,14 @@ Two tiny char-level checkpoints are made in-process (no training run): one with 
 (its samples depend on the seed), and one overfit on a short text (its perplexity there is ~1).
 """
 import argparse
+import io
 import os
 import re
+import select
+import signal
+import subprocess
 import sys
+import time
 from dataclasses import asdict
 
 import pytest
@@ -14,7 +19,7 @@ import torch
 
 import sample
 import train
-from conftest import assert_one_line_error, run_script
+from conftest import ROOT, assert_one_line_error, run_script
 from gpt import GPT, GPTConfig, beam_search, generate, quantize_int8
 from prepare import UserError, load_tokenizer
 
@@ -89,6 +94,23 @@ def load_model(path):
     return train.model_from_checkpoint(train.load_checkpoint(path)).eval()
 
 
+def varied_gpt(tokenizer, seed=1):
+    """A random model whose greedy text varies: GPT-2's init repeats one character (as
+    tests/test_gpt.py's varied_model)."""
+    model = tiny_gpt(tokenizer, seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.startswith(("transformer.wte", "transformer.wpe")):
+                p.add_(torch.randn_like(p) * 0.3)
+    return model.eval()
+
+
+def run_chat(monkeypatch, model, tokenizer, lines, *flags):
+    """sample.chat in-process on the typed `lines` (stdout is then pytest's capture)."""
+    monkeypatch.setattr(sys, "stdin", io.StringIO("".join(line + "\n" for line in lines)))
+    sample.chat(model, tokenizer, sample.parse_args(["--chat", *flags]))
+
+
 # --- generation ---------------------------------------------------------------------------------
 
 def test_auto_dtype_decodes_in_fp32_on_a_cpu(random_ckpt, tmp_path):
@@ -156,11 +178,32 @@ class ByteTokenizer:
     def decode(self, ids):
         return bytes(ids).decode("utf-8", errors="replace")
 
+    def encode(self, text):
+        return list(text.encode())
 
-def fake_engine(tokens):
+
+class PieceTokenizer:
+    """Tokens of several characters each: the single characters (ids 0-255), then `pieces`."""
+    eot_id = None
+
+    def __init__(self, pieces):
+        self.pieces = [chr(i) for i in range(256)] + list(pieces)
+
+    def decode(self, ids):
+        return "".join(self.pieces[i] for i in ids)
+
+    def encode(self, text):
+        return [ord(c) for c in text]
+
+
+def fake_engine(tokens, taken, interrupt=False):
+    """A generate_stream that yields `tokens` (counting them in `taken`), then maybe a Ctrl-C."""
     def generate_stream(model, idx, max_new_tokens, **kwargs):
         for t in tokens[:max_new_tokens]:
+            taken.append(t)
             yield torch.tensor([t])
+        if interrupt:
+            raise KeyboardInterrupt
     return generate_stream
 
 
@@ -173,20 +216,22 @@ class Writes(list):
         pass
 
 
-def streamed(monkeypatch, text, stop=None):
-    """The writes sample.stream makes while the engine 'generates' the bytes of `text`."""
-    writes = Writes()
-    monkeypatch.setattr(sample, "generate_stream", fake_engine(list(text.encode())))
+def streamed(monkeypatch, text, stop=None, tokenizer=ByteTokenizer(), tokens=None, interrupt=False):
+    """(writes, returned tokens, tokens taken from the engine) of sample.stream while the engine
+    'generates' `tokens` (default: the bytes of `text`), then maybe a Ctrl-C."""
+    writes, taken = Writes(), []
+    tokens = list(text.encode()) if tokens is None else tokens
+    monkeypatch.setattr(sample, "generate_stream", fake_engine(tokens, taken, interrupt))
     monkeypatch.setattr(sys, "stdout", writes)
     settings = dict(max_new_tokens=1000, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0)
-    new = sample.stream(torch.nn.Linear(1, 1), ByteTokenizer(), [0], settings, None, stop)
-    return [w for w in writes if w], new
+    new = sample.stream(torch.nn.Linear(1, 1), tokenizer, [0], settings, None, stop, interruptible=interrupt)
+    return [w for w in writes if w], new, taken
 
 
 def test_streaming_never_prints_half_a_character(monkeypatch):
     """A byte-level token can end inside a UTF-8 character; printing it would show U+FFFD."""
     text = "안녕하세요, GPT! ünïcödé 🙂 done"
-    writes, new = streamed(monkeypatch, text)
+    writes, new, _ = streamed(monkeypatch, text)
     assert "".join(writes) == text
     assert not any("\ufffd" in w for w in writes)
     assert bytes(new).decode() == text
@@ -194,9 +239,73 @@ def test_streaming_never_prints_half_a_character(monkeypatch):
 
 def test_stop_string_ends_the_text_and_is_not_printed(monkeypatch):
     """The stop string may arrive token by token; none of it may reach stdout."""
-    writes, new = streamed(monkeypatch, "Hello there.\n\nSecond part", stop="\n\n")
+    writes, new, taken = streamed(monkeypatch, "Hello there.\n\nSecond part", stop="\n\n")
     assert "".join(writes) == "Hello there."
-    assert bytes(new).decode() == "Hello there.\n\n"  # generation stopped right there
+    assert bytes(taken).decode() == "Hello there.\n\n"  # generation stopped right there
+    assert bytes(new).decode() == "Hello there."  # the tokens of the text shown (chat's context)
+
+
+def test_stop_inside_a_token_returns_the_tokens_of_the_text_shown(monkeypatch):
+    """Audit 10 #32: the chat context kept the tokens that completed the stop string (and what
+    followed it inside them), text the user never saw. The stop string here starts inside one
+    token and ends inside the next."""
+    tokenizer = PieceTokenizer(["Hel", "lo th", "ere.\n", "\nSec", "ond"])
+    tokens = [256, 257, 258, 259, 260]
+    writes, new, taken = streamed(monkeypatch, "", stop="\n\n", tokenizer=tokenizer, tokens=tokens)
+    assert "".join(writes) == "Hello there."
+    assert taken == tokens[:4]
+    assert tokenizer.decode(new) == "Hello there."
+    assert new[:2] == tokens[:2]  # the model's own tokens while they fit the text shown
+
+
+def test_ctrl_c_in_an_interruptible_stream_keeps_what_was_shown(monkeypatch):
+    """Audit 10 #13a: a chat reply stopped by Ctrl-C returns the tokens of the text printed so far
+    (held-back text included: it is printed then), instead of ending the program; outside a chat
+    Ctrl-C still propagates (run_main exits 130)."""
+    text = "Hello there.\n"
+    writes, new, taken = streamed(monkeypatch, text, stop="\n\n", interrupt=True)
+    assert "".join(writes) == text and bytes(new).decode() == text and bytes(taken).decode() == text
+    monkeypatch.setattr(sample, "generate_stream", fake_engine(list(b"Hi"), [], interrupt=True))
+    with pytest.raises(KeyboardInterrupt):
+        sample.stream(torch.nn.Linear(1, 1), ByteTokenizer(), [0], dict(
+            max_new_tokens=9, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0), None, None)
+
+
+def start_sample(ckpt, *args):
+    """sample.py as a running process (to send it Ctrl-C): stdin a pipe, stdout unbuffered."""
+    return subprocess.Popen([sys.executable, str(ROOT / "sample.py"), "--ckpt", str(ckpt), "--device=cpu",
+                             "--dtype=float32", *map(str, args)], cwd=ROOT, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def read_until(proc, done, timeout=120):
+    """proc's stdout so far, read until done(it) holds."""
+    out, deadline = b"", time.monotonic() + timeout
+    while not done(out.decode(errors="replace")):
+        assert time.monotonic() < deadline, out
+        if select.select([proc.stdout], [], [], 1)[0]:
+            chunk = os.read(proc.stdout.fileno(), 1 << 16)
+            assert chunk, proc.communicate()[1].decode()  # end of output: the process ended
+            out += chunk
+    return out.decode(errors="replace")
+
+
+def test_huge_max_new_tokens_generates_until_stop_or_ctrl_c(random_ckpt, tokenizer):
+    """Audit 10 #6: --max_new_tokens 9999999999 (a user's "until --stop or end-of-text") printed
+    the prompt, then died allocating prompt + max_new_tokens token slots. With --stop it must give
+    the text gpt.generate gives for the same seed, cut at the stop string; without, Ctrl-C ends it
+    (exit 130, no traceback)."""
+    huge = "--max_new_tokens=1000000000000"
+    result = ok(run(random_ckpt, "--start", PROMPT, huge, "--stop=e", "--seed=3", "--temperature=1"))
+    idx = torch.tensor([tokenizer.encode(PROMPT)])
+    [new] = generate(load_model(random_ckpt), idx, 2000, temperature=1.0, generator=torch.Generator().manual_seed(3))
+    text = tokenizer.decode(new)
+    assert result.stdout == PROMPT + text[:text.index("e")] + "\n"
+    proc = start_sample(random_ckpt, "--start", PROMPT, huge, "--seed=0")
+    read_until(proc, lambda out: len(out) > len(PROMPT) + 50)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in err.decode() and "Traceback" not in err.decode()
 
 
 def test_prompt_longer_than_block_size_is_cropped_with_a_notice(random_ckpt):
@@ -237,6 +346,40 @@ def test_chat_keeps_the_conversation_and_ends_at_end_of_input(random_ckpt, token
     context += first + tokenizer.encode("\nJULIET:")
     [second] = generate(model, torch.tensor([context]), 6, temperature=0)
     assert result.stdout == tokenizer.decode(first) + "\n" + tokenizer.decode(second) + "\n"
+
+
+def test_chat_context_is_the_text_shown_cut_at_the_stop_string(monkeypatch, capsys, tokenizer):
+    """Audit 10 #32: after a reply cut by --stop, the context kept the stop string's tokens, which
+    the user never saw. The next reply must continue the text shown (greedy, so comparable with
+    gpt.generate)."""
+    model = varied_gpt(tokenizer)
+    run_chat(monkeypatch, model, tokenizer, ["ROMEO:", "JULIET:"], "--temperature=0", "--max_new_tokens=12",
+             "--stop=j")
+    context = tokenizer.encode("ROMEO:")
+    [first] = generate(model, torch.tensor([context]), 12, temperature=0)
+    shown = tokenizer.decode(first).split("j")[0]
+    assert 0 < len(shown) < 12  # the stop string did cut this reply
+    context += tokenizer.encode(shown + "\nJULIET:")
+    [second] = generate(model, torch.tensor([context]), 12, temperature=0)
+    assert capsys.readouterr().out == shown + "\n" + tokenizer.decode(second).split("j")[0] + "\n"
+
+
+def test_ctrl_c_stops_a_chat_reply_and_at_the_prompt_quits(random_ckpt):
+    """Audit 10 #13a: Ctrl-C during a reply ended the whole chat (exit 130). It must end the
+    reply (endless here: a char model has no end-of-text) and read the next line; Ctrl-C at the
+    prompt still exits 130, quietly."""
+    proc = start_sample(random_ckpt, "--chat", "--max_new_tokens=1000000000000", "--seed=0")
+    proc.stdin.write(b"ROMEO:\n")
+    proc.stdin.flush()
+    read_until(proc, lambda out: len(out) > 50)
+    proc.send_signal(signal.SIGINT)
+    proc.stdin.write(b"/temp 0.5\n")
+    proc.stdin.flush()
+    out = read_until(proc, lambda out: "temperature = 0.5\n" in out)
+    assert out.endswith("\ntemperature = 0.5\n")  # the reply ended with its line, then the command ran
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in err.decode() and "Traceback" not in err.decode()
 
 
 # --- analyze and eval ---------------------------------------------------------------------------
