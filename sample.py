@@ -18,6 +18,7 @@ Design choices:
   end in U+FFFD: a byte-level token can stop in the middle of a UTF-8 character. Decoding only
   those keeps a long run (a huge --max_new_tokens: until --stop, end-of-text or Ctrl-C) linear.
 - A chat's context is the text shown: a reply cut by --stop or Ctrl-C keeps only what was printed.
+- A flag that does not apply to the chosen mode is an error, not silently ignored.
 - --eval scores every token once with windows of block_size that end `stride` tokens apart. The
   default stride = block_size gives train.py's val loss (context 0..block_size-1 per token);
   a smaller stride gives each token at least block_size - stride tokens of context (lower loss).
@@ -86,28 +87,53 @@ CHAT_HELP = """commands:
   quit, exit   leave (so does end of input, or Ctrl-C at the prompt)
 any other line is continued by the model; Ctrl-C stops a reply (what was shown of it stays)"""
 
+# Filled in after parsing: argparse's default is None, so a flag the user gave can be told apart.
+DEFAULTS = dict(num_samples=1, max_new_tokens=500, temperature=0.8, top_k=0, top_p=1.0,
+                repetition_penalty=1.0, num_beams=1)
+# The modes each flag applies to ("generate": no mode flag). Given to another mode it is an error:
+# ignoring it would let the user believe it had an effect.
+SAMPLING = ("generate", "chat")
+APPLIES_TO = {"num_samples": ("generate",), "num_beams": ("generate",), "max_new_tokens": SAMPLING,
+              "temperature": SAMPLING, "top_k": SAMPLING + ("analyze",), "top_p": SAMPLING,
+              "repetition_penalty": SAMPLING, "seed": SAMPLING, "stop": SAMPLING, "stride": ("eval",)}
+MODE_NAMES = {"generate": "plain generation", "chat": "--chat", "analyze": "--analyze", "eval": "--eval",
+              "benchmark": "--benchmark"}
+
 
 def parse_args(argv):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out_dir", help="use best.pt (else ckpt.pt) of this training run")
     p.add_argument("--ckpt", help="use this checkpoint file")
-    p.add_argument("--start", default="", help="the prompt, or FILE:path to read it from a file "
-                   "(empty: start from end-of-text, or a newline for a char model)")
-    p.add_argument("--num_samples", type=parse_positive("num_samples"), default=1)
-    p.add_argument("--max_new_tokens", type=parse_tokens, default=500)
-    p.add_argument("--temperature", type=parse_temperature, default=0.8)
-    p.add_argument("--top_k", type=parse_top_k, default=0)
-    p.add_argument("--top_p", type=parse_top_p, default=1.0)
-    p.add_argument("--repetition_penalty", type=parse_penalty, default=1.0)
-    p.add_argument("--num_beams", type=parse_positive("num_beams"), default=1,
-                   help="> 1: beam search (deterministic; ignores the sampling settings)")
-    p.add_argument("--seed", type=parse_seed, default=None, help="default: a fresh random seed")
-    p.add_argument("--stop", default=None, help="stop when the generated text contains this")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
-    p.add_argument("--dtype", default="auto",
-                   help="auto (bf16 where native; fp32 when generating on a CPU) | float32 | bfloat16 | float16")
-    p.add_argument("--int8", action="store_true",
-                   help="CPU: int8 weights, bf16 activations (~1.8x faster decoding, slightly less exact)")
+    p.add_argument("--start", default="", metavar="TEXT",
+                   help="the prompt, or FILE:path to read it from a file "
+                   "(default empty: start from end-of-text, or a newline for a char model)")
+    p.add_argument("--num_samples", type=parse_positive("num_samples"), metavar="N",
+                   help=f"samples to draw (default {DEFAULTS['num_samples']})")
+    p.add_argument("--max_new_tokens", type=parse_tokens, metavar="N",
+                   help=f"new tokens per sample or chat reply (default {DEFAULTS['max_new_tokens']}); "
+                   "a huge number means until --stop, end-of-text or Ctrl-C")
+    p.add_argument("--temperature", type=parse_temperature, metavar="T",
+                   help=f"sampling temperature, 0 = greedy (default {DEFAULTS['temperature']})")
+    p.add_argument("--top_k", type=parse_top_k, metavar="K",
+                   help=f"sample from the K most likely tokens, 0 = off (default {DEFAULTS['top_k']}); "
+                   "with --analyze: the number of candidates shown (default 10)")
+    p.add_argument("--top_p", type=parse_top_p, metavar="P",
+                   help="sample from the fewest most likely tokens whose probability reaches P, "
+                   f"1 = off (default {DEFAULTS['top_p']})")
+    p.add_argument("--repetition_penalty", type=parse_penalty, metavar="R",
+                   help=f"make tokens already in the context less likely, 1 = off "
+                   f"(default {DEFAULTS['repetition_penalty']})")
+    p.add_argument("--num_beams", type=parse_positive("num_beams"), metavar="N",
+                   help="beam search with N > 1 beams (deterministic: ignores the sampling settings; "
+                   f"not with --chat) (default {DEFAULTS['num_beams']})")
+    p.add_argument("--seed", type=parse_seed, metavar="S",
+                   help="default: a fresh random seed")
+    p.add_argument("--stop", metavar="TEXT", help="stop when the generated text contains this")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default auto)")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 where native; fp32 when generating on a "
+                   "CPU) | float32 | bfloat16 | float16 (default auto)")
+    p.add_argument("--int8", action="store_true", help="CPU: int8 weights, bf16 activations "
+                   "(~1.8x faster decoding, slightly less exact; --dtype auto or bfloat16)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--chat", action="store_true", help="interactive: continue each line typed; "
                       "Ctrl-C stops a reply (what was shown of it stays in the context), at the "
@@ -115,16 +141,32 @@ def parse_args(argv):
     mode.add_argument("--analyze", metavar="TEXT", help="next-token candidates and surprisal of TEXT")
     mode.add_argument("--eval", metavar="FILE", help="loss, perplexity and accuracy on a text file")
     mode.add_argument("--benchmark", action="store_true", help="prefill and decode tokens/s")
-    p.add_argument("--stride", type=parse_positive("stride"), default=None,
+    p.add_argument("--stride", type=parse_positive("stride"), metavar="N",
                    help="--eval: tokens between window ends (default block_size)")
     args = p.parse_args(argv)
+    given = {"chat": args.chat, "analyze": args.analyze is not None, "eval": args.eval is not None,
+             "benchmark": args.benchmark}
+    args.mode = next((mode for mode, on in given.items() if on), "generate")
+    check_flags_apply(args)
+    for name, value in DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     if args.num_beams > 1 and args.num_samples > 1:
         raise UserError("beam search is deterministic: use --num_samples 1 with --num_beams")
-    if args.stride is not None and not args.eval:
-        raise UserError("--stride only applies to --eval")
     if args.stop == "":
         raise UserError("--stop needs a non-empty string")
+    if args.int8 and args.dtype not in ("auto", "bfloat16"):
+        raise UserError(f"--int8 runs in bfloat16 (torch's int8 kernel takes bf16 activations); "
+                        f"drop --dtype {args.dtype}")
     return args
+
+
+def check_flags_apply(args):
+    """A UserError for the first flag given that does not apply to args.mode (APPLIES_TO)."""
+    for name, modes in APPLIES_TO.items():
+        if getattr(args, name) is not None and args.mode not in modes:
+            raise UserError(f"--{name} does not apply to {MODE_NAMES[args.mode]} "
+                            f"(only to {' and '.join(MODE_NAMES[m] for m in modes)})")
 
 
 # -----------------------------------------------------------------------------
@@ -157,7 +199,7 @@ def load(args):
     # On a CPU "auto" generates in fp32: decoding reads each weight once per token, and bf16
     # autocast would re-cast every weight on every step (13 vs 44 tokens/s at 124M, 2-core Xeon).
     # --eval and --analyze score whole windows, where bf16 matmuls win (2.2x at 124M, T = 1024).
-    scoring = args.eval or args.analyze is not None
+    scoring = args.mode in ("eval", "analyze")
     if args.dtype == "auto" and device == "cpu" and not scoring:
         dtype = torch.float32
     path = find_checkpoint(args.ckpt, args.out_dir)
@@ -208,11 +250,11 @@ def crop(ids, block_size, what):
 
 def user_text(args):
     """The text the chosen mode works on (prompt, text to analyse, file to evaluate), or None."""
-    if args.chat or args.benchmark:
+    if args.mode in ("chat", "benchmark"):
         return None
-    if args.eval:
+    if args.mode == "eval":
         return read_text("FILE:" + args.eval, "--eval")
-    if args.analyze is not None:
+    if args.mode == "analyze":
         if not args.analyze:
             raise UserError("--analyze needs some text")
         return read_text(args.analyze, "--analyze")
@@ -484,19 +526,19 @@ def main():
     ids = tokenizer.encode(text) if text else []
     T = model.config.block_size
     stride = args.stride or T
-    if args.eval and stride > T:
+    if args.mode == "eval" and stride > T:
         raise UserError(f"--stride {stride} is larger than block_size {T}: tokens would be skipped")
-    if args.eval and len(ids) < 2:
+    if args.mode == "eval" and len(ids) < 2:
         raise UserError(f"{args.eval} holds {len(ids)} token(s); evaluation needs at least 2")
     print(loaded, file=sys.stderr)
     with ctx:
-        if args.chat:
+        if args.mode == "chat":
             chat(model, tokenizer, args)
-        elif args.analyze is not None:
+        elif args.mode == "analyze":
             analyze(model, tokenizer, ids, args.top_k)
-        elif args.eval:
+        elif args.mode == "eval":
             run_eval(model, ids, args.eval, stride)
-        elif args.benchmark:
+        elif args.mode == "benchmark":
             benchmark(model, device)
         else:
             sample(model, tokenizer, args, text, ids)

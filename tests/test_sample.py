@@ -156,7 +156,8 @@ def test_greedy_is_gpt_generate_at_temperature_0(random_ckpt, tokenizer):
 def test_int8_greedy_is_generate_of_the_quantized_model(random_ckpt, tokenizer):
     """--int8 must reach the engine as gpt.quantize_int8's model (not be ignored, not quantize
     something else), and the loaded line must say so."""
-    result = ok(run(random_ckpt, "--start", PROMPT, "--max_new_tokens=30", "--temperature=0", "--int8"))
+    result = ok(run_script("sample.py", "--ckpt", random_ckpt, "--device=cpu", "--start", PROMPT,
+                           "--max_new_tokens=30", "--temperature=0", "--int8"))
     assert "int8 weights" in result.stderr
     idx = torch.tensor([tokenizer.encode(PROMPT)])
     [new] = generate(quantize_int8(load_model(random_ckpt)), idx, 30, temperature=0)
@@ -510,13 +511,43 @@ def test_checkpoint_choice(tmp_path, monkeypatch):
     (["--repetition_penalty=0"], "repetition_penalty must be"),
     (["--top_k=-2"], "top_k must be"),
     (["--num_beams=2", "--num_samples=2"], "beam search is deterministic"),
-    (["--stride=4"], "only applies to --eval"),
+    (["--stride=4"], "only to --eval"),
+    # audit 10 #13b, c: a flag the chosen mode does not use is an error, even at its default value
+    (["--chat", "--num_beams=2"], "--num_beams does not apply to --chat"),
+    (["--chat", "--num_samples=2"], "--num_samples does not apply to --chat"),
+    (["--eval", "x.txt", "--temperature=0.8"], "--temperature does not apply to --eval"),
+    (["--eval", "x.txt", "--top_k=5"], "--top_k does not apply to --eval"),
+    (["--eval", "x.txt", "--max_new_tokens=5"], "--max_new_tokens does not apply to --eval"),
+    (["--eval", "x.txt", "--stop=a"], "--stop does not apply to --eval"),
+    (["--analyze", "x", "--top_p=0.9"], "--top_p does not apply to --analyze"),
+    (["--analyze", "x", "--repetition_penalty=1.2"], "--repetition_penalty does not apply to --analyze"),
+    (["--analyze", "x", "--num_beams=2"], "--num_beams does not apply to --analyze"),
+    (["--analyze", "x", "--num_samples=2"], "--num_samples does not apply to --analyze"),
+    (["--benchmark", "--seed=1"], "--seed does not apply to --benchmark"),
+    # audit 10 #19: int8 runs in bf16 whatever --dtype says
+    (["--int8", "--dtype=float32"], "--int8 runs in bfloat16"),
     (["--chat", "--benchmark"], "not allowed with"),
     (["--temprature=1"], "unrecognized arguments"),
 ])
 def test_bad_flag_values_are_user_errors(argv, needle):
-    with pytest.raises(UserError, match=needle):
+    with pytest.raises(UserError, match=re.escape(needle)):
         sample.parse_args(argv)
+
+
+def test_help_shows_the_defaults_that_apply(capsys):
+    """Audit 10 #28: --help showed no default for --temperature (0.8) or --max_new_tokens (500),
+    and nothing at all for --top_k/--top_p; #13d: --top_k also sets --analyze's candidate count;
+    #27: the int8 speed-up is the measured ~1.8x. The defaults shown are the ones parsed."""
+    with pytest.raises(SystemExit):
+        sample.parse_args(["--help"])
+    out = capsys.readouterr().out
+    entries = {m[1]: " ".join(m[2].split()) for m in re.finditer(r"^  (--\w+)(.*?)(?=^  -|\Z)", out, re.M | re.S)}
+    args = sample.parse_args([])
+    for name in ["num_samples", "max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "num_beams"]:
+        assert f"(default {getattr(args, name)})" in entries[f"--{name}"], entries[f"--{name}"]
+    assert "--analyze" in entries["--top_k"] and "~1.8x" in entries["--int8"]
+    assert sample.parse_args(["--analyze", "hi", "--top_k=5"]).top_k == 5  # --top_k applies there
+    assert sample.parse_args(["--int8", "--dtype=bfloat16"]).int8
 
 
 @pytest.fixture
