@@ -105,8 +105,9 @@ def parse_args(argv):
     p.add_argument("--out_dir", help="use best.pt (else ckpt.pt) of this training run")
     p.add_argument("--ckpt", help="use this checkpoint file")
     p.add_argument("--start", default="", metavar="TEXT",
-                   help="the prompt, or FILE:path to read it from a file "
-                   "(default empty: start from end-of-text, or a newline for a char model)")
+                   help="the prompt, or FILE:path to read it from a file (default empty: start from "
+                   "end-of-text; a char model starts from a newline, and one whose characters "
+                   "include none needs --start TEXT)")
     p.add_argument("--num_samples", type=parse_positive("num_samples"), metavar="N",
                    help=f"samples to draw (default {DEFAULTS['num_samples']})")
     p.add_argument("--max_new_tokens", type=parse_tokens, metavar="N",
@@ -127,7 +128,7 @@ def parse_args(argv):
                    help="beam search with N > 1 beams (deterministic: ignores the sampling settings; "
                    f"not with --chat) (default {DEFAULTS['num_beams']})")
     p.add_argument("--seed", type=parse_seed, metavar="S",
-                   help="default: a fresh random seed")
+                   help="default: a fresh random seed (printed when sampling)")
     p.add_argument("--stop", metavar="TEXT", help="stop when the generated text contains this")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default auto)")
     p.add_argument("--dtype", default="auto", help="auto (bf16 where native; fp32 when generating on a "
@@ -226,17 +227,22 @@ def load(args):
 
 
 def make_generator(device, seed):
-    """A random generator from `seed`; without one, a fresh seed, reported so a run can be repeated."""
+    """A random generator from `seed`; without one, a fresh seed, reported so a run can be repeated.
+    Deterministic modes (greedy, beam search) make none, so they print no seed."""
     if seed is None:
         seed = random.randrange(2**31)
         print(f"seed {seed} (--seed {seed} repeats this run)", file=sys.stderr)
     return torch.Generator(device=device).manual_seed(seed)
 
 
-def start_ids(tokenizer):
-    """What an empty prompt starts from: end-of-text, or a newline for a char model."""
+def start_ids(tokenizer, fix="pass --start TEXT"):
+    """What an empty prompt starts from: end-of-text, or a newline for a char model (whose
+    vocabulary has no end-of-text). A corpus without newlines gives a vocabulary without one."""
     if tokenizer.eot_id is not None:
         return [tokenizer.eot_id]
+    if "\n" not in tokenizer.chars:
+        raise UserError(f"an empty prompt starts from a newline, and this model's characters include "
+                        f"none: {fix}")
     return tokenizer.encode("\n")
 
 
@@ -341,9 +347,10 @@ def emit(text, printed):
 
 def sample(model, tokenizer, args, text, ids):
     """num_samples continuations of the prompt `text` (tokens `ids`), each after the prompt."""
-    ids = crop(ids, model.config.block_size, "the prompt") if ids else start_ids(tokenizer)
+    ids = crop(ids, model.config.block_size, "the prompt")
     s = vars(args)
-    generator = make_generator(next(model.parameters()).device, args.seed)
+    deterministic = args.num_beams > 1 or args.temperature == 0
+    generator = None if deterministic else make_generator(next(model.parameters()).device, args.seed)
     for i in range(args.num_samples):
         if i:
             print(SEPARATOR)
@@ -366,7 +373,7 @@ def chat(model, tokenizer, args):
     prompt = "> " if sys.stdin.isatty() else ""
     s = {name: getattr(args, name) for name, _ in CHAT_COMMANDS.values()}
     device = next(model.parameters()).device
-    generator = make_generator(device, s["seed"])
+    generator = None  # made for the first sampled reply: a greedy chat prints no seed
     context = []
     print("chat: type a line for the model to continue; /help lists the commands; quit leaves",
           file=sys.stderr)
@@ -394,7 +401,9 @@ def chat(model, tokenizer, args):
                 raise UserError(f"unknown command {word}; /help lists the commands")
             else:
                 ids = tokenizer.encode(("\n" if context else "") + line)
-                context = (context + ids)[-model.config.block_size:] or start_ids(tokenizer)
+                context = (context + ids)[-model.config.block_size:] or start_ids(tokenizer, "type some text")
+                if generator is None and s["temperature"] > 0:
+                    generator = make_generator(device, s["seed"])
                 # Ctrl-C ends the reply, not the chat; the context keeps what was shown of it.
                 context += stream(model, tokenizer, context, s, generator, args.stop, interruptible=True)
                 print(flush=True)
@@ -421,14 +430,14 @@ def analyze(model, tokenizer, ids, top_k):
     print(f"next-token candidates after the text (top {k}):")
     print(f"{'rank':>5} {'prob':>9} {'id':>7}  token")
     for rank, (p, i) in enumerate(zip(probs.tolist(), best.tolist()), 1):
-        print(f"{rank:>5} {p:>9.6f} {i:>7}  {tokenizer.decode([i])!r}")
+        print(f"{rank:>5} {p:>9.6f} {i:>7}  {token_text(tokenizer, i)}")
 
     first = "is given end-of-text" if given_eot else "has no context and is not scored"
     print(f"\nsurprisal -log p of each token given the ones before it (the first token {first}):")
     print(f"{'pos':>5} {'id':>7} {'p':>9} {'nats':>7} {'bits':>7}  token")
     surprisals = []
     for pos in range(int(given_eot), len(seq)):
-        token, shown = seq[pos], repr(tokenizer.decode([seq[pos]]))
+        token, shown = seq[pos], token_text(tokenizer, seq[pos])
         if pos == 0:
             print(f"{pos:>5} {token:>7} {'-':>9} {'-':>7} {'-':>7}  {shown}")
             continue
@@ -440,6 +449,18 @@ def analyze(model, tokenizer, ids, top_k):
         mean = sum(surprisals) / len(surprisals)
         print(f"total {sum(surprisals):.3f} nats over {len(surprisals)} tokens; mean {mean:.4f} nats "
               f"({mean / math.log(2):.4f} bits), perplexity {math.exp(mean):.3f}")
+
+
+def token_text(tokenizer, i):
+    """repr of token i's text. A byte-level BPE token that is not whole UTF-8 characters shows its
+    bytes (b'\\xf0\\x9f'): as text every piece of a split character would be the same '\\ufffd'."""
+    if tokenizer.kind != "char" and 0 <= i < tokenizer.vocab_size:
+        data = tokenizer.enc.decode_single_token_bytes(i)
+        try:
+            return repr(data.decode("utf-8"))
+        except UnicodeDecodeError:
+            return repr(data)
+    return repr(tokenizer.decode([i]))
 
 
 def windows(n, block_size, stride):
@@ -524,6 +545,8 @@ def main():
     model, tokenizer, device, ctx, loaded = load(args)
     # Check the user's input before printing anything: a mistake is then the only line on stderr.
     ids = tokenizer.encode(text) if text else []
+    if args.mode == "generate" and not ids:
+        ids = start_ids(tokenizer)
     T = model.config.block_size
     stride = args.stride or T
     if args.mode == "eval" and stride > T:

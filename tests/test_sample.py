@@ -4,6 +4,7 @@ Two tiny char-level checkpoints are made in-process (no training run): one with 
 (its samples depend on the seed), and one overfit on a short text (its perplexity there is ~1).
 """
 import argparse
+import ast
 import io
 import os
 import re
@@ -383,6 +384,41 @@ def test_ctrl_c_stops_a_chat_reply_and_at_the_prompt_quits(random_ckpt):
     assert proc.returncode == 130 and "interrupted" in err.decode() and "Traceback" not in err.decode()
 
 
+def test_the_seed_line_is_printed_only_when_sampling(random_ckpt, tokenizer, monkeypatch, capsys):
+    """Audit 10 #18: greedy decoding and beam search printed "seed N (--seed N repeats this run)"
+    although they draw nothing; a chat prints it at its first sampled reply."""
+    model = load_model(random_ckpt)
+    for flags, seeded in [(["--temperature=0"], False), (["--num_beams=2"], False), ([], True)]:
+        args = sample.parse_args(["--max_new_tokens=3", *flags])
+        sample.sample(model, tokenizer, args, PROMPT, tokenizer.encode(PROMPT))
+        assert ("--seed" in capsys.readouterr().err) == seeded, flags
+    run_chat(monkeypatch, model, tokenizer, ["ROMEO:"], "--temperature=0", "--max_new_tokens=3")
+    assert "--seed" not in capsys.readouterr().err
+    run_chat(monkeypatch, model, tokenizer, ["ROMEO:", "/temp 0.5", "JULIET:"], "--temperature=0",
+             "--max_new_tokens=3")
+    assert capsys.readouterr().err.count("--seed") == 1
+
+
+@pytest.fixture(scope="session")
+def no_newline_ckpt(tokenizer, tmp_path_factory):
+    """A char model whose characters include no newline (as from a corpus of one line)."""
+    chars = load_tokenizer({"kind": "char", "chars": [c for c in tokenizer.chars if c != "\n"]})
+    return save(tiny_gpt(chars, 0), chars, tmp_path_factory.mktemp("no_newline") / "best.pt")
+
+
+def test_a_char_model_without_newline_asks_for_a_prompt(no_newline_ckpt, monkeypatch, capsys):
+    """Audit 10 #8: an empty prompt starts a char model from a newline; without one in its
+    characters the user, who typed no newline, got "character '\\n' is not in the char vocabulary".
+    The error must say to give a prompt, before anything else is printed; in a chat an empty line
+    gets the same hint and the chat goes on."""
+    assert_one_line_error(run(no_newline_ckpt, "--max_new_tokens=5"), "--start TEXT")
+    run_chat(monkeypatch, load_model(no_newline_ckpt), load_tokenizer(no_newline_ckpt), ["", "ROMEO:"],
+             "--max_new_tokens=5", "--seed=0")
+    out, err = capsys.readouterr()
+    assert "error: an empty prompt starts from a newline" in err and "type some text" in err
+    assert len(out) == 5 + 1  # the reply to ROMEO:
+
+
 # --- analyze and eval ---------------------------------------------------------------------------
 
 def test_analyze_table_is_sorted_and_surprisal_matches_the_model_loss(random_ckpt, tokenizer):
@@ -424,6 +460,22 @@ def test_analyze_scores_the_first_token_after_end_of_text(gpt2_tokenizer, capsys
     seq = torch.tensor([[gpt2_tokenizer.eot_id] + ids])
     _, loss = model(seq[:, :-1], seq[:, 1:])
     assert float(re.search(r"mean ([0-9.]+) nats", out).group(1)) == pytest.approx(loss.item(), abs=1e-3)
+
+
+def test_analyze_shows_a_token_that_splits_a_character_as_its_bytes(gpt2_tokenizer, capsys):
+    """Audit 10 #20: a byte-level token that is not whole UTF-8 characters was shown as '\\ufffd',
+    so the pieces of one emoji were identical rows. Each must show its bytes, and the pieces
+    together must be the text's bytes."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=50304, n_layer=1, n_head=1, n_embd=8)).eval()
+    text = "\U0001F389 ok"  # the emoji is three GPT-2 tokens
+    sample.analyze(model, gpt2_tokenizer, gpt2_tokenizer.encode(text), top_k=3)
+    out = capsys.readouterr().out
+    assert "\ufffd" not in out
+    rows = out.split("\n\n")[1].splitlines()[2:-1]
+    shown = [ast.literal_eval(row.split(None, 5)[5]) for row in rows]  # pos id p nats bits token
+    assert [type(s) for s in shown] == [bytes, bytes, bytes, str]
+    assert b"".join(s if isinstance(s, bytes) else s.encode() for s in shown) == text.encode()
 
 
 def test_an_empty_prompt_starts_from_end_of_text_or_a_newline(tokenizer, gpt2_tokenizer):
