@@ -16,6 +16,8 @@ Design choices:
   accumulation k see exactly the examples of 1 rank with 2k.
 - Checkpoints (ckpt.pt to resume, best.pt for the best val loss) are written atomically and carry
   the model args and the tokenizer, so sample.py needs nothing else. Resuming is exact.
+- Ctrl-C or SIGTERM ends a run at a step boundary with ckpt.pt saved (under DDP at the next log
+  step, which all ranks agree on) and exit status 128 + the signal's number.
 """
 import ast
 import difflib
@@ -592,31 +594,51 @@ def train(cfg):
                           evals_since_best=evals_since_best, elapsed_s=elapsed0 + time.time() - t_start)
         save_checkpoint(state, out_dir / name)
 
-    # SIGTERM (a scheduler's pre-emption) and Ctrl-C stop at the next step boundary, after saving;
-    # a second Ctrl-C stops at once (the last checkpoint on disk stays intact).
-    stop_signal = []
+    # SIGTERM (a scheduler's pre-emption) and Ctrl-C end the run at a step boundary with ckpt.pt
+    # saved and exit status 128 + the signal's number (143, 130). A second Ctrl-C stops at once
+    # (the last checkpoint on disk stays intact); a second SIGTERM changes nothing, as a scheduler
+    # may signal torchrun's workers as well as torchrun, which forwards its own. torchrun sends
+    # SIGKILL 30 s after forwarding (--shutdown_timeout, TORCH_ELASTIC_SHUTDOWN_TIMEOUT; see
+    # SubprocessContext._close in torch/distributed/elastic/multiprocessing/api.py): under DDP,
+    # log_interval steps and one checkpoint write must fit in that.
+    received = []
 
     def on_signal(signum, frame):
-        if stop_signal:
+        if signum == signal.SIGINT and signal.SIGINT in received:
             raise KeyboardInterrupt
-        stop_signal.append(signum)
+        received.append(signum)
 
-    if not ddp:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, on_signal)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+
+    def stop_signal():
+        """The signal to stop on, 0 for none. Every rank must stop at the same step: under DDP the
+        ranks take the largest signal any of them received, which waits for all of them."""
+        signum = received[0] if received else 0
+        if ddp:
+            signum = torch.tensor(signum, device=device)
+            torch.distributed.all_reduce(signum, op=torch.distributed.ReduceOp.MAX)
+            signum = int(signum.item())
+        return signum
 
     t_start = time.time()
     t_last, iters_since_log = time.time(), 0
     loss_sum = torch.zeros((), device=device)  # summed on device: no host sync between logs
+    stop = 0
     while True:
         lr = get_lr(iter_num, cfg["learning_rate"], cfg["warmup_iters"], cfg["lr_decay_iters"],
                     cfg["min_lr"]) if cfg["decay_lr"] else cfg["learning_rate"]
         for group in optimizer.param_groups:
             group["lr"] = lr
 
+        # A signal stops the run here: checked every step, or under DDP at log steps only, where
+        # the loop waits for the device anyway (an all-reduce every step would add a host sync).
+        if not ddp or iter_num % cfg["log_interval"] == 0:
+            stop = stop_signal()
+
         # Evaluate, keep the best weights, write the resume checkpoint.
         last_iter = iter_num == cfg["max_iters"]
-        done = last_iter  # the end of the run writes ckpt.pt below the loop
+        done = last_iter or stop > 0  # the end of the run writes ckpt.pt below the loop
         if (iter_num % cfg["eval_interval"] == 0 or last_iter) and iter_num != resume_iter:
             metrics = evaluate()
             if not math.isfinite(metrics["val_loss"]):
@@ -640,7 +662,7 @@ def train(cfg):
                 if (improved or cfg["always_save_checkpoint"]) and not done:
                     checkpoint("ckpt.pt", full=True)
             t_last = time.time()  # evaluation time is not training throughput
-        if done or stop_signal:
+        if done:
             break
 
         # One optimizer step: accum micro-steps on this rank's share of the global batch.
@@ -686,8 +708,8 @@ def train(cfg):
     if master:
         checkpoint("ckpt.pt", full=True)
         log.close()
-    if stop_signal:
-        print0(f"stopped by signal {stop_signal[0]} at iter {iter_num}; {out_dir / 'ckpt.pt'} "
+    if stop:
+        print0(f"stopped by {signal.Signals(stop).name} at iter {iter_num}; {out_dir / 'ckpt.pt'} "
                f"resumes it (--init_from=resume)")
     if ddp:
         # Wait for rank 0's last checkpoint: a rank that tears down gloo while another still
@@ -695,6 +717,7 @@ def train(cfg):
         torch.distributed.barrier()
         del model  # DDP's reducer holds the process group: release it before the group goes
         torch.distributed.destroy_process_group()
+    return stop
 
 
 class MetricsLog:
@@ -779,7 +802,9 @@ def main():
         if len(dirs) > 1:
             raise UserError(f"--plot takes one out_dir, got {len(dirs)}: {' '.join(dirs)}")
         return plot(dirs[0] if dirs else "out")
-    train(load_config(argv))
+    stop = train(load_config(argv))
+    if stop:  # stopped by a signal, after saving: the status a shell gives a process it killed
+        sys.exit(128 + stop)
 
 
 if __name__ == "__main__":

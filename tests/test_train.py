@@ -2,6 +2,7 @@
 import argparse
 import importlib.util
 import json
+import os
 import math
 import re
 import signal
@@ -36,6 +37,22 @@ def train_run(data, out_dir, *args, check=True):
     if check:
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return result
+
+
+def torchrun(data, out_dir, *args):
+    """train.py under torchrun with 2 gloo processes (the command line, for Popen or run)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            str(ROOT / "train.py"), *TINY, f"--dataset={data}", f"--out_dir={out_dir}", *args]
+
+
+def wait_for_logged_losses(proc, out_dir, count, timeout=120):
+    """Wait until a run started with Popen has logged `count` losses to its metrics.jsonl."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if (out_dir / "metrics.jsonl").exists() and len(losses(out_dir)) >= count:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the run logged fewer than {count} losses: {proc.communicate()}")
 
 
 def metrics(out_dir):
@@ -306,16 +323,13 @@ def test_sigterm_saves_a_checkpoint_that_resumes_exactly(char_data, tmp_path):
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *TINY, f"--dataset={char_data}",
                              *settings, "--max_iters=1000", f"--out_dir={killed}"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and not (killed / "metrics.jsonl").exists():
-        time.sleep(0.1)
-    while time.time() < deadline and len(losses(killed)) < 5:
-        time.sleep(0.1)
+    wait_for_logged_losses(proc, killed, 5)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 0, stderr
+    assert proc.returncode == 128 + signal.SIGTERM, stderr  # was 0: `train.py && ...` went on
     stopped_at = train.load_checkpoint(killed / "ckpt.pt")["iter_num"]
     assert 5 <= stopped_at < 1000, stdout
+    assert f"stopped by SIGTERM at iter {stopped_at}" in stdout
     end = f"--max_iters={stopped_at + 8}"
     train_run(char_data, killed, *settings, end, "--init_from=resume")
     train_run(char_data, tmp_path / "straight", *settings, end)
@@ -342,6 +356,64 @@ def test_two_ddp_ranks_match_one_rank_with_twice_the_accumulation(char_data, tmp
         assert two[it] == pytest.approx(one[it], abs=1e-5), it
     val = lambda out: [r["val_loss"] for r in metrics(out) if "val_loss" in r]
     assert val(ddp) == pytest.approx(val(single), abs=1e-5)
+
+
+def test_ctrl_c_saves_where_it_stopped_and_exits_130(char_data, tmp_path):
+    """Ctrl-C after saving exited 0, so `train.py && sample.py` could not tell it from a finished run."""
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *TINY, f"--dataset={char_data}",
+                             "--eval_interval=1000", "--log_interval=1", "--max_iters=1000", f"--out_dir={out}"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_logged_losses(proc, out, 2)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    stopped_at = train.load_checkpoint(out / "ckpt.pt")["iter_num"]
+    assert f"stopped by SIGINT at iter {stopped_at}" in stdout
+    assert max(losses(out)) == stopped_at
+
+
+def worker_pid(launcher_pid, rank):
+    """The pid of torchrun's worker process of `rank`: its child whose environment has RANK=rank."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            environ = (stat.parent / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):  # a process that ended meanwhile
+            continue
+        if ppid == launcher_pid and f"RANK={rank}".encode() in environ:
+            return int(stat.parent.name)
+    raise AssertionError(f"no worker of rank {rank} under pid {launcher_pid}")
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds torchrun's workers in /proc")
+def test_sigterm_to_one_ddp_rank_stops_every_rank_and_resumes_exactly(char_data, tmp_path):
+    """Under torchrun no rank handled SIGTERM or Ctrl-C: a pre-empted job lost all steps since the
+    last evaluation. A signal to any one rank must stop every rank at the same log step (where
+    the ranks agree on it), with ckpt.pt saved by rank 0, exit status 143, and an exact resume."""
+    settings = ["--eval_interval=1000", "--log_interval=3", "--gradient_accumulation_steps=2"]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(torchrun(char_data, killed, *settings, "--max_iters=1000"),
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_logged_losses(proc, killed, 2)
+    os.kill(worker_pid(proc.pid, rank=1), signal.SIGTERM)  # rank 0, which saves, gets no signal
+    stdout, stderr = proc.communicate(timeout=120)
+    stopped_at = train.load_checkpoint(killed / "ckpt.pt")["iter_num"]
+    assert stopped_at % 3 == 0 and 6 <= stopped_at < 1000, stdout + stderr[-3000:]
+    assert f"stopped by SIGTERM at iter {stopped_at}" in stdout
+    assert stderr.count("exitcode  : 143") == 2, stderr[-3000:]  # torchrun's report of both ranks
+
+    end = f"--max_iters={stopped_at + 6}"
+    result = subprocess.run(torchrun(char_data, killed, *settings, end, "--init_from=resume"),
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    train_run(char_data, tmp_path / "straight", *settings, end)  # 1 process == 2 (the test above)
+    straight, resumed = losses(tmp_path / "straight"), losses(killed)
+    assert sorted(resumed) == list(range(3, stopped_at + 7, 3))
+    for it in resumed:
+        assert resumed[it] == pytest.approx(straight[it], abs=1e-5), it
+    val = lambda out: [r["val_loss"] for r in metrics(out) if "val_loss" in r]
+    assert val(killed) == pytest.approx(val(tmp_path / "straight"), abs=1e-5)
 
 
 def test_bf16_autocast_on_cpu_trains(char_data, out_dir):
