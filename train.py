@@ -51,7 +51,7 @@ DEFAULTS = dict(
     eval_interval=250,
     eval_iters=50,  # batches per split per evaluation
     log_interval=10,
-    always_save_checkpoint=True,  # False: evaluations write ckpt.pt only if val improved (a run's end always does)
+    always_save_checkpoint=True,  # False: evaluations write ckpt.pt only if val improved (a run's end always)
     patience=0,  # stop after this many evaluations without a val improvement; 0 = never
     # data
     batch_size=12,  # sequences per micro-step per process
@@ -442,8 +442,9 @@ def check_compatible(cfg, ckpt, vocab_size, tokenizer, path, resume):
         raise UserError(f"nothing to resume: {path} is at iter {ckpt['iter_num']} and max_iters="
                         f"{cfg['max_iters']}; raise --max_iters (and lr_decay_iters) to train further")
     if resume and cfg["patience"] and ckpt["evals_since_best"] >= cfg["patience"]:
-        raise UserError(f"nothing to resume: {path} is {ckpt['evals_since_best']} evaluations past its best "
-                        f"val loss and patience={cfg['patience']} stops it there; raise --patience to train further")
+        raise UserError(f"nothing to resume: {path} is {ckpt['evals_since_best']} evaluations past its "
+                        f"best val loss and patience={cfg['patience']} stops it there; raise --patience "
+                        f"to train further")
     mismatched = [k for k in MODEL_KEYS if k != "block_size" and cfg[k] != args[k]]
     if resume and mismatched:
         details = ", ".join(f"{k}={args[k]} (config says {cfg[k]})" for k in mismatched)

@@ -80,7 +80,8 @@ def test_a_bare_flag_switches_a_bool_setting_on(tmp_path):
     """`--compile` alone was 'needs a value'."""
     config_file = tmp_path / "c.py"
     config_file.write_text("n_layer = 3\n")
-    cfg = train.load_config(["--compile", "--bias", "false", "--decay_lr", str(config_file), "--max_iters", "7"])
+    cfg = train.load_config(["--compile", "--bias", "false", "--decay_lr", str(config_file),
+                             "--max_iters", "7"])
     assert cfg["compile"] is True and cfg["bias"] is False and cfg["decay_lr"] is True
     assert cfg["n_layer"] == 3 and cfg["max_iters"] == 7
     assert train.load_config(["--tensorboard_log"])["tensorboard_log"] is True  # last argument
@@ -362,7 +363,8 @@ def test_ctrl_c_saves_where_it_stopped_and_exits_130(char_data, tmp_path):
     """Ctrl-C after saving exited 0, so `train.py && sample.py` could not tell it from a finished run."""
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *TINY, f"--dataset={char_data}",
-                             "--eval_interval=1000", "--log_interval=1", "--max_iters=1000", f"--out_dir={out}"],
+                             "--eval_interval=1000", "--log_interval=1", "--max_iters=1000",
+                             f"--out_dir={out}"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_logged_losses(proc, out, 2)
     proc.send_signal(signal.SIGINT)
