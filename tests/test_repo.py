@@ -28,3 +28,28 @@ def test_every_torch_load_is_weights_only():
         for line in path.read_text(encoding="utf-8").splitlines():
             if re.search(r"torch\.load\(", line):
                 assert "weights_only=True" in line, f"{path.name}: {line.strip()}"
+
+
+def readme_train_commands():
+    """The arguments of every `train.py` command in README.md's code blocks (what precedes
+    train.py, trailing comments and what follows `&&` dropped; continuation lines joined)."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    commands = []
+    for block in re.findall(r"```(?:bash|sh)\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split(" #")[0].strip()
+            if " train.py" in f" {line}" and not line.startswith("#"):
+                args = line.split("train.py", 1)[1].split()
+                commands.append(args[:args.index("&&")] if "&&" in args else args)
+    return commands
+
+
+def test_readme_train_commands_pass_the_settings_checks(monkeypatch):
+    """A documented command that train.py refuses (say, a fine-tune whose learning_rate is below
+    the recipe's min_lr) is the first thing a new user meets."""
+    import train
+    monkeypatch.chdir(ROOT)
+    commands = readme_train_commands()
+    assert len(commands) >= 5  # the quick start, torchrun, fine-tuning...
+    for args in commands:
+        train.load_config(args)
