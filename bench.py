@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from gpt import GPT, GPTConfig, generate, quantize_int8, store_linear_weights_transposed
-from train import autocast_context, measure_peak_flops, resolve_device, sync
+from train import autocast_context, maybe_compile, measure_peak_flops, resolve_device, sync
 import prepare
 from prepare import run_main
 
@@ -278,8 +278,8 @@ def train_steps_fn(shape, vocab_size, dtype, compile, ours, device, steps):
     optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), device.split(":")[0])
     if not ours:
         optimizer = torch.optim.AdamW(optimizer.param_groups, lr=1e-3, betas=(0.9, 0.99))
-    step_model = torch.compile(model) if compile else model
     ctx = autocast_context(device, dtype)
+    step_model = maybe_compile(model, device, ctx, B, T) if compile else model  # as train.py compiles
     x = torch.randint(0, vocab_size, (B, T), device=device)
     y = torch.randint(0, vocab_size, (B, T), device=device)
 

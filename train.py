@@ -453,12 +453,21 @@ def check_compatible(cfg, ckpt, vocab_size, tokenizer, path, resume):
         raise UserError(f"block_size={cfg['block_size']} exceeds {path}'s block_size={args['block_size']}")
 
 
-def maybe_compile(model, device, block_size):
+def maybe_compile(model, device, ctx, batch_size, block_size):
     """torch.compile where it works; a warning and the eager model where it does not."""
+    if device.startswith("cpu"):
+        # Inductor's CPU tanh (Sleef's) makes GPT-2's tanh-GELU the slowest kernel of a small
+        # model's step; its exp-based tanh is as accurate on GELU's inputs (fp32 max error 5e-7 vs
+        # eager's 4e-7 over [-200, 200]) and the baby-GPT step takes ~7% less time with it.
+        torch._inductor.config.cpp.use_decompose_tanh = True
     try:
         compiled = torch.compile(model)
-        with torch.no_grad():  # compiling is lazy: force it now so failures surface here
-            compiled(torch.zeros(1, block_size, dtype=torch.long, device=device))
+        # Compiling is lazy: force it now, so failures surface here, on the training step's own
+        # graph (its batch shape, precision and grad mode: another shape would make the batch
+        # dimension dynamic, and inductor's code for that is slower).
+        x, y = (torch.zeros(batch_size, block_size, dtype=torch.long, device=device) for _ in range(2))
+        with ctx:
+            compiled(x, y)  # two tensors: dynamo would specialise the graph on `idx is targets`
         return compiled
     except Exception as e:  # a missing C compiler, an unsupported backend, ...
         print0(f"warning: torch.compile failed ({str(e).splitlines()[0][:200]}); running eagerly")
@@ -524,7 +533,7 @@ def train(cfg):
 
     raw_model = model  # what checkpoints store: no DDP / compile wrappers, no _orig_mod. prefix
     if cfg["compile"]:
-        model = maybe_compile(model, device, T)
+        model = maybe_compile(model, device, ctx, B, T)
     if ddp:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[local_rank] if device_type == "cuda" else None)

@@ -1,5 +1,6 @@
 """train.py: config loading, the LR schedule, checkpoints, exact resume, DDP equivalence, errors."""
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -576,12 +577,25 @@ def test_patience_and_the_end_of_a_run_save_and_resume_once(char_data, tmp_path)
     assert metrics(run) == records
 
 
+def test_compiled_training_follows_eager_training(char_data, tmp_path):
+    """compile=True must train the same model (maybe_compile's warm-up on the step's shapes and
+    precision, and inductor's exp-based tanh on a CPU, must not change what is learned)."""
+    common = ["--max_iters=6", "--eval_interval=3", "--log_interval=1", "--dropout=0.0"]
+    train_run(char_data, tmp_path / "eager", *common)
+    compiled = train_run(char_data, tmp_path / "compiled", *common, "--compile=True")
+    assert "torch.compile failed" not in compiled.stdout
+    eager_losses, compiled_losses = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
+    assert eager_losses.keys() == compiled_losses.keys() and len(eager_losses) == 6
+    for it, loss in eager_losses.items():
+        assert compiled_losses[it] == pytest.approx(loss, rel=1e-4), it
+
+
 def test_compile_failure_falls_back_to_eager(monkeypatch, capsys):
     def broken_compile(model):
         raise RuntimeError("no C compiler")
     monkeypatch.setattr(torch, "compile", broken_compile)
     model = train.GPT(train.GPTConfig(block_size=8, vocab_size=16, n_layer=1, n_head=1, n_embd=8))
-    assert train.maybe_compile(model, "cpu", 8) is model
+    assert train.maybe_compile(model, "cpu", contextlib.nullcontext(), 2, 8) is model
     assert "torch.compile failed (no C compiler)" in capsys.readouterr().out
 
 
