@@ -89,17 +89,23 @@ DEFAULTS = dict(
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias")
 
 
-def parse_value(key, value, default):
-    """Check `value` (a config-file value, or a command-line string) against the default's type."""
+def parse_value(key, text, default):
+    """A command-line string as a value of the default's type: 3e-4, 1000, true, 'gpt2'."""
     expected = type(default)
-    if isinstance(value, str) and expected is not str:
-        if expected is bool and value.lower() in ("true", "false"):
-            value = value.lower() == "true"
-        else:
-            try:
-                value = ast.literal_eval(value)
-            except (ValueError, SyntaxError):
-                raise UserError(f"{key} expects {expected.__name__}, got {value!r}") from None
+    if expected is str:
+        return text
+    if expected is bool and text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        raise UserError(f"{key} expects {expected.__name__}, got {text!r}") from None
+    return check_type(key, value, default)
+
+
+def check_type(key, value, default):
+    """`value` if it has the default's type (an int where a float is expected is fine)."""
+    expected = type(default)
     if expected is float and type(value) is int:
         value = float(value)  # 3 where 3.0 is expected is fine
     if type(value) is not expected:
@@ -126,7 +132,7 @@ def load_config(argv):
             if not has_value:
                 following = argv[i + 1] if i + 1 < len(argv) else None
                 if type(DEFAULTS[key]) is bool and str(following).lower() not in ("true", "false"):
-                    value = True  # a bare --flag switches a bool setting on
+                    value = "true"  # a bare --flag switches a bool setting on
                 elif following is None:
                     raise UserError(f"{arg} needs a value: {arg}=VALUE")
                 else:
@@ -146,7 +152,7 @@ def load_config(argv):
                 if key.startswith("_") or type(value).__name__ in ("module", "function", "type"):
                     continue
                 check_key(key, arg)
-                config[key] = parse_value(key, value, DEFAULTS[key])
+                config[key] = check_type(key, value, DEFAULTS[key])  # Python values: no parsing
         i += 1
     check_ranges(config)
     return config

@@ -141,6 +141,22 @@ def test_unknown_key_in_config_file_is_an_error(tmp_path):
         train.load_config([str(config_file)])
 
 
+@pytest.mark.parametrize("text, needle", [
+    ('max_iters = "3"\n', "max_iters expects int, got '3' (str)"),
+    ("dataset = 5\n", "dataset expects str, got 5 (int)"),
+    ("compile = 1\n", "compile expects bool, got 1 (int)"),
+])
+def test_config_file_values_are_python_values_of_the_defaults_type(tmp_path, text, needle):
+    """A config file's "3" was parsed like command-line text and became 3: a file is Python, so
+    its values are taken as they are (only an int for a float is widened)."""
+    config_file = tmp_path / "c.py"
+    config_file.write_text(text + "learning_rate = 1\n")
+    with pytest.raises(UserError, match=re.escape(needle)):
+        train.load_config([str(config_file)])
+    config_file.write_text("learning_rate = 1\n")
+    assert train.load_config([str(config_file)])["learning_rate"] == 1.0
+
+
 @pytest.mark.parametrize("text, needles", [
     ("n_layer = = 3\n", ["c.py, line 1", "SyntaxError"]),
     ("n_layer = 2\nn_head = heads\n", ["c.py, line 2", "NameError", "heads"]),
