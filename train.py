@@ -48,31 +48,31 @@ DEFAULTS = dict(
     out_dir="out",
     dataset="shakespeare_char",  # a folder under data/ written by prepare.py (or a path to one)
     init_from="scratch",  # 'scratch' | 'resume' (out_dir/ckpt.pt) | a checkpoint path | a HF GPT-2 dir
-    eval_interval=250,
+    eval_interval=250,  # iterations between evaluations (and checkpoints)
     eval_iters=50,  # batches per split per evaluation
-    log_interval=10,
+    log_interval=10,  # iterations between log lines (and, under DDP, checks for a stop signal)
     always_save_checkpoint=True,  # False: evaluations write ckpt.pt only if val improved (a run's end always)
     patience=0,  # stop after this many evaluations without a val improvement; 0 = never
     # data
     batch_size=12,  # sequences per micro-step per process
-    block_size=256,
+    block_size=256,  # context length in tokens
     gradient_accumulation_steps=1,  # micro-steps per optimizer step, summed over all processes
     # model
     n_layer=6,
     n_head=6,
     n_embd=384,
-    dropout=0.0,
-    bias=True,
+    dropout=0.0,  # 0 for pretraining; 0.1-0.3 helps on small data
+    bias=True,  # biases in Linear and LayerNorm layers, as GPT-2 has
     # AdamW and the learning-rate schedule (linear warmup, then cosine decay to min_lr)
     learning_rate=6e-4,
-    max_iters=5000,
+    max_iters=5000,  # optimizer steps in all
     weight_decay=0.1,
     beta1=0.9,
     beta2=0.95,
     grad_clip=1.0,  # 0 = off
-    decay_lr=True,
-    warmup_iters=100,
-    lr_decay_iters=5000,
+    decay_lr=True,  # False: learning_rate throughout
+    warmup_iters=100,  # steps of linear warmup to learning_rate
+    lr_decay_iters=5000,  # the step where the cosine reaches min_lr (flat after); ~max_iters
     min_lr=6e-5,
     # system
     device="auto",  # 'auto' (cuda, then mps, then cpu) | 'cpu' | 'cuda' | 'cuda:1' | 'mps'
@@ -807,11 +807,27 @@ def plot(out_dir):
     print(f"wrote {Path(out_dir) / 'loss.png'}")
 
 
+def settings_help():
+    """DEFAULTS as it is written in this file, comments included: the one place settings are
+    explained, so --help cannot drift from it."""
+    source = Path(__file__).read_text(encoding="utf-8")
+    start = source.index("DEFAULTS = dict(\n") + len("DEFAULTS = dict(\n")
+    block = source[start:source.index("\n)\n", start)]
+    lines = []
+    for line in block.splitlines():
+        key, eq, rest = line.strip().partition("=")
+        if eq and key in DEFAULTS:
+            value, _, comment = rest.partition("  # ")
+            line = f"--{key}={value.rstrip(',')}" + (f"  # {comment}" if comment else "")
+        lines.append("  " + line.strip())
+    return "\n".join(lines)
+
+
 def main():
     argv = sys.argv[1:]
     if "-h" in argv or "--help" in argv:
-        print(__doc__ + "\nSettings and their defaults:\n" +
-              "\n".join(f"  --{k}={v!r}" for k, v in DEFAULTS.items()))
+        print(__doc__ + "\nSettings, their defaults and what they mean (DEFAULTS in train.py):\n" +
+              settings_help())
         return
     if argv and argv[0].partition("=")[0] == "--plot":  # --plot, --plot DIR or --plot=DIR
         dirs = argv[0].split("=", 1)[1:] + argv[1:]

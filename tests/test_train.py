@@ -96,6 +96,19 @@ def test_help_anywhere_prints_the_settings(monkeypatch, capsys, argv):
     assert "--max_iters=5000" in capsys.readouterr().out
 
 
+def test_help_explains_every_setting_with_its_default(monkeypatch, capsys):
+    """--help listed names and defaults only: what `patience` counts was nowhere but the source."""
+    monkeypatch.setattr(sys, "argv", ["train.py", "--help"])
+    train.main()
+    lines = [line.strip() for line in capsys.readouterr().out.splitlines() if line.strip().startswith("--")]
+    shown = {line[2:].partition("=")[0]: line for line in lines}
+    assert list(shown) == list(train.DEFAULTS)  # every setting, in DEFAULTS' order
+    for key, default in train.DEFAULTS.items():  # the default as written parses back to the value
+        value = shown[key].partition("=")[2].partition("  # ")[0]
+        assert train.parse_value(key, value.strip("\"'"), default) == default, key
+    assert "evaluations without a val improvement" in shown["patience"]
+
+
 def test_plot_takes_one_out_dir(monkeypatch, tmp_path):
     """`--plot=DIR` was 'unknown setting'; `--plot a b` silently ignored b."""
     drawn = []
