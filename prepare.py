@@ -533,15 +533,19 @@ def train_split_texts(pieces, is_val, sizes, val_fraction: float):
             left -= len(text)
 
 
+MIN_VAL_DOCS = 3  # fewer whole documents in val, and every document's tail goes there instead
+
+
 def choose_val_docs(sizes, val_fraction: float, seed: int) -> np.ndarray | None:
     """A bool mask of the documents that go to val whole, or None: cut every document's tail.
 
     Whole documents (a seeded shuffle of the non-empty ones) go to val while that keeps val near
     val_fraction of the text: a document that would push val past 1.5x the target, or leave train
     empty, is skipped, and the picking stops once the target is reached. If the documents picked
-    hold less than 0.5x the target (a few large documents), or there is a single document, None:
-    the last val_fraction of every document goes to val instead, so each document (each language
-    of a mixed corpus) is in both splits."""
+    hold less than 0.5x the target (a few large documents), or are fewer than MIN_VAL_DOCS (a val
+    of one or two documents is one topic, or one language of a mixed corpus: a Korean file beside
+    an English one held ~10% of the characters), None: the last val_fraction of every document
+    goes to val instead, so each document (each language) is in both splits."""
     sizes = np.asarray(sizes, dtype=np.int64)
     order = np.random.default_rng(seed).permutation(np.flatnonzero(sizes))
     total = int(sizes.sum())
@@ -552,7 +556,7 @@ def choose_val_docs(sizes, val_fraction: float, seed: int) -> np.ndarray | None:
             break
         if held + size <= 1.5 * target and held + size < total:
             is_val[doc], held = True, held + size
-    return is_val if held >= 0.5 * target else None
+    return is_val if held >= 0.5 * target and is_val.sum() >= MIN_VAL_DOCS else None
 
 
 # ----------------------------------------------------------------------------------------------

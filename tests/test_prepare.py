@@ -250,8 +250,17 @@ def test_choose_val_docs():
     assert not a[100], "an empty document must never be the val split"
     assert prepare.choose_val_docs([0, 7, 0], 0.1, 0) is None  # one real document: split its tail
     for seed in range(10):
-        two = prepare.choose_val_docs([500, 500], 0.9, seed)
-        assert two.sum() == 1, "val never gets every document"
+        ten = prepare.choose_val_docs([500] * 10, 0.9, seed)
+        assert ten.sum() == 9, "val never gets every document"
+
+
+def test_one_file_per_language_is_split_by_tails():
+    """Audit 10b #1: English 100k characters beside Korean 11k: the Korean file alone is ~10% of
+    the text, so it went to val whole (41% of the tokens) and neither BPE nor model saw Korean.
+    A val of fewer than MIN_VAL_DOCS documents is cut from every document's tail instead."""
+    for seed in range(20):
+        assert prepare.choose_val_docs([100_000, 11_000], 0.1, seed) is None
+        assert prepare.choose_val_docs([100_000, 11_000, 9_000, 2_000], 0.1, seed) is None
 
 
 @pytest.mark.parametrize("sizes", [[2_000, 30_000], [30_000, 2_000, 1_000], [60, 20, 20], [1, 1, 1, 5, 95]])
