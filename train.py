@@ -472,7 +472,10 @@ def maybe_compile(model, device, ctx, batch_size, block_size):
         # graph (its batch shape, precision and grad mode: another shape would make the batch
         # dimension dynamic, and inductor's code for that is slower).
         x, y = (torch.zeros(batch_size, block_size, dtype=torch.long, device=device) for _ in range(2))
-        with ctx:
+        # fork_rng: the warm-up's dropout must not draw from the run's random numbers, which a
+        # resume has just restored (resuming would no longer be exact)
+        cuda_devices = [torch.device(device).index or 0] if device.startswith("cuda") else []
+        with torch.random.fork_rng(devices=cuda_devices), ctx:
             compiled(x, y)  # two tensors: dynamo would specialise the graph on `idx is targets`
         return compiled
     except Exception as e:  # a missing C compiler, an unsupported backend, ...

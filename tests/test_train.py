@@ -619,6 +619,18 @@ def test_compiled_training_follows_eager_training(char_data, tmp_path):
         assert compiled_losses[it] == pytest.approx(loss, rel=1e-4), it
 
 
+def test_compile_warm_up_leaves_the_random_numbers_alone(monkeypatch):
+    """The warm-up forward ran dropout on the RNG a resume had just restored: with compile and
+    dropout, a resumed run drifted from the uninterrupted one (re-audit 10b #5)."""
+    monkeypatch.setattr(torch, "compile", lambda model: model)  # the warm-up itself, in eager
+    model = train.GPT(train.GPTConfig(block_size=8, vocab_size=16, n_layer=1, n_head=1, n_embd=8,
+                                      dropout=0.5)).train()
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    assert train.maybe_compile(model, "cpu", contextlib.nullcontext(), 2, 8) is model
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 def test_compile_failure_falls_back_to_eager(monkeypatch, capsys):
     def broken_compile(model):
         raise RuntimeError("no C compiler")
