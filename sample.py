@@ -235,6 +235,14 @@ def make_generator(device, seed):
     return torch.Generator(device=device).manual_seed(seed)
 
 
+def turn_separator(tokenizer):
+    """What joins a typed line to the conversation before it: a newline, or, for a char model
+    whose characters include none, a space (or nothing), which it can encode."""
+    if tokenizer.kind != "char" or "\n" in tokenizer.chars:
+        return "\n"
+    return " " if " " in tokenizer.chars else ""
+
+
 def start_ids(tokenizer, fix="pass --start TEXT"):
     """What an empty prompt starts from: end-of-text, or a newline for a char model (whose
     vocabulary has no end-of-text). A corpus without newlines gives a vocabulary without one."""
@@ -400,7 +408,7 @@ def chat(model, tokenizer, args):
             elif word.startswith("/"):
                 raise UserError(f"unknown command {word}; /help lists the commands")
             else:
-                ids = tokenizer.encode(("\n" if context else "") + line)
+                ids = tokenizer.encode((turn_separator(tokenizer) if context else "") + line)
                 context = (context + ids)[-model.config.block_size:] or start_ids(tokenizer, "type some text")
                 if generator is None and s["temperature"] > 0:
                     generator = make_generator(device, s["seed"])

@@ -412,11 +412,12 @@ def test_a_char_model_without_newline_asks_for_a_prompt(no_newline_ckpt, monkeyp
     The error must say to give a prompt, before anything else is printed; in a chat an empty line
     gets the same hint and the chat goes on."""
     assert_one_line_error(run(no_newline_ckpt, "--max_new_tokens=5"), "--start TEXT")
-    run_chat(monkeypatch, load_model(no_newline_ckpt), load_tokenizer(no_newline_ckpt), ["", "ROMEO:"],
-             "--max_new_tokens=5", "--seed=0")
+    run_chat(monkeypatch, load_model(no_newline_ckpt), load_tokenizer(no_newline_ckpt),
+             ["", "ROMEO:", "JULIET:"], "--max_new_tokens=5", "--seed=0")
     out, err = capsys.readouterr()
     assert "error: an empty prompt starts from a newline" in err and "type some text" in err
-    assert len(out) == 5 + 1  # the reply to ROMEO:
+    assert err.count("error:") == 1  # the second line joins the chat without a newline (re-audit #3)
+    assert len(out) == 2 * (5 + 1)  # the replies to ROMEO: and JULIET:
 
 
 # --- analyze and eval ---------------------------------------------------------------------------
