@@ -17,8 +17,8 @@ Design choices:
 - Each file is a document (--split_docs cuts files further). Documents in one split are separated by
   <|endoftext|> (gpt2, bpe) or, for char, by the --split_docs separator or else a blank line
   ("\\n\\n"); a char vocabulary has no end-of-text id. train/val is split by whole documents, picked
-  by a seeded shuffle, when they can hold about --val_fraction of the text (0.5x to 1.5x of it).
-  Otherwise (a single document, or a few large ones) the last --val_fraction of every document is
+  by a seeded shuffle, when three or more of them can hold about --val_fraction of the text (0.5x
+  to 1.5x of it). Otherwise (a single document, one file per language, a few large ones) the last --val_fraction of every document is
   cut off at a token boundary for val, as nanoGPT does with one file, so each document (each
   language of a mixed corpus) is in both splits. meta.json says which.
 - Streaming: files are read in blocks and cut into ~1M-char pieces at points where encoding the
@@ -682,7 +682,7 @@ def parse_args(argv=None):
     p.add_argument("--errors", choices=["strict", "replace"], default="strict",
                    help="bytes that are not UTF-8: stop with an error, or read them as U+FFFD (default: %(default)s)")
     p.add_argument("--val_fraction", type=float, default=0.1,
-                   help="share of the text that goes to val.bin: whole documents when some hold about that share, "
+                   help="share of the text that goes to val.bin: whole documents when three or more hold about that share, "
                         "else the end of every document (default: %(default)s)")
     p.add_argument("--seed", type=int, default=1337, help="seed of the document split (default: %(default)s)")
     p.add_argument("--workers", type=int, help="encoding processes (default: one per core for a corpus of "
