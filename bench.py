@@ -22,10 +22,9 @@ from pathlib import Path
 
 import torch
 
+import tokenizer
+from common import UserError, autocast_context, maybe_compile, measure_peak_flops, resolve_device, run_main, sync
 from gpt import GPT, GPTConfig, generate, quantize_int8, store_linear_weights_transposed
-from train import autocast_context, maybe_compile, measure_peak_flops, resolve_device, sync
-import prepare
-from prepare import run_main
 
 ROOT = Path(__file__).resolve().parent
 
@@ -175,9 +174,9 @@ def tree_hwm_kb(pid: int) -> int:
 def single_thread_encode(corpus: Path) -> tuple[float, int]:
     """Seconds inside tiktoken's encode_ordinary on one thread over the corpus (in the pieces
     prepare.py cuts, which encode exactly like the whole; reading is not timed), and the tokens."""
-    enc = prepare.gpt2_encoding()
+    enc = tokenizer.gpt2_encoding()
     seconds, n = 0.0, 0
-    for _, text in prepare.iter_pieces(prepare.iter_docs([(corpus, None)], None, False, "strict", lambda i, b: None)):
+    for _, text in tokenizer.iter_pieces([corpus.read_text(encoding="utf-8"), None]):  # one document
         t0 = time.perf_counter()
         n += len(enc.encode_ordinary(text))
         seconds += time.perf_counter() - t0
@@ -217,11 +216,11 @@ def bpe_training(args):
     cut = int(len(lines) * 0.9)
     train, held = lines[:cut], "\n".join(lines[cut:])
     t0 = time.perf_counter()
-    bpe = prepare.bpe_tokenizer(prepare.train_bpe(iter(train), args.vocab_size))
+    bpe = tokenizer.bpe_tokenizer(tokenizer.train_bpe(iter(train), args.vocab_size))
     seconds = time.perf_counter() - t0
     print(f"bpe: trained on {cut:,} lines ({sum(map(len, train)) / 1e6:.1f} M chars) of {args.korean.name}, "
           f"vocab_size {bpe.vocab_size:,}: {seconds:.1f} s")
-    gpt2 = prepare.gpt2_encoding()
+    gpt2 = tokenizer.gpt2_encoding()
     print(f"  chars/token on {len(lines) - cut:,} held-out lines: {len(held) / len(bpe.encode(held)):.2f} "
           f"(GPT-2 BPE: {len(held) / len(gpt2.encode_ordinary(held)):.2f})")
 
@@ -230,7 +229,7 @@ def prepare_bench(args):
     if (SHARED / "tiktoken").is_dir():  # GPT-2's BPE files without network, as in tests/conftest.py
         os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken"))
     if not args.shakespeare.is_file():
-        args.shakespeare = prepare.download(prepare.SHAKESPEARE_URL)
+        raise UserError(f"{args.shakespeare} not found: pass --shakespeare PATH (tiny shakespeare's input.txt)")
     prepare_throughput(args)
     if args.korean.is_file():
         bpe_training(args)
@@ -348,7 +347,7 @@ def main():
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="prepare.py --workers")
     p.add_argument("--repeats", type=int, default=3, help="rounds of prepare.py and the single thread, in turns")
     p.add_argument("--shakespeare", type=Path, default=SHARED / "data" / "tinyshakespeare.txt",
-                   help="tiny shakespeare (downloaded when missing)")
+                   help="tiny shakespeare's text")
     p.add_argument("--korean", type=Path, default=SHARED / "data" / "nsmc_ko.txt", help="Korean corpus for bpe")
     p.add_argument("--korean_chars", type=int, help="use only its first N characters (smoke tests)")
     p.add_argument("--vocab_size", type=int, default=8192, help="bpe vocabulary size")

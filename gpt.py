@@ -1,4 +1,4 @@
-"""GPT-2 in one file: the model, its optimizer, GPT-2 weight import/export, and an inference engine.
+"""GPT-2 in one file: the model, its optimizer groups, weight and checkpoint I/O, and an inference engine.
 
 Design choices:
 - GPT-2 exactly: learned absolute position embeddings, pre-LayerNorm blocks, a 4x MLP with
@@ -22,14 +22,16 @@ Design choices:
 import contextlib
 import json
 import math
-import os
 import pickle  # only for the UnpicklingError of torch.load(weights_only=True)
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+
+from common import UserError, atomic_write
 
 
 @dataclass
@@ -219,11 +221,11 @@ class GPT(nn.Module):
             save_file = None
         if save_file is not None:
             meta = {"format": "pt"}  # transformers' loader checks it
-            _write_atomic(save_dir / "model.safetensors", lambda tmp: save_file(state, tmp, metadata=meta))
+            atomic_write(save_dir / "model.safetensors", lambda tmp: save_file(state, tmp, metadata=meta))
         else:
-            _write_atomic(save_dir / "pytorch_model.bin", lambda tmp: torch.save(state, tmp))
+            atomic_write(save_dir / "pytorch_model.bin", lambda tmp: torch.save(state, tmp))
         text = json.dumps(hf_config(self.config), indent=2) + "\n"
-        _write_atomic(save_dir / "config.json", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        atomic_write(save_dir / "config.json", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
     @classmethod
     def from_pretrained(cls, model_dir, dropout=0.0):
@@ -236,13 +238,6 @@ class GPT(nn.Module):
         model = cls(config)
         model.load_state_dict(state_from_hf(load_hf_weights(model_dir), model, model_dir))
         return model
-
-
-def _write_atomic(path, write):
-    """write(tmp_path), then rename over path: a crash never leaves a half-written file."""
-    tmp = f"{path}.tmp"
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def hf_config(config):
@@ -348,8 +343,46 @@ def state_from_hf(hf_state, model, model_dir):
 
 
 # ----------------------------------------------------------------------------------------------
-# Inference engine: KV cache, sampling, generation, beam search
+# Checkpoints of this project: the weights, their shape (model_args), the tokenizer, and for a
+# training run everything needed to resume it.
 
+def save_checkpoint(obj, path):
+    """torch.save, atomically: a kill at any instant leaves the old checkpoint or the new one."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def load_checkpoint(path, device="cpu", mmap=False):
+    """Load a checkpoint written by save_checkpoint; never unpickles arbitrary objects. mmap=True
+    reads tensors only when touched (for a checkpoint's settings without its weights)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; its end is read first
+        raise UserError(f"cannot read checkpoint {path}: not a torch.save archive (truncated, or another kind of file)")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True, mmap=mmap)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError or EOFError on bad files
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise UserError(f"{path} contains pickled Python objects; refusing to load it "
+                            "(only tensors, numbers, strings, lists and dicts are allowed)") from None
+        raise UserError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
+        raise UserError(f"{path} is not a checkpoint of this project (no 'model' / 'model_args')")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt, device="cpu", dropout=0.0):
+    """Build the GPT a checkpoint describes and load its weights."""
+    try:
+        model = GPT(GPTConfig(**{**ckpt["model_args"], "dropout": dropout}))
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, ValueError, RuntimeError) as e:  # unknown field, size mismatch, missing key
+        raise UserError(f"checkpoint's weights do not match its model_args: {str(e).splitlines()[0]}") from None
+    return model.to(device)
+
+
+# ----------------------------------------------------------------------------------------------
+# Inference engine: KV cache, sampling, generation, beam search
 
 class KVCache:
     """Keys and values of every layer for the tokens seen so far, and the position after them.

@@ -48,8 +48,6 @@ merges were learned (tiktoken merges the pair whose result has the lowest rank f
 end-of-text token "<|endoftext|>" is not in the file: its id is V - 1. Pre-tokenisation is GPT-2's
 regex ("pattern"), so tiktoken.Encoding(name, pattern, ranks, {"<|endoftext|>": V - 1}) rebuilds it.
 """
-import argparse
-import base64
 import codecs
 import contextlib
 import functools
@@ -59,13 +57,11 @@ import itertools
 import json
 import multiprocessing
 import os
-import re
 import shutil
 import signal
 import sys
 import time
 import urllib.request
-import zipfile
 from array import array
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
@@ -73,246 +69,18 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
-import tiktoken
+
+from common import ArgumentParser, UserError, atomic_write_text, run_main
+from tokenizer import (PIECE_CHARS, Tokenizer, bpe_tokenizer, gpt2_encoding, iter_pieces, load_tokenizer, token_dtype,
+                       train_bpe)
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 CACHE_DIR = Path("data/.cache")  # downloaded corpora (git-ignored)
 FORMAT_VERSION = 1
-EOT = "<|endoftext|>"
-# GPT-2's pre-tokenisation (as tiktoken writes it): contractions, letters, numbers, other symbols,
-# whitespace. BPE merges never cross these pieces.
-GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 BPE_VOCAB_RANGE = (257, 1 << 20)  # 256 byte tokens + <|endoftext|> at least
 MIN_SPLIT_TOKENS = 256  # a few blocks of a small context; train.py checks its own block_size
-PIECE_CHARS = 1 << 20  # unit of work for one encoding process
 POOL_MIN_BYTES = 16 << 20  # below this, starting encoding processes takes longer than encoding
 BLOCK_BYTES = 1 << 20  # read size
-
-
-class UserError(Exception):
-    """Something the user can fix (a bad path, flag or file): shown as one line, no traceback."""
-
-
-def run_main(main):
-    """Run a script's main(); a UserError becomes `error: ...` on stderr and exit status 1.
-
-    GPT_DEBUG=1 shows the full traceback instead. Ctrl-C exits with 130 and no traceback; a closed
-    stdout (`python sample.py ... | head`) ends the script quietly.
-    """
-    try:
-        main()
-    except UserError as e:
-        if os.environ.get("GPT_DEBUG"):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        if os.environ.get("GPT_DEBUG"):
-            raise
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
-    except BrokenPipeError:  # stdout's reader has gone (`| head`): stop quietly, as cat does
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
-        sys.exit(1)
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose mistakes are UserErrors: one `error:` line, like every other mistake."""
-
-    def error(self, message):
-        raise UserError(message)
-
-
-# ----------------------------------------------------------------------------------------------
-# Tokenizers
-
-
-class Tokenizer:
-    """encode/decode for one of three kinds; to_dict() describes it completely (JSON)."""
-
-    def __init__(self, kind, *, chars="", enc=None, ranks=""):
-        self.kind = kind
-        self.chars = chars  # char: the vocabulary, sorted by code point (id = position)
-        self.enc = enc  # gpt2, bpe: the tiktoken.Encoding
-        self.ranks = ranks  # bpe: the merge ranks as tokenizer.bpe text
-        if kind == "char":
-            self.vocab_size, self.eot_id = len(chars), None
-            self._codes = np.frombuffer(chars.encode("utf-32-le", "surrogatepass"), np.uint32)
-        else:
-            self.vocab_size, self.eot_id = enc.n_vocab, enc.eot_token
-
-    def encode(self, text: str) -> list[int]:
-        if self.kind == "char":
-            return self.encode_np(text).tolist()
-        return self.enc.encode_ordinary(text)
-
-    def encode_np(self, text: str) -> np.ndarray:
-        """encode() as a uint32 array (the fast path prepare uses)."""
-        if self.kind != "char":
-            return self.enc.encode_to_numpy(text, disallowed_special=())  # == encode_ordinary
-        codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), np.uint32)
-        ids = np.searchsorted(self._codes, codes)  # _codes is sorted
-        known = ids < self.vocab_size
-        known[known] = self._codes[ids[known]] == codes[known]
-        if not known.all():
-            c = chr(codes[known.argmin()])
-            raise UserError(f"character {c!r} (U+{ord(c):04X}) is not in the char vocabulary "
-                            f"({self.vocab_size} characters)")
-        return ids.astype(np.uint32)
-
-    def decode(self, ids) -> str:
-        """Text of `ids` (any iterable of ints). An id outside the vocabulary (a padded model head
-        can emit one) and bytes that are not whole UTF-8 characters become U+FFFD."""
-        ids = [int(i) for i in ids]
-        V = self.vocab_size
-        if self.kind == "char":
-            return "".join(self.chars[i] if 0 <= i < V else "\ufffd" for i in ids)
-        if all(0 <= i < V for i in ids):
-            return self.enc.decode(ids)
-        parts = [self.enc.decode_single_token_bytes(i) if 0 <= i < V else "\ufffd".encode() for i in ids]
-        return b"".join(parts).decode("utf-8", "replace")
-
-    def to_dict(self) -> dict:
-        d = {"kind": self.kind, "vocab_size": self.vocab_size, "eot_id": self.eot_id}
-        if self.kind == "char":
-            d["chars"] = list(self.chars)
-        elif self.kind == "bpe":
-            d |= {"pattern": self.enc._pat_str, "ranks": self.ranks}
-        return d
-
-
-def gpt2_encoding():
-    try:
-        return tiktoken.get_encoding("gpt2")  # cached per process
-    except (OSError, ValueError) as e:  # requests' errors are OSErrors
-        raise UserError(f"GPT-2's BPE files are not cached and could not be downloaded ({type(e).__name__}); "
-                        "set TIKTOKEN_CACHE_DIR to a folder holding them (e.g. ../shared/tiktoken)") from e
-
-
-def ranks_to_text(ranks: dict[bytes, int]) -> str:
-    """tokenizer.bpe format: `<base64 token bytes> <rank>` per line, by rank."""
-    return "".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in sorted(ranks.items(), key=lambda kv: kv[1]))
-
-
-def ranks_from_text(text: str) -> dict[bytes, int]:
-    try:
-        ranks = {base64.b64decode(t, validate=True): int(r) for t, r in (line.split() for line in text.splitlines())}
-    except ValueError as e:  # a line that is not `base64 int` (binascii.Error is a ValueError)
-        raise UserError(f"BPE ranks are corrupt: {e}") from e
-    if sorted(ranks.values()) != list(range(len(ranks))) or any(bytes([b]) not in ranks for b in range(256)):
-        raise UserError("BPE ranks are corrupt: they must be 0..n-1 and include every single byte")
-    return ranks
-
-
-@functools.lru_cache(maxsize=4)
-def bpe_encoding(ranks: str, pattern: str) -> tiktoken.Encoding:
-    """A trained BPE as a tiktoken.Encoding; cached, as building one parses every rank."""
-    mergeable = ranks_from_text(ranks)
-    return tiktoken.Encoding("bpe", pat_str=pattern, mergeable_ranks=mergeable, special_tokens={EOT: len(mergeable)})
-
-
-def tokenizer_from_dict(d: dict, base_dir: Path | None = None) -> Tokenizer:
-    """The inverse of Tokenizer.to_dict(); a meta.json entry's "ranks_file" is read from base_dir."""
-    try:
-        return _tokenizer_from_dict(d, base_dir)
-    except (KeyError, TypeError, AttributeError) as e:  # a hand-edited or truncated description
-        raise UserError(f"tokenizer description is incomplete or malformed ({type(e).__name__}: {e})") from e
-
-
-def _tokenizer_from_dict(d: dict, base_dir: Path | None) -> Tokenizer:
-    kind = d.get("kind")
-    if kind == "char":
-        chars = "".join(d["chars"])
-        if len(chars) != len(d["chars"]) or list(chars) != sorted(set(chars)):
-            raise UserError("char vocabulary is corrupt: it must be distinct single characters, sorted")
-        tok = Tokenizer("char", chars=chars)
-    elif kind == "gpt2":
-        tok = Tokenizer("gpt2", enc=gpt2_encoding())
-    elif kind == "bpe":
-        if "ranks" in d:
-            ranks = d["ranks"]
-        else:
-            path = Path(base_dir or ".") / d["ranks_file"]
-            if not path.is_file():
-                raise UserError(f"{path} is missing: the BPE ranks of this dataset (re-run prepare.py)")
-            ranks = path.read_text(encoding="utf-8")
-        tok = Tokenizer("bpe", enc=bpe_encoding(ranks, d["pattern"]), ranks=ranks)
-    else:
-        raise UserError(f"unknown tokenizer kind {kind!r} (expected char, gpt2 or bpe)")
-    if d.get("vocab_size", tok.vocab_size) != tok.vocab_size:
-        raise UserError(f"tokenizer says vocab_size {d['vocab_size']} but holds {tok.vocab_size} tokens")
-    return tok
-
-
-def load_tokenizer(source) -> Tokenizer:
-    """The tokenizer of a dataset or a model. `source`: a dict from Tokenizer.to_dict() (e.g. a
-    checkpoint's "tokenizer"), "gpt2", a dataset directory, its meta.json, or a checkpoint file."""
-    if isinstance(source, dict):
-        return tokenizer_from_dict(source)
-    if source == "gpt2":
-        return Tokenizer("gpt2", enc=gpt2_encoding())
-    path = Path(source)
-    if path.is_dir():
-        path = path / "meta.json"
-    if not path.is_file():
-        raise UserError(f"{source}: not a dataset directory, meta.json or checkpoint")
-    if path.suffix == ".json":
-        try:
-            meta = json.loads(path.read_text(encoding="utf-8"))
-            entry = meta["tokenizer"]
-        except (ValueError, KeyError, TypeError) as e:
-            raise UserError(f"{path}: not a dataset meta.json ({e!r})") from e
-        return tokenizer_from_dict(entry, path.parent)
-    if not zipfile.is_zipfile(path):  # torch.save writes zip archives (and mmap reads nothing else)
-        inside = (path.parent / "meta.json").is_file()  # e.g. the tokenizer.bpe the README names
-        hint = f"; pass the dataset folder that holds it: {path.parent}" if inside else ""
-        raise UserError(f"{source}: not a dataset directory, meta.json or checkpoint{hint}")
-    import torch  # only for checkpoints; mmap reads the tokenizer without loading the weights
-
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        entry = ckpt["tokenizer"]
-    except Exception as e:  # torch raises many types for a file that is not a checkpoint
-        raise UserError(f"{path}: not a checkpoint with a tokenizer ({type(e).__name__}: {e})") from e
-    return tokenizer_from_dict(entry)
-
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    """uint16 holds ids 0..65535, so vocabularies up to 65,536 tokens; larger ones need uint32."""
-    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character map, which byte-level BPE libraries use for tokens."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    others = [b for b in range(256) if b not in printable]
-    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
-
-
-def bpe_tokenizer(ranks: dict[bytes, int]) -> Tokenizer:
-    """A Tokenizer for freshly trained merge ranks (GPT-2 pre-tokenisation)."""
-    text = ranks_to_text(ranks)
-    return Tokenizer("bpe", enc=bpe_encoding(text, GPT2_PATTERN), ranks=text)
-
-
-def train_bpe(texts, vocab_size: int) -> dict[bytes, int]:
-    """Train a byte-level BPE on `texts` and return its tiktoken merge ranks (vocab_size - 1 of
-    them; <|endoftext|> takes the last id). Fewer when the corpus runs out of pairs to merge."""
-    from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers, trainers
-
-    hf = HFTokenizer(models.BPE())
-    # use_regex: GPT-2's pre-tokenisation regex, the same pieces tiktoken will cut with GPT2_PATTERN
-    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 1, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    hf.train_from_iterator(texts, trainer)
-    # `tokenizers` spells a token's bytes through bytes_to_unicode; tiktoken ranks raw bytes and
-    # merges by the rank of the merged token, so a token's rank is its merge's priority.
-    byte_of = {c: b for b, c in bytes_to_unicode().items()}
-    ranks = {bytes([b]): b for b in range(256)}
-    for left, right in json.loads(hf.to_str())["model"]["merges"]:
-        ranks.setdefault(bytes(byte_of[c] for c in left + right), len(ranks))
-    return ranks
 
 
 # ----------------------------------------------------------------------------------------------
@@ -441,29 +209,6 @@ def iter_docs(files, sep: str | None, clean: bool, errors: str, on_bytes):
         stream = split_blocks(blocks, sep) if sep else blocks
         yield from clean_blocks(stream) if clean else stream
         yield None
-
-
-# Where a piece may end: before a space or newline that is followed by a non-space. GPT-2's regex
-# never joins such a character to the text before it (only a literal space joins the word after
-# it, and a whitespace run ends before its last character when a non-space follows), and a run
-# left at the end of a piece is still one piece (`\s++$`): both halves tokenize as in the whole.
-SAFE_CUT = re.compile(r"[\n ](?=\S)")
-
-
-def iter_pieces(stream, size: int = PIECE_CHARS):
-    """(document index, text) pieces of about `size` chars, cut only where encoding the pieces
-    separately gives exactly the tokens of the whole document (tests check this)."""
-    doc, buf = 0, ""
-    for block in stream:
-        if block is None:
-            if buf:
-                yield doc, buf
-            doc, buf = doc + 1, ""
-            continue
-        buf += block
-        while len(buf) > size and (m := SAFE_CUT.search(buf, size)):
-            yield doc, buf[:m.start()]
-            buf = buf[m.start():]
 
 
 class Progress:
@@ -793,18 +538,12 @@ def write_meta(out: Path, tok: Tokenizer, fields: dict):
     if tok.kind == "bpe":
         ranks = entry.pop("ranks")
         entry["ranks_file"] = "tokenizer.bpe"
-        atomic_write(out / "tokenizer.bpe", ranks)
+        atomic_write_text(out / "tokenizer.bpe", ranks)
     else:
         (out / "tokenizer.bpe").unlink(missing_ok=True)  # a stale one from an earlier bpe run
     meta = {"format_version": FORMAT_VERSION, "tokenizer": entry, "vocab_size": tok.vocab_size,
             "eot_id": tok.eot_id, **fields}
-    atomic_write(out / "meta.json", json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
-
-
-def atomic_write(path: Path, text: str):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(out / "meta.json", json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
 
 
 @contextlib.contextmanager

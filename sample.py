@@ -9,9 +9,9 @@
     python sample.py --int8 --benchmark                      # the same with int8 weights (CPU)
 
 Design choices:
-- The checkpoint is all it needs: the tokenizer travels inside it (prepare.load_tokenizer), and
-  the model, device and precision come from train.py's helpers. Sampling, the KV cache and beam
-  search are gpt.py's engine; this file only drives them.
+- The checkpoint is all it needs: the tokenizer travels inside it (tokenizer.load_tokenizer).
+  The model, its checkpoint loader and the engine (sampling, the KV cache, beam search) are
+  gpt.py's, device and precision common.py's; this file only drives them.
 - stdout carries only model text (or the tables asked for); what was loaded, notices and errors
   go to stderr, so `python sample.py ... > out.txt` keeps a clean file.
 - Streaming decodes the new tokens not yet printed and prints their text only once it does not
@@ -34,10 +34,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from gpt import beam_search, generate_stream, quantize_int8, store_linear_weights_transposed
-from prepare import ArgumentParser, UserError, load_tokenizer, run_main
-from train import (autocast_context, load_checkpoint, model_from_checkpoint, resolve_device,
-                   resolve_dtype, sync)
+from common import ArgumentParser, UserError, autocast_context, resolve_device, resolve_dtype, run_main, sync
+from gpt import (beam_search, generate_stream, load_checkpoint, model_from_checkpoint, quantize_int8,
+                 store_linear_weights_transposed)
+from tokenizer import load_tokenizer
 
 SEPARATOR = "---------------"
 

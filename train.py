@@ -2,20 +2,24 @@
 
     python train.py config/small.py                        # one process (CPU, one GPU, MPS)
     python train.py config/small.py --max_iters=500 --device=cpu
+    python train.py --init_from=resume --out_dir=out-small # continue a stopped run
     torchrun --nproc_per_node=2 train.py config/small.py --device=cpu --gradient_accumulation_steps=2
     torchrun --nproc_per_node=8 train.py config/default.py                 # DDP over NCCL
     python train.py --plot out                             # out/metrics.jsonl -> out/loss.png
 
 Design choices:
-- DEFAULTS below is the only list of settings. A config file (plain Python assignments) and then
-  `--key=value` arguments override it; unknown keys and wrongly typed values are errors.
-- Every device / precision / DDP decision is made once, in setup(); the loop only uses `ctx`
-  (autocast), `scaler` (a no-op unless fp16) and `ddp`.
+- Settings (below) is the only list of settings, each with its type, default and meaning. A config
+  file (plain Python assignments) and then `--key=value` arguments override it; unknown keys and
+  wrongly typed values are errors. A resumed run takes its settings from its checkpoint.
+- Every device / precision / DDP decision is made once, in setup_runtime(); the loop only uses
+  `rt.ctx` (autocast), `rt.scaler` (a no-op unless fp16) and `rt.ddp`.
 - Batches are random windows of the memory-mapped bins. Each step's *global* set of windows comes
   from one seeded generator shared by all ranks, and rank r takes its share: 2 ranks with
   accumulation k see exactly the examples of 1 rank with 2k.
 - Checkpoints (ckpt.pt to resume, best.pt for the best val loss) are written atomically and carry
   the model args and the tokenizer, so sample.py needs nothing else. Resuming is exact.
+- time_budget_s fixes the run's length from the measured speed of its first steps, so a recipe
+  takes the same wall time on any machine; the decision is stored, and a resume keeps it.
 - Ctrl-C or SIGTERM ends a run at a step boundary with ckpt.pt saved (under DDP at the next log
   step, which all ranks agree on) and exit status 128 + the signal's number.
 """
@@ -29,64 +33,83 @@ import signal
 import sys
 import time
 import traceback
-import zipfile
-from contextlib import nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from gpt import GPT, GPTConfig
-from prepare import UserError, load_tokenizer, run_main
+from common import (UserError, atomic_write_text, autocast_context, maybe_compile, measure_peak_flops, print0,
+                    resolve_device, resolve_dtype, run_main, sync)
+from gpt import GPT, GPTConfig, load_checkpoint, model_from_checkpoint, save_checkpoint
+from tokenizer import load_tokenizer
+
+PROCESS_START = time.time()  # time_budget_s counts from here (importing torch before it takes ~2 s)
 
 # -----------------------------------------------------------------------------
 # Settings. Names follow nanoGPT's where the concept is the same.
 
-DEFAULTS = dict(
+
+def setting(default, meaning):
+    return field(default=default, metadata={"help": meaning})
+
+
+@dataclass(frozen=True)
+class Settings:
     # I/O
-    out_dir="out",
-    dataset="shakespeare_char",  # a folder under data/ written by prepare.py (or a path to one)
-    init_from="scratch",  # 'scratch' | 'resume' (out_dir/ckpt.pt) | a checkpoint path | a HF GPT-2 dir
-    eval_interval=250,  # iterations between evaluations (and checkpoints)
-    eval_iters=50,  # batches per split per evaluation
-    log_interval=10,  # iterations between log lines (and, under DDP, checks for a stop signal)
-    always_save_checkpoint=True,  # False: evaluations write ckpt.pt only if val improved (a run's end always)
-    patience=0,  # stop after this many evaluations without a val improvement; 0 = never
+    out_dir: str = setting("out", "where ckpt.pt, best.pt, metrics.jsonl and config.json go")
+    dataset: str = setting("shakespeare_char", "a folder under data/ written by prepare.py (or a path to one)")
+    init_from: str = setting("scratch", "'scratch' | 'resume' (out_dir/ckpt.pt) | a checkpoint path | a HF GPT-2 dir")
+    eval_interval: int = setting(250, "iterations between evaluations (and checkpoints)")
+    eval_iters: int = setting(50, "batches per split per evaluation")
+    log_interval: int = setting(10, "iterations between log lines (and, under DDP, checks for a stop signal)")
+    always_save_checkpoint: bool = setting(True, "False: evaluations write ckpt.pt only if val improved "
+                                                 "(a run's end always)")
+    patience: int = setting(0, "stop after this many evaluations without a val improvement; 0 = never")
     # data
-    batch_size=12,  # sequences per micro-step per process
-    block_size=256,  # context length in tokens
-    gradient_accumulation_steps=1,  # micro-steps per optimizer step, summed over all processes
+    batch_size: int = setting(12, "sequences per micro-step per process")
+    block_size: int = setting(256, "context length in tokens")
+    gradient_accumulation_steps: int = setting(1, "micro-steps per optimizer step, summed over all processes")
     # model
-    n_layer=6,
-    n_head=6,
-    n_embd=384,
-    dropout=0.0,  # 0 for pretraining; 0.1-0.3 helps on small data
-    bias=True,  # biases in Linear and LayerNorm layers, as GPT-2 has
+    n_layer: int = setting(6, "transformer blocks")
+    n_head: int = setting(6, "attention heads per block")
+    n_embd: int = setting(384, "embedding width (a multiple of n_head)")
+    dropout: float = setting(0.0, "0 for pretraining; 0.1-0.3 helps on small data")
+    bias: bool = setting(True, "biases in Linear and LayerNorm layers, as GPT-2 has")
     # AdamW and the learning-rate schedule (linear warmup, then cosine decay to min_lr)
-    learning_rate=6e-4,
-    max_iters=5000,  # optimizer steps in all
-    weight_decay=0.1,
-    beta1=0.9,
-    beta2=0.95,
-    grad_clip=1.0,  # 0 = off
-    decay_lr=True,  # False: learning_rate throughout
-    warmup_iters=100,  # steps of linear warmup to learning_rate
-    lr_decay_iters=5000,  # the step where the cosine reaches min_lr (flat after); ~max_iters
-    min_lr=6e-5,
+    learning_rate: float = setting(6e-4, "the peak learning rate")
+    max_iters: int = setting(5000, "optimizer steps in all")
+    weight_decay: float = setting(0.1, "AdamW's decoupled weight decay (matmul weights only)")
+    beta1: float = setting(0.9, "AdamW's beta1")
+    beta2: float = setting(0.95, "AdamW's beta2")
+    grad_clip: float = setting(1.0, "clip the global gradient norm to this; 0 = off")
+    decay_lr: bool = setting(True, "False: learning_rate throughout")
+    warmup_iters: int = setting(100, "steps of linear warmup to learning_rate")
+    lr_decay_iters: int = setting(5000, "the step where the cosine reaches min_lr (flat after); ~max_iters")
+    min_lr: float = setting(6e-5, "the learning rate at the end of the decay; ~learning_rate / 10")
+    time_budget_s: float = setting(0.0, "seconds the whole run may take: its first steps are timed, then "
+                                        "max_iters = lr_decay_iters is set to fit; 0 = off")
     # system
-    device="auto",  # 'auto' (cuda, then mps, then cpu) | 'cpu' | 'cuda' | 'cuda:1' | 'mps'
-    dtype="auto",  # 'auto' | 'float32' | 'bfloat16' | 'float16'
-    compile=False,  # torch.compile the model (falls back with a warning where it fails)
-    backend="auto",  # DDP backend: 'auto' (nccl on CUDA, gloo otherwise) | 'nccl' | 'gloo'
-    seed=1337,
+    device: str = setting("auto", "'auto' (cuda, then mps, then cpu) | 'cpu' | 'cuda' | 'cuda:1' | 'mps'")
+    dtype: str = setting("auto", "'auto' (bf16 where native, fp16 on older GPUs, else fp32) | 'float32' "
+                                 "| 'bfloat16' | 'float16'")
+    compile: bool = setting(False, "torch.compile the model (falls back with a warning where it fails)")
+    backend: str = setting("auto", "DDP backend: 'auto' (nccl on CUDA, gloo otherwise) | 'nccl' | 'gloo'")
+    seed: int = setting(1337, "seeds the weights, the batch stream, dropout and the evaluation windows")
     # logging
-    tensorboard_log=False,  # out_dir/tensorboard
-    wandb_log=False,
-    wandb_project="gpt",
-    wandb_run_name="run",
-)
+    tensorboard_log: bool = setting(False, "also log to out_dir/tensorboard (pip install tensorboard)")
+    wandb_log: bool = setting(False, "also log to Weights & Biases (pip install wandb)")
+    wandb_project: str = setting("gpt", "W&B project")
+    wandb_run_name: str = setting("run", "W&B run name")
+
+
+DEFAULTS = {f.name: f.default for f in fields(Settings)}
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias")
+LR_KEYS = ("learning_rate", "min_lr", "warmup_iters", "lr_decay_iters", "decay_lr", "max_iters")
+# What a resumed run may change (one line says so); anything else would make it another run.
+CHANGEABLE_ON_RESUME = ("eval_interval", "eval_iters", "log_interval", "patience", "always_save_checkpoint",
+                        "dropout", "grad_clip", "device", "dtype", "compile", "backend",
+                        "tensorboard_log", "wandb_log", "wandb_project", "wandb_run_name")
 
 
 def parse_value(key, text, default):
@@ -120,9 +143,9 @@ def check_key(key, source):
         raise UserError(f"unknown setting '{key}' in {source}.{hint} Valid settings: {', '.join(DEFAULTS)}")
 
 
-def load_config(argv):
-    """DEFAULTS, overridden by config files (in order), then by --key=value / --key value."""
-    config = dict(DEFAULTS)
+def given_settings(argv):
+    """The settings that config files (in order) and then --key=value / --key value give."""
+    given = {}
     i = 0
     while i < len(argv):
         arg = argv[i]
@@ -137,25 +160,39 @@ def load_config(argv):
                     raise UserError(f"{arg} needs a value: {arg}=VALUE")
                 else:
                     value, i = following, i + 1
-            config[key] = parse_value(key, value, DEFAULTS[key])
+            given[key] = parse_value(key, value, DEFAULTS[key])
         else:
-            path = Path(arg)
-            if not path.is_file():
-                raise UserError(f"config file not found: {arg}")
-            namespace = {}
-            try:
-                exec(compile(path.read_text(encoding="utf-8"), str(path), "exec"), namespace)
-            except Exception as e:  # a config file is Python: its errors are the user's to fix
-                raise UserError(f"config file {arg}{config_error_line(e, path)}: {type(e).__name__}: "
-                                f"{e.msg if isinstance(e, SyntaxError) else e}") from None
-            for key, value in namespace.items():
-                if key.startswith("_") or type(value).__name__ in ("module", "function", "type"):
-                    continue
-                check_key(key, arg)
-                config[key] = check_type(key, value, DEFAULTS[key])  # Python values: no parsing
+            given.update(read_config_file(arg))
         i += 1
-    check_ranges(config)
-    return config
+    return given
+
+
+def read_config_file(arg):
+    path = Path(arg)
+    if not path.is_file():
+        raise UserError(f"config file not found: {arg}")
+    namespace = {}
+    try:
+        exec(compile(path.read_text(encoding="utf-8"), str(path), "exec"), namespace)
+    except Exception as e:  # a config file is Python: its errors are the user's to fix
+        raise UserError(f"config file {arg}{config_error_line(e, path)}: {type(e).__name__}: "
+                        f"{e.msg if isinstance(e, SyntaxError) else e}") from None
+    values = {}
+    for key, value in namespace.items():
+        if key.startswith("_") or type(value).__name__ in ("module", "function", "type"):
+            continue
+        check_key(key, arg)
+        values[key] = check_type(key, value, DEFAULTS[key])  # Python values: no parsing
+    return values
+
+
+def load_config(argv):
+    """The run's settings: DEFAULTS overridden by what argv gives, or, with init_from=resume, the
+    stored run's settings with the changes a resume allows."""
+    given = given_settings(argv)
+    cfg = resumed_settings(given) if given.get("init_from") == "resume" else DEFAULTS | given
+    check_ranges(cfg)
+    return cfg
 
 
 def config_error_line(e, path):
@@ -171,7 +208,7 @@ def check_ranges(cfg):
     at_least = dict(eval_interval=1, eval_iters=1, log_interval=1, patience=0, batch_size=1, block_size=1,
                     gradient_accumulation_steps=1, n_layer=1, n_head=1, n_embd=1, learning_rate=0.0,
                     max_iters=0, weight_decay=0.0, grad_clip=0.0, warmup_iters=0, lr_decay_iters=0,
-                    min_lr=0.0, seed=0)
+                    min_lr=0.0, time_budget_s=0.0, seed=0)
     for key, low in at_least.items():
         if not cfg[key] >= low:  # `not >=` also catches nan
             raise UserError(f"{key} must be >= {low}, got {cfg[key]}")
@@ -194,126 +231,55 @@ def check_ranges(cfg):
 
 
 # -----------------------------------------------------------------------------
-# Device, precision and checkpoints: shared with sample.py and bench.py.
-
-def resolve_device(name):
-    """'auto' picks cuda, then mps, then cpu; asking for a device that is absent is an error."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        return "mps" if torch.backends.mps.is_available() else "cpu"
-    kind = name.split(":")[0]
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device '{name}' requested but CUDA is not available here (try --device=cpu)")
-    if kind == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"device '{name}' requested but MPS is not available here (try --device=cpu)")
-    if kind not in ("cpu", "cuda", "mps"):
-        raise UserError(f"unknown device '{name}' (use auto, cpu, cuda, cuda:N or mps)")
-    # There is one CPU device: 'cpu:0' would tag checkpoint storages that torch.load cannot map.
-    return "cpu" if kind == "cpu" else name
+# Resuming: the stored run's settings, and what may change
 
 
-def cpu_has_bf16():
-    """True on CPUs with native bf16 matmul (AVX512-BF16 or AMX), where bf16 autocast pays off."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_dtype(name, device):
-    """'auto': bf16 where the hardware runs it natively, fp16 on older CUDA GPUs, else fp32."""
-    kind = device.split(":")[0]
-    if name == "auto":
-        if kind == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        if kind == "cpu" and cpu_has_bf16():
-            return torch.bfloat16
-        return torch.float32
-    if name not in DTYPES:
-        raise UserError(f"unknown dtype '{name}' (use auto, {', '.join(DTYPES)})")
-    if name == "float16" and kind != "cuda":
-        raise UserError("dtype float16 needs a CUDA device; use bfloat16 or float32")
-    return DTYPES[name]
-
-
-def autocast_context(device, dtype):
-    """Mixed precision for the forward pass: weights stay fp32, matmuls run in `dtype`."""
-    if dtype == torch.float32:
-        return nullcontext()
-    return torch.autocast(device_type=device.split(":")[0], dtype=dtype)
-
-
-def save_checkpoint(obj, path):
-    """torch.save to a temp file, fsync, then rename: a kill at any instant leaves the old file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def load_checkpoint(path, device="cpu"):
-    """Load a checkpoint written by save_checkpoint; never unpickles arbitrary objects."""
-    path = Path(path)
+def stored_run(out_dir):
+    """The settings and the time-budget decision stored in out_dir/ckpt.pt (read without the weights)."""
+    path = Path(out_dir) / "ckpt.pt"
     if not path.is_file():
-        raise UserError(f"checkpoint not found: {path}")
-    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; its end is read first
-        raise UserError(f"cannot read checkpoint {path}: not a torch.save archive (truncated, or another kind of file)")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # torch raises UnpicklingError, RuntimeError or EOFError on bad files
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
-            raise UserError(f"{path} contains pickled Python objects; refusing to load it "
-                            "(only tensors, numbers, strings, lists and dicts are allowed)") from None
-        raise UserError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
-        raise UserError(f"{path} is not a checkpoint of this project (no 'model' / 'model_args')")
-    return ckpt
+        raise UserError(f"nothing to resume: {path} does not exist (start the run without --init_from=resume)")
+    ckpt = load_checkpoint(path, mmap=True)
+    if "optimizer" not in ckpt or "config" not in ckpt:
+        raise UserError(f"cannot resume from {path}: it holds weights only (a copy of best.pt?); "
+                        f"--init_from=PATH starts a new run from a weights file")
+    return path, ckpt
 
 
-def model_from_checkpoint(ckpt, device="cpu", dropout=0.0):
-    """Build the GPT a checkpoint describes and load its weights."""
-    try:
-        model = GPT(GPTConfig(**{**ckpt["model_args"], "dropout": dropout}))
-        model.load_state_dict(ckpt["model"])
-    except (TypeError, ValueError, RuntimeError) as e:  # unknown field, size mismatch, missing key
-        raise UserError(f"checkpoint's weights do not match its model_args: {str(e).splitlines()[0]}") from None
-    return model.to(device)
+def lr_at(cfg, it):
+    return get_lr(it, cfg["learning_rate"], cfg["warmup_iters"], cfg["lr_decay_iters"],
+                  cfg["min_lr"]) if cfg["decay_lr"] else cfg["learning_rate"]
 
 
-def measure_peak_flops(device, dtype):
-    """This device's dense matmul FLOP/s in `dtype`, measured: the denominator of MFU."""
-    n = 2048 if device.startswith("cuda") else 1024
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    best = float("inf")
-    for _ in range(5):
-        sync(device)
-        t0 = time.perf_counter()
-        for _ in range(4):
-            a @ b
-        sync(device)
-        best = min(best, (time.perf_counter() - t0) / 4)
-    return 2 * n**3 / best
-
-
-def sync(device):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    elif device.startswith("mps"):
-        torch.mps.synchronize()
+def resumed_settings(given):
+    """The stored run's settings, with what `given` changes: a change that leaves the run the same
+    run (an interval, patience, the device, max_iters while the LR stays where it is) gets one line;
+    any other (the model, the data, the batches, the optimizer, a jump of the LR) is an error."""
+    path, ckpt = stored_run(given.get("out_dir", DEFAULTS["out_dir"]))
+    stored = DEFAULTS | ckpt["config"]
+    budget = ckpt.get("budget")
+    as_set = stored | ({k: budget["settings"][k] for k in ("max_iters", "lr_decay_iters")} if budget else {})
+    changed = {k: v for k, v in given.items() if k not in ("init_from", "out_dir") and v != as_set[k]}
+    cfg = stored | changed | {"init_from": "resume"}
+    it = ckpt["iter_num"]
+    for key, value in changed.items():
+        if key in LR_KEYS:
+            continue
+        if key not in CHANGEABLE_ON_RESUME:
+            raise UserError(f"cannot resume {path} with {key}={value}: the run has {key}={as_set[key]}, and "
+                            f"changing it makes another run; start one from these weights with "
+                            f"--init_from={path} --out_dir=NEW")
+        print0(f"resume: {key} {as_set[key]} -> {value}")
+    lr_changes = {k: v for k, v in changed.items() if k in LR_KEYS}
+    if lr_changes:
+        if not math.isclose(lr_at(cfg, it), lr_at(stored, it), rel_tol=1e-9):
+            details = ", ".join(f"{k}={v}" for k, v in lr_changes.items())
+            raise UserError(f"cannot resume {path} with {details}: the learning rate at iter {it} would jump "
+                            f"from {lr_at(stored, it):.3g} to {lr_at(cfg, it):.3g}")
+        for key, value in lr_changes.items():
+            print0(f"resume: {key} {stored[key]} -> {value} (the learning rate at iter {it} stays "
+                   f"{lr_at(cfg, it):.3g})")
+    return cfg
 
 
 # -----------------------------------------------------------------------------
@@ -372,10 +338,34 @@ def get_lr(it, learning_rate, warmup_iters, lr_decay_iters, min_lr):
 # -----------------------------------------------------------------------------
 # Setup: everything decided once, before the loop.
 
+@dataclass
+class Runtime:
+    """Where and how this process computes: decided once, then only read."""
+    rank: int
+    local_rank: int
+    world_size: int
+    device: str
+    dtype: torch.dtype
+    ctx: object  # autocast, or a no-op in fp32
+    scaler: torch.amp.GradScaler  # a no-op unless fp16
+
+    @property
+    def ddp(self):
+        return self.world_size > 1
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    @property
+    def device_type(self):
+        return self.device.split(":")[0]
+
+
 def setup_distributed(cfg):
-    """Join the torchrun process group if there is one; returns (rank, local_rank, world_size)."""
+    """Join the torchrun process group if there is one; returns (rank, local_rank, world_size, device)."""
     if "RANK" not in os.environ:
-        return 0, 0, 1
+        return 0, 0, 1, cfg["device"]
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     world_size = int(os.environ["WORLD_SIZE"])
     accum = cfg["gradient_accumulation_steps"]
@@ -383,26 +373,138 @@ def setup_distributed(cfg):
         raise UserError(f"gradient_accumulation_steps={accum} must be a multiple of the number of "
                         f"processes ({world_size}): pass --gradient_accumulation_steps="
                         f"{math.ceil(accum / world_size) * world_size}")
-    if cfg["device"].startswith("cuda") or (cfg["device"] == "auto" and torch.cuda.is_available()):
-        cfg["device"] = f"cuda:{local_rank}"
-        torch.cuda.set_device(cfg["device"])
+    device = cfg["device"]
+    if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
     backend = cfg["backend"]
     if backend == "auto":
-        backend = "nccl" if cfg["device"].startswith("cuda") else "gloo"
-    if backend == "nccl" and not cfg["device"].startswith("cuda"):  # NCCL only moves CUDA tensors
-        raise UserError(f"backend nccl needs CUDA devices, not {cfg['device']}; use --backend=gloo")
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+    if backend == "nccl" and not device.startswith("cuda"):  # NCCL only moves CUDA tensors
+        raise UserError(f"backend nccl needs CUDA devices, not {device}; use --backend=gloo")
     torch.distributed.init_process_group(backend=backend)
-    return rank, local_rank, world_size
+    return rank, local_rank, world_size, device
 
 
-def print0(*args, **kwargs):
-    """print on rank 0 only: one copy of every line however many processes run."""
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(*args, **kwargs, flush=True)
+def setup_runtime(cfg):
+    rank, local_rank, world_size, device = setup_distributed(cfg)
+    device = resolve_device(device)
+    dtype = resolve_dtype(cfg["dtype"], device)
+    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=(dtype == torch.float16))
+    return Runtime(rank, local_rank, world_size, device, dtype, autocast_context(device, dtype), scaler)
+
+
+class Batches:
+    """Random windows of the memory-mapped bins of one dataset, as (x, y) on the device."""
+
+    def __init__(self, cfg, device):
+        self.data_dir = dataset_dir(cfg["dataset"])
+        self.meta, self.bin_dtype, self.window_starts = open_bins(self.data_dir, cfg["block_size"])
+        self.tokenizer = load_tokenizer(self.data_dir)
+        self.B, self.T, self.device = cfg["batch_size"], cfg["block_size"], device
+
+    def draw(self, split, rng, count):
+        """`count` window starts drawn from `rng`."""
+        return rng.integers(0, self.window_starts[split], size=count)
+
+    def get(self, split, starts):
+        x, y = get_windows(self.data_dir, split, self.bin_dtype, starts, self.T)
+        if self.device.startswith("cuda"):  # pinned memory lets the copy overlap with compute
+            return (x.pin_memory().to(self.device, non_blocking=True),
+                    y.pin_memory().to(self.device, non_blocking=True))
+        return x.to(self.device), y.to(self.device)
+
+
+@dataclass
+class Progress:
+    """What a checkpoint carries besides weights and optimizer: where the run is."""
+    iter_num: int = 0
+    best_val_loss: float = float("inf")
+    evals_since_best: int = 0
+    elapsed_s: float = 0.0  # training time before this process (a resumed run's earlier parts)
+
+
+def check_logging_packages(cfg):
+    """tensorboard_log / wandb_log need their package: say so before out_dir is touched."""
+    for key, package in (("tensorboard_log", "tensorboard"), ("wandb_log", "wandb")):
+        if cfg[key] and importlib.util.find_spec(package) is None:
+            raise UserError(f"{key}=True needs {package}: pip install {package}")
+
+
+def restore(ckpt, optimizer, scaler, batch_rng, rt, seed):
+    """Continue exactly where a checkpoint left off: optimizer, scaler, batch stream, RNG."""
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    batch_rng.bit_generator.state = ckpt["rng"]["batches"]
+    if ckpt["rng"]["world_size"] == rt.world_size == 1:
+        torch.set_rng_state(ckpt["rng"]["torch"].cpu())
+    else:  # per-rank dropout streams are not saved; re-seed them, distinct per rank and step
+        torch.manual_seed(seed + rt.rank + 1000 * ckpt["iter_num"])
+    if rt.device_type == "cuda" and "cuda" in ckpt["rng"]:
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu())
+    return Progress(ckpt["iter_num"], ckpt["best_val_loss"], ckpt["evals_since_best"], ckpt["elapsed_s"])
+
+
+@torch.no_grad()
+def evaluate(model, batches, cfg, rt):
+    """Loss, perplexity and next-token accuracy on eval_iters batches per split, split over ranks.
+
+    Every evaluation scores the same windows (fixed by the seed), so successive val losses differ
+    only by the model, and evaluating never moves the training batch stream.
+    """
+    model.eval()
+    results = {}
+    for split_id, split in enumerate(("train", "val")):
+        rng = np.random.default_rng([cfg["seed"], split_id])
+        starts = batches.draw(split, rng, cfg["eval_iters"] * batches.B).reshape(cfg["eval_iters"], batches.B)
+        sums = torch.zeros(3, device=rt.device, dtype=torch.float64)  # loss sum, correct, count
+        for batch_starts in starts[rt.rank::rt.world_size]:
+            x, y = batches.get(split, batch_starts)
+            with rt.ctx:
+                logits, loss = model(x, y)
+            sums += torch.stack([loss.double() * y.numel(), (logits.argmax(-1) == y).sum().double(),
+                                 torch.tensor(y.numel(), device=rt.device, dtype=torch.float64)])
+        if rt.ddp:
+            torch.distributed.all_reduce(sums)
+        loss_sum, correct, count = sums.tolist()
+        results[split] = (loss_sum / count, correct / count)
+    model.train()
+    (train_loss, _), (val_loss, val_acc) = results["train"], results["val"]
+    return dict(train_loss=train_loss, val_loss=val_loss, val_ppl=math.exp(min(val_loss, 700)), val_acc=val_acc)
+
+
+class StopSignals:
+    """SIGTERM (a scheduler's pre-emption) and Ctrl-C end the run at a step boundary with ckpt.pt
+    saved and exit status 128 + the signal's number (143, 130). A second Ctrl-C stops at once (the
+    last checkpoint on disk stays intact); a second SIGTERM changes nothing, as a scheduler may
+    signal torchrun's workers as well as torchrun, which forwards its own. torchrun sends SIGKILL
+    30 s after forwarding (--shutdown_timeout): under DDP, log_interval steps and one checkpoint
+    write must fit in that."""
+
+    def __init__(self):
+        self.received = []
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self.on_signal)
+
+    def on_signal(self, signum, frame):
+        if signum == signal.SIGINT and signal.SIGINT in self.received:
+            raise KeyboardInterrupt
+        self.received.append(signum)
+
+    def agreed(self, rt):
+        """The signal to stop on, 0 for none. Every rank must stop at the same step: under DDP the
+        ranks take the largest signal any of them received, which waits for all of them."""
+        signum = self.received[0] if self.received else 0
+        if rt.ddp:
+            signum = torch.tensor(signum, device=rt.device)
+            torch.distributed.all_reduce(signum, op=torch.distributed.ReduceOp.MAX)
+            signum = int(signum.item())
+        return signum
 
 
 def build_model(cfg, vocab_size, tokenizer, device):
-    """A fresh GPT, or the weights of a checkpoint / Hugging Face dir; returns (model, ckpt or None)."""
+    """A fresh GPT, or the weights of a checkpoint / Hugging Face dir; returns (model, ckpt or None).
+    The model's shape is the checkpoint's: the caller takes it from ckpt["model_args"]."""
     init = cfg["init_from"]
     if init == "scratch":
         args = {k: cfg[k] for k in MODEL_KEYS} | {"vocab_size": vocab_size, "dropout": cfg["dropout"]}
@@ -421,7 +523,6 @@ def build_model(cfg, vocab_size, tokenizer, device):
         ckpt = load_checkpoint(path, device)
         model = model_from_checkpoint(ckpt, device, cfg["dropout"])
     check_compatible(cfg, ckpt, vocab_size, tokenizer, path, resume=(init == "resume"))
-    cfg.update({k: ckpt["model_args"][k] for k in MODEL_KEYS if k != "block_size"})  # as loaded
     return model.to(device), ckpt
 
 
@@ -459,284 +560,223 @@ def check_compatible(cfg, ckpt, vocab_size, tokenizer, path, resume):
         raise UserError(f"block_size={cfg['block_size']} exceeds {path}'s block_size={args['block_size']}")
 
 
-def maybe_compile(model, device, ctx, batch_size, block_size):
-    """torch.compile where it works; a warning and the eager model where it does not."""
-    if device.startswith("cpu"):
-        # Inductor's CPU tanh (Sleef's) makes GPT-2's tanh-GELU the slowest kernel of a small
-        # model's step; its exp-based tanh is as accurate on GELU's inputs (fp32 max error 5e-7 vs
-        # eager's 4e-7 over [-200, 200]) and the baby-GPT step takes ~7% less time with it.
-        torch._inductor.config.cpp.use_decompose_tanh = True
-    try:
-        compiled = torch.compile(model)
-        # Compiling is lazy: force it now, so failures surface here, on the training step's own
-        # graph (its batch shape, precision and grad mode: another shape would make the batch
-        # dimension dynamic, and inductor's code for that is slower).
-        x, y = (torch.zeros(batch_size, block_size, dtype=torch.long, device=device) for _ in range(2))
-        # fork_rng: the warm-up's dropout must not draw from the run's random numbers, which a
-        # resume has just restored (resuming would no longer be exact)
-        cuda_devices = [torch.device(device).index or 0] if device.startswith("cuda") else []
-        with torch.random.fork_rng(devices=cuda_devices), ctx:
-            compiled(x, y)  # two tensors: dynamo would specialise the graph on `idx is targets`
-        return compiled
-    except Exception as e:  # a missing C compiler, an unsupported backend, ...
-        print0(f"warning: torch.compile failed ({str(e).splitlines()[0][:200]}); running eagerly")
-        return model
+# -----------------------------------------------------------------------------
+# The time budget: the run's length from the measured speed of its first steps
+
+BUDGET_SKIP_ITERS = 2  # steps not timed: the first ones allocate and pick kernels
+BUDGET_TIMED_ITERS = 20  # steps timed to decide; the decision is made inside a warmup of >= 22 steps
+
+
+def iters_within_budget(seconds_left, it, step_s, eval_s, eval_interval):
+    """The largest max_iters >= it such that the steps from `it` and the evaluations they pass
+    (every eval_interval, and the last one) take at most `seconds_left`."""
+    def cost(n):
+        evals = n // eval_interval - it // eval_interval + (n % eval_interval != 0)
+        return (n - it) * step_s + evals * eval_s
+    n = it + max(0, int(seconds_left / (step_s + eval_s / eval_interval)))
+    while n > it and cost(n) > seconds_left:
+        n -= 1
+    return n
+
+
+def decide_budget(cfg, it, step_s, eval_s, rt):
+    """max_iters and lr_decay_iters that end the run within time_budget_s (from the process start),
+    agreed by all ranks (each takes the slowest rank's timings)."""
+    if rt.ddp:
+        timings = torch.tensor([step_s, eval_s], device=rt.device, dtype=torch.float64)
+        torch.distributed.all_reduce(timings, op=torch.distributed.ReduceOp.MAX)
+        step_s, eval_s = timings.tolist()
+    seconds_left = cfg["time_budget_s"] - (time.time() - PROCESS_START)
+    n = iters_within_budget(seconds_left, it, step_s, eval_s, cfg["eval_interval"])
+    print0(f"time budget {cfg['time_budget_s']:g} s: {step_s * 1000:.1f} ms/iter and {eval_s:.2f} s per "
+           f"evaluation measured, {seconds_left:.0f} s left -> max_iters = lr_decay_iters = {n}")
+    return dict(max_iters=n, lr_decay_iters=n, ms_per_iter=step_s * 1000, eval_s=eval_s,
+                settings={k: cfg[k] for k in ("max_iters", "lr_decay_iters")})
 
 
 # -----------------------------------------------------------------------------
-
-def check_logging_packages(cfg):
-    """tensorboard_log / wandb_log need their package: say so before out_dir is touched."""
-    for key, package in (("tensorboard_log", "tensorboard"), ("wandb_log", "wandb")):
-        if cfg[key] and importlib.util.find_spec(package) is None:
-            raise UserError(f"{key}=True needs {package}: pip install {package}")
-
+# Training
 
 def train(cfg):
     check_logging_packages(cfg)
-    previous = Path(cfg["out_dir"]) / "ckpt.pt"
-    if cfg["init_from"] != "resume" and previous.is_file():  # a new run would overwrite it
-        raise UserError(f"{cfg['out_dir']} already holds a run ({previous}); continue it with "
-                        f"--init_from=resume, or pass another --out_dir")
-    rank, local_rank, world_size = setup_distributed(cfg)
-    master = rank == 0
-    ddp = world_size > 1
-    device = resolve_device(cfg["device"])
-    dtype = resolve_dtype(cfg["dtype"], device)
-    cfg["device"], cfg["dtype"] = device, str(dtype).removeprefix("torch.")
-    device_type = device.split(":")[0]
-    ctx = autocast_context(device, dtype)
-    scaler = torch.amp.GradScaler(device_type, enabled=(dtype == torch.float16))
-    accum = cfg["gradient_accumulation_steps"] // world_size  # micro-steps of this process
-    B, T = cfg["batch_size"], cfg["block_size"]
-    tokens_per_iter = B * T * cfg["gradient_accumulation_steps"]
-    peak_flops = measure_peak_flops(device, dtype) if master else 1.0  # before seeding: uses randn
-
-    data_dir = dataset_dir(cfg["dataset"])
-    meta, bin_dtype, window_starts = open_bins(data_dir, T)
-    tokenizer = load_tokenizer(data_dir)
-
-    torch.manual_seed(cfg["seed"])  # identical initial weights on every rank
-    model, ckpt = build_model(cfg, meta["vocab_size"], tokenizer, device)
-    optimizer = model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"],
-                                           (cfg["beta1"], cfg["beta2"]), device_type)
-    batch_rng = np.random.default_rng(cfg["seed"])  # the same stream on every rank
-    iter_num, best_val_loss, evals_since_best, elapsed0 = 0, float("inf"), 0, 0.0
-    resume_iter = None  # the iteration a resumed run starts at (its evaluation, if due, is done)
-    torch.manual_seed(cfg["seed"] + rank)  # dropout masks differ between ranks
-    if cfg["init_from"] == "resume":
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
-        evals_since_best, elapsed0 = ckpt["evals_since_best"], ckpt["elapsed_s"]
-        batch_rng.bit_generator.state = ckpt["rng"]["batches"]
-        if ckpt["rng"]["world_size"] == world_size == 1:
-            torch.set_rng_state(ckpt["rng"]["torch"].cpu())
-        else:  # per-rank dropout streams are not saved; re-seed them, distinct per rank and step
-            torch.manual_seed(cfg["seed"] + rank + 1000 * iter_num)
-        if device_type == "cuda" and "cuda" in ckpt["rng"]:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu())
-        resume_iter = iter_num
-        print0(f"resuming from {previous} at iter {iter_num} (best val loss {best_val_loss:.4f})")
-    del ckpt  # free its copy of the weights and optimizer state
-
-    raw_model = model  # what checkpoints store: no DDP / compile wrappers, no _orig_mod. prefix
-    if cfg["compile"]:
-        model = maybe_compile(model, device, ctx, B, T)
-    if ddp:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[local_rank] if device_type == "cuda" else None)
-    flops_per_iter = raw_model.flops_per_token() * tokens_per_iter / world_size
-
     out_dir = Path(cfg["out_dir"])
-    if master:
-        try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            (out_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
-        except OSError as e:  # a file of that name, a read-only disk, ...
-            raise UserError(f"cannot write to out_dir {out_dir}: {e.strerror or e}") from None
-        print0("config: " + ", ".join(f"{k}={v}" for k, v in cfg.items()))
-        print0(f"model: {raw_model.num_params() / 1e6:.2f}M parameters; {tokens_per_iter:,} tokens "
-               f"per iteration ({B} batch x {T} block x {cfg['gradient_accumulation_steps']} accum); "
-               f"{world_size} process(es) on {device}, {cfg['dtype']}")
-    log = MetricsLog(out_dir / "metrics.jsonl", cfg, resume_iter) if master else None
-
-    def draw_windows(split, rng, count):
-        return rng.integers(0, window_starts[split], size=count)
-
-    def get_batch(split, starts):
-        x, y = get_windows(data_dir, split, bin_dtype, starts, T)
-        if device_type == "cuda":  # pinned memory lets the copy overlap with compute
-            return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-        return x.to(device), y.to(device)
-
-    @torch.no_grad()
-    def evaluate():
-        """Loss, perplexity and next-token accuracy on eval_iters batches per split, split over ranks.
-
-        Every evaluation scores the same windows (fixed by the seed), so successive val losses
-        differ only by the model, and evaluating never moves the training batch stream.
-        """
-        model.eval()
-        results = {}
-        for split_id, split in enumerate(("train", "val")):
-            rng = np.random.default_rng([cfg["seed"], split_id])
-            starts = draw_windows(split, rng, cfg["eval_iters"] * B).reshape(cfg["eval_iters"], B)
-            sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss sum, correct, count
-            for batch_starts in starts[rank::world_size]:
-                x, y = get_batch(split, batch_starts)
-                with ctx:
-                    logits, loss = model(x, y)
-                sums += torch.stack([loss.double() * y.numel(),
-                                     (logits.argmax(-1) == y).sum().double(),
-                                     torch.tensor(y.numel(), device=device, dtype=torch.float64)])
-            if ddp:
-                torch.distributed.all_reduce(sums)
-            loss_sum, correct, count = sums.tolist()
-            results[split] = (loss_sum / count, correct / count)
-        model.train()
-        (train_loss, _), (val_loss, val_acc) = results["train"], results["val"]
-        return dict(train_loss=train_loss, val_loss=val_loss,
-                    val_ppl=math.exp(min(val_loss, 700)), val_acc=val_acc)
+    if cfg["init_from"] != "resume" and (out_dir / "ckpt.pt").is_file():  # a new run would overwrite it
+        raise UserError(f"{cfg['out_dir']} already holds a run ({out_dir / 'ckpt.pt'}); continue it with "
+                        f"--init_from=resume, or pass another --out_dir")
+    rt = setup_runtime(cfg)
+    peak_flops = measure_peak_flops(rt.device, rt.dtype) if rt.master else 1.0  # before seeding: uses randn
+    batches = Batches(cfg, rt.device)
+    torch.manual_seed(cfg["seed"])  # identical initial weights on every rank
+    raw_model, ckpt = build_model(cfg, batches.meta["vocab_size"], batches.tokenizer, rt.device)
+    cfg = cfg | {k: asdict(raw_model.config)[k] for k in MODEL_KEYS if k != "block_size"}  # as loaded
+    optimizer = raw_model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"],
+                                               (cfg["beta1"], cfg["beta2"]), rt.device_type)
+    batch_rng = np.random.default_rng(cfg["seed"])  # the same stream on every rank
+    torch.manual_seed(cfg["seed"] + rt.rank)  # dropout masks differ between ranks
+    progress, budget, resume_iter = Progress(), None, None
+    if cfg["init_from"] == "resume":
+        progress = restore(ckpt, optimizer, rt.scaler, batch_rng, rt, cfg["seed"])
+        budget = ckpt.get("budget")
+        resume_iter = progress.iter_num  # its evaluation, if one was due, is done
+        print0(f"resuming from {out_dir / 'ckpt.pt'} at iter {progress.iter_num} "
+               f"(best val loss {progress.best_val_loss:.4f})")
+    del ckpt  # free its copy of the weights and optimizer state
+    model = maybe_compile(raw_model, rt.device, rt.ctx, batches.B, batches.T) if cfg["compile"] else raw_model
+    if rt.ddp:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
+    log = start_outputs(cfg, rt, raw_model, resume_iter) if rt.master else None
+    signals = StopSignals()
+    accum = cfg["gradient_accumulation_steps"] // rt.world_size  # micro-steps of this process
+    tokens_per_iter = batches.B * batches.T * cfg["gradient_accumulation_steps"]
+    flops_per_iter = raw_model.flops_per_token() * tokens_per_iter / rt.world_size
+    t_start = time.time()
 
     def checkpoint(name, full):
         """The weights, their shape and tokenizer; with `full`, everything needed to resume."""
         state = dict(model=raw_model.state_dict(), model_args=asdict(raw_model.config),
-                     tokenizer=tokenizer.to_dict(), config=cfg, iter_num=iter_num,
-                     best_val_loss=best_val_loss)
+                     tokenizer=batches.tokenizer.to_dict(), config=cfg, iter_num=progress.iter_num,
+                     best_val_loss=progress.best_val_loss)
         if full:
-            rng = dict(batches=batch_rng.bit_generator.state, torch=torch.get_rng_state(),
-                       world_size=world_size)
-            if device_type == "cuda":
+            rng = dict(batches=batch_rng.bit_generator.state, torch=torch.get_rng_state(), world_size=rt.world_size)
+            if rt.device_type == "cuda":
                 rng["cuda"] = torch.cuda.get_rng_state()
-            state |= dict(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), rng=rng,
-                          evals_since_best=evals_since_best, elapsed_s=elapsed0 + time.time() - t_start)
+            state |= dict(optimizer=optimizer.state_dict(), scaler=rt.scaler.state_dict(), rng=rng, budget=budget,
+                          evals_since_best=progress.evals_since_best,
+                          elapsed_s=progress.elapsed_s + time.time() - t_start)
         save_checkpoint(state, out_dir / name)
 
-    # SIGTERM (a scheduler's pre-emption) and Ctrl-C end the run at a step boundary with ckpt.pt
-    # saved and exit status 128 + the signal's number (143, 130). A second Ctrl-C stops at once
-    # (the last checkpoint on disk stays intact); a second SIGTERM changes nothing, as a scheduler
-    # may signal torchrun's workers as well as torchrun, which forwards its own. torchrun sends
-    # SIGKILL 30 s after forwarding (--shutdown_timeout, TORCH_ELASTIC_SHUTDOWN_TIMEOUT; see
-    # SubprocessContext._close in torch/distributed/elastic/multiprocessing/api.py): under DDP,
-    # log_interval steps and one checkpoint write must fit in that.
-    received = []
-
-    def on_signal(signum, frame):
-        if signum == signal.SIGINT and signal.SIGINT in received:
-            raise KeyboardInterrupt
-        received.append(signum)
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, on_signal)
-
-    def stop_signal():
-        """The signal to stop on, 0 for none. Every rank must stop at the same step: under DDP the
-        ranks take the largest signal any of them received, which waits for all of them."""
-        signum = received[0] if received else 0
-        if ddp:
-            signum = torch.tensor(signum, device=device)
-            torch.distributed.all_reduce(signum, op=torch.distributed.ReduceOp.MAX)
-            signum = int(signum.item())
-        return signum
-
-    t_start = time.time()
-    t_last, iters_since_log = time.time(), 0
-    loss_sum = torch.zeros((), device=device)  # summed on device: no host sync between logs
+    timing_budget = cfg["time_budget_s"] > 0 and budget is None
+    t_last, iters_since_log, eval_s, t_budget = time.time(), 0, None, None
+    loss_sum = torch.zeros((), device=rt.device)  # summed on device: no host sync between logs
     stop = 0
     while True:
-        lr = get_lr(iter_num, cfg["learning_rate"], cfg["warmup_iters"], cfg["lr_decay_iters"],
-                    cfg["min_lr"]) if cfg["decay_lr"] else cfg["learning_rate"]
+        it = progress.iter_num
+        lr = lr_at(cfg, it)
         for group in optimizer.param_groups:
             group["lr"] = lr
 
         # A signal stops the run here: checked every step, or under DDP at log steps only, where
         # the loop waits for the device anyway (an all-reduce every step would add a host sync).
-        if not ddp or iter_num % cfg["log_interval"] == 0:
-            stop = stop_signal()
+        if not rt.ddp or it % cfg["log_interval"] == 0:
+            stop = signals.agreed(rt)
 
         # Evaluate, keep the best weights, write the resume checkpoint.
-        last_iter = iter_num == cfg["max_iters"]
+        last_iter = it == cfg["max_iters"]
         done = last_iter or stop > 0  # the end of the run writes ckpt.pt below the loop
-        if (iter_num % cfg["eval_interval"] == 0 or last_iter) and iter_num != resume_iter:
-            metrics = evaluate()
+        if (it % cfg["eval_interval"] == 0 or last_iter) and it != resume_iter:
+            t_eval = time.time()
+            metrics = evaluate(model, batches, cfg, rt)
             if not math.isfinite(metrics["val_loss"]):
-                raise UserError(f"val loss is {metrics['val_loss']} at iter {iter_num}; stopping "
-                                f"(the last good checkpoint in {out_dir} is kept). Try a lower learning_rate.")
-            improved = metrics["val_loss"] < best_val_loss
+                raise UserError(f"val loss is {metrics['val_loss']} at iter {it}; stopping (the last good "
+                                f"checkpoint in {out_dir} is kept). Try a lower learning_rate.")
+            improved = metrics["val_loss"] < progress.best_val_loss
             if improved:
-                best_val_loss, evals_since_best = metrics["val_loss"], 0
+                progress.best_val_loss, progress.evals_since_best = metrics["val_loss"], 0
             else:
-                evals_since_best += 1
-            print0(f"iter {iter_num}: train loss {metrics['train_loss']:.4f}, val loss "
-                   f"{metrics['val_loss']:.4f}, val ppl {metrics['val_ppl']:.2f}, "
-                   f"val acc {metrics['val_acc']:.3f}" + (" (best)" if improved else ""))
-            if cfg["patience"] and evals_since_best >= cfg["patience"]:
+                progress.evals_since_best += 1
+            print0(f"iter {it}: train loss {metrics['train_loss']:.4f}, val loss {metrics['val_loss']:.4f}, "
+                   f"val ppl {metrics['val_ppl']:.2f}, val acc {metrics['val_acc']:.3f}"
+                   + (" (best)" if improved else ""))
+            if cfg["patience"] and progress.evals_since_best >= cfg["patience"]:
                 print0(f"early stop: no val improvement in {cfg['patience']} evaluations")
                 done = True
-            if master:
-                log.write(iter=iter_num, elapsed_s=elapsed0 + time.time() - t_start, lr=lr, **metrics)
+            if rt.master:
+                log.write(iter=it, elapsed_s=progress.elapsed_s + time.time() - t_start, lr=lr, **metrics)
                 if improved:
                     checkpoint("best.pt", full=False)
                 if (improved or cfg["always_save_checkpoint"]) and not done:
                     checkpoint("ckpt.pt", full=True)
-            t_last = time.time()  # evaluation time is not training throughput
+            eval_s = time.time() - t_eval
+            t_last += eval_s  # evaluation time is not training throughput
+            if t_budget is not None:
+                t_budget += eval_s
         if done:
             break
 
         # One optimizer step: accum micro-steps on this rank's share of the global batch.
-        starts = draw_windows("train", batch_rng, B * cfg["gradient_accumulation_steps"])
-        my_starts = starts.reshape(-1, B)[rank * accum:(rank + 1) * accum]
+        starts = batches.draw("train", batch_rng, batches.B * cfg["gradient_accumulation_steps"])
+        my_starts = starts.reshape(-1, batches.B)[rt.rank * accum:(rt.rank + 1) * accum]
         for micro_step, micro_starts in enumerate(my_starts):
-            x, y = get_batch("train", micro_starts)
-            if ddp:
+            x, y = batches.get("train", micro_starts)
+            if rt.ddp:
                 # Synchronise gradients only on the last micro-step; must be set before its forward.
                 model.require_backward_grad_sync = micro_step == accum - 1
-            with ctx:
+            with rt.ctx:
                 _, loss = model(x, y)
                 loss = loss / accum  # the step's gradient is the mean over its micro-batches
             loss_sum += loss.detach()
-            scaler.scale(loss).backward()
+            rt.scaler.scale(loss).backward()
         if cfg["grad_clip"]:
-            scaler.unscale_(optimizer)
+            rt.scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
-        scaler.step(optimizer)
-        scaler.update()
+        rt.scaler.step(optimizer)
+        rt.scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        iter_num += 1
+        progress.iter_num += 1
         iters_since_log += 1
 
-        if iter_num % cfg["log_interval"] == 0:
-            if ddp:
+        if timing_budget and progress.iter_num - (resume_iter or 0) in (BUDGET_SKIP_ITERS,
+                                                                         BUDGET_SKIP_ITERS + BUDGET_TIMED_ITERS):
+            sync(rt.device)  # time the work, not its launch (only at these two steps)
+            if t_budget is None:
+                t_budget = time.time()
+            else:
+                step_s = (time.time() - t_budget) / BUDGET_TIMED_ITERS
+                eval_estimate = eval_s if eval_s is not None else step_s * cfg["eval_iters"] * 2 / 3 / accum
+                budget = decide_budget(cfg, progress.iter_num, step_s, eval_estimate, rt)
+                cfg = cfg | {k: budget[k] for k in ("max_iters", "lr_decay_iters")}
+                timing_budget = False
+
+        if progress.iter_num % cfg["log_interval"] == 0:
+            if rt.ddp:
                 torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.AVG)
             loss = loss_sum.item() / iters_since_log  # .item() waits for the device: only here
             if not math.isfinite(loss):
-                raise UserError(f"loss is {loss} at iter {iter_num}; stopping (the last good "
+                raise UserError(f"loss is {loss} at iter {progress.iter_num}; stopping (the last good "
                                 f"checkpoint in {out_dir} is kept). Try a lower learning_rate.")
             dt = (time.time() - t_last) / iters_since_log
-            mfu = flops_per_iter / dt / peak_flops
-            print0(f"iter {iter_num}: loss {loss:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/iter, "
+            mfu = min(flops_per_iter / dt / peak_flops, 1.0)  # a step can beat the probe: never > 100%
+            print0(f"iter {progress.iter_num}: loss {loss:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/iter, "
                    f"{tokens_per_iter / dt:,.0f} tok/s, mfu {mfu * 100:.1f}%")
-            if master:
-                log.write(iter=iter_num, elapsed_s=elapsed0 + time.time() - t_start, lr=lr,
+            if rt.master:
+                log.write(iter=progress.iter_num, elapsed_s=progress.elapsed_s + time.time() - t_start, lr=lr,
                           loss=loss, ms_per_iter=dt * 1000, tokens_per_s=tokens_per_iter / dt, mfu=mfu)
             loss_sum.zero_()
             t_last, iters_since_log = time.time(), 0
 
     # The end of the run (max_iters, an early stop or a signal) always saves where it got to.
-    if master:
+    if rt.master:
         checkpoint("ckpt.pt", full=True)
         log.close()
     if stop:
-        print0(f"stopped by {signal.Signals(stop).name} at iter {iter_num}; {out_dir / 'ckpt.pt'} "
+        print0(f"stopped by {signal.Signals(stop).name} at iter {progress.iter_num}; {out_dir / 'ckpt.pt'} "
                f"resumes it (--init_from=resume)")
-    if ddp:
+    if rt.ddp:
         # Wait for rank 0's last checkpoint: a rank that tears down gloo while another still
         # works can abort ("terminate called without an active exception").
         torch.distributed.barrier()
         del model  # DDP's reducer holds the process group: release it before the group goes
         torch.distributed.destroy_process_group()
     return stop
+
+
+def start_outputs(cfg, rt, raw_model, resume_iter):
+    """out_dir with config.json, the settings printed, and the metrics log (rank 0 only)."""
+    out_dir = Path(cfg["out_dir"])
+    tokens_per_iter = cfg["batch_size"] * cfg["block_size"] * cfg["gradient_accumulation_steps"]
+    dtype_name = str(rt.dtype).removeprefix("torch.")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out_dir / "config.json", json.dumps(
+            cfg | {"resolved": dict(device=rt.device, dtype=dtype_name, world_size=rt.world_size)}, indent=2) + "\n")
+    except OSError as e:  # a file of that name, a read-only disk, ...
+        raise UserError(f"cannot write to out_dir {out_dir}: {e.strerror or e}") from None
+    print0("config: " + ", ".join(f"{k}={v}" for k, v in cfg.items()))
+    print0(f"model: {raw_model.num_params() / 1e6:.2f}M parameters; {tokens_per_iter:,} tokens per iteration "
+           f"({cfg['batch_size']} batch x {cfg['block_size']} block x {cfg['gradient_accumulation_steps']} accum); "
+           f"{rt.world_size} process(es) on {rt.device}, {dtype_name}")
+    return MetricsLog(out_dir / "metrics.jsonl", cfg, resume_iter)
 
 
 class MetricsLog:
@@ -755,9 +795,7 @@ class MetricsLog:
                         kept.append(line + "\n")
                 except (ValueError, KeyError, TypeError):
                     pass  # the half-written last line of a killed run
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(kept), encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write_text(path, "".join(kept))
         self.file = open(path, "a", encoding="utf-8")
         self.tensorboard = self.wandb = None
         if cfg["tensorboard_log"]:
@@ -811,26 +849,14 @@ def plot(out_dir):
 
 
 def settings_help():
-    """DEFAULTS as it is written in this file, comments included: the one place settings are
-    explained, so --help cannot drift from it."""
-    source = Path(__file__).read_text(encoding="utf-8")
-    start = source.index("DEFAULTS = dict(\n") + len("DEFAULTS = dict(\n")
-    block = source[start:source.index("\n)\n", start)]
-    lines = []
-    for line in block.splitlines():
-        key, eq, rest = line.strip().partition("=")
-        if eq and key in DEFAULTS:
-            value, _, comment = rest.partition("  # ")
-            line = f"--{key}={value.rstrip(',')}" + (f"  # {comment}" if comment else "")
-        lines.append("  " + line.strip())
-    return "\n".join(lines)
+    """Every setting as --key=default with what it means: the Settings declaration, printed."""
+    return "\n".join(f"  --{f.name}={f.default!r}  # {f.metadata['help']}" for f in fields(Settings))
 
 
 def main():
     argv = sys.argv[1:]
     if "-h" in argv or "--help" in argv:
-        print(__doc__ + "\nSettings, their defaults and what they mean (DEFAULTS in train.py):\n" +
-              settings_help())
+        print(__doc__ + "\nSettings, their defaults and what they mean:\n" + settings_help())
         return
     if argv and argv[0].partition("=")[0] == "--plot":  # --plot, --plot DIR or --plot=DIR
         dirs = argv[0].split("=", 1)[1:] + argv[1:]

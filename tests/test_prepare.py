@@ -13,7 +13,9 @@ from conftest import assert_one_line_error, run_script
 from hypothesis import given, settings, strategies as st
 
 import prepare
-from prepare import Tokenizer, UserError, load_tokenizer
+import tokenizer
+from common import UserError
+from tokenizer import Tokenizer, load_tokenizer
 
 EOT = 50256
 
@@ -43,8 +45,8 @@ def ko_text(korean_path):
 @pytest.fixture(scope="module")
 def bpe(ko_text, shakespeare_path):
     english = shakespeare_path.read_text(encoding="utf-8")[:30_000]
-    texts = (t for _, t in prepare.iter_pieces([ko_text, None, english, None], size=10_000))
-    return prepare.bpe_tokenizer(prepare.train_bpe(texts, 1024))
+    texts = (t for _, t in tokenizer.iter_pieces([ko_text, None, english, None], size=10_000))
+    return tokenizer.bpe_tokenizer(tokenizer.train_bpe(texts, 1024))
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +106,7 @@ def test_endoftext_in_text_is_plain_text(gpt2, bpe):
 def test_malformed_tokenizer_description_is_a_user_error(d):
     """A hand-edited meta.json or checkpoint must give one clear line, not a KeyError traceback."""
     with pytest.raises(UserError):
-        prepare.tokenizer_from_dict(d)
+        tokenizer.tokenizer_from_dict(d)
 
 
 def test_char_unknown_character_names_it():
@@ -126,14 +128,14 @@ def test_bpe_through_tiktoken_equals_the_tokenizers_library(ko_text, shakespeare
 
     english = shakespeare_path.read_text(encoding="utf-8")
     train, held = ko_text[:100_000], ko_text[100_000:]
-    ranks = prepare.train_bpe([train], 2048)
-    enc = prepare.bpe_tokenizer(ranks).enc
+    ranks = tokenizer.train_bpe([train], 2048)
+    enc = tokenizer.bpe_tokenizer(ranks).enc
 
     hf = HFTokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     hf.train_from_iterator([train], trainers.BpeTrainer(
         vocab_size=2047, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    byte_of = {c: b for b, c in prepare.bytes_to_unicode().items()}
+    byte_of = {c: b for b, c in tokenizer.bytes_to_unicode().items()}
     assert {bytes(byte_of[c] for c in t) for t in hf.get_vocab()} == set(ranks)
     for text in (train[:30_000], held[:30_000], english[:30_000], "".join(RICH[:7])):
         ours = [enc.decode_single_token_bytes(i) for i in enc.encode_ordinary(text)]
@@ -159,7 +161,7 @@ TRICKY = " \n\t\r\x0b\x0c\x1c\x85\xa0\u2028\u3000ab1'sé한😀\u0301-.,<|>"
 @given(st.text(alphabet=TRICKY, max_size=60), st.integers(1, 8))
 def test_pieces_encode_like_the_whole_document(gpt2, bpe, text, size):
     """A chunk cut inside a GPT-2 pre-token (e.g. inside a whitespace run) changes the tokens."""
-    pieces = [t for _, t in prepare.iter_pieces([text, None], size=size)]
+    pieces = [t for _, t in tokenizer.iter_pieces([text, None], size=size)]
     assert "".join(pieces) == text
     for tok in (gpt2, bpe):
         assert sum((tok.encode(p) for p in pieces), []) == tok.encode(text)
@@ -169,7 +171,7 @@ def test_pieces_of_real_text_encode_like_the_whole(gpt2, bpe, shakespeare_path, 
     """The same on whole corpora (English, Korean, --clean's single-line text with no newlines)."""
     english = shakespeare_path.read_text(encoding="utf-8")[:100_000]
     for tok, text in ((gpt2, english), (bpe, ko_text), (gpt2, " ".join(english.split()))):
-        pieces = [t for _, t in prepare.iter_pieces([text, None], size=2_000)]
+        pieces = [t for _, t in tokenizer.iter_pieces([text, None], size=2_000)]
         assert len(pieces) > 10 and "".join(pieces) == text
         assert np.concatenate([tok.encode_np(p) for p in pieces]).tolist() == tok.encode(text)
 
@@ -285,9 +287,9 @@ def test_many_equal_documents_still_split_by_whole_documents():
 
 def test_token_dtype():
     """Off by one at the boundary: vocab_size 65,536 still fits uint16 (largest id 65,535)."""
-    assert prepare.token_dtype(65) == np.uint16
-    assert prepare.token_dtype(65_536) == np.uint16  # ids 0..65535
-    assert prepare.token_dtype(65_537) == np.uint32
+    assert tokenizer.token_dtype(65) == np.uint16
+    assert tokenizer.token_dtype(65_536) == np.uint16  # ids 0..65535
+    assert tokenizer.token_dtype(65_537) == np.uint32
 
 
 def test_default_out_and_separator_escapes():
@@ -680,7 +682,7 @@ def test_uint32_bins_for_a_large_vocabulary(tiny_corpus, tmp_path):
     # every byte pair (ranks 0..65535), then the single bytes: a lone byte's id is above 65,535
     ranks = {bytes([a, b]): a * 256 + b for a in range(256) for b in range(256)}
     ranks |= {bytes([b]): 65_536 + b for b in range(256)}
-    big = prepare.bpe_tokenizer(ranks)
+    big = tokenizer.bpe_tokenizer(ranks)
     assert big.vocab_size == 65_793
     src = tmp_path / "big.json"
     src.write_text(json.dumps({"tokenizer": big.to_dict()}), encoding="utf-8")

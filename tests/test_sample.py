@@ -18,11 +18,13 @@ from dataclasses import asdict
 import pytest
 import torch
 
+import common
+import gpt
 import sample
-import train
 from conftest import ROOT, assert_one_line_error, run_script
 from gpt import GPT, GPTConfig, beam_search, generate, quantize_int8
-from prepare import UserError, load_tokenizer
+from common import UserError
+from tokenizer import load_tokenizer
 
 PROMPT = "ROMEO:"
 SEP = "\n" + sample.SEPARATOR + "\n"
@@ -38,7 +40,7 @@ def tokenizer(tiny_corpus, tmp_path_factory):
 
 
 def save(model, tokenizer, path):
-    train.save_checkpoint(dict(model=model.state_dict(), model_args=asdict(model.config),
+    gpt.save_checkpoint(dict(model=model.state_dict(), model_args=asdict(model.config),
                                tokenizer=tokenizer.to_dict(), config={}, iter_num=0,
                                best_val_loss=float("inf")), path)
     return path
@@ -92,7 +94,7 @@ def ok(result):
 
 
 def load_model(path):
-    return train.model_from_checkpoint(train.load_checkpoint(path)).eval()
+    return gpt.model_from_checkpoint(gpt.load_checkpoint(path)).eval()
 
 
 def varied_gpt(tokenizer, seed=1):
@@ -123,7 +125,7 @@ def test_auto_dtype_decodes_in_fp32_on_a_cpu(random_ckpt, tmp_path):
     text = tmp_path / "text.txt"
     text.write_text(PROMPT * 3, encoding="utf-8")
     scored = ok(run_script("sample.py", "--ckpt", random_ckpt, "--device=cpu", "--eval", text))
-    assert f"on cpu, {'bfloat16' if train.cpu_has_bf16() else 'float32'}" in scored.stderr
+    assert f"on cpu, {'bfloat16' if common.cpu_has_bf16() else 'float32'}" in scored.stderr
     asked = ok(run_script("sample.py", "--ckpt", random_ckpt, "--device=cpu", "--dtype=bfloat16",
                           "--max_new_tokens=3"))
     assert "on cpu, bfloat16" in asked.stderr
@@ -605,7 +607,7 @@ def test_help_shows_the_defaults_that_apply(capsys):
 
 @pytest.fixture
 def pickled_ckpt(random_ckpt, tmp_path):
-    ckpt = train.load_checkpoint(random_ckpt)
+    ckpt = gpt.load_checkpoint(random_ckpt)
     path = tmp_path / "pickled.pt"
     torch.save({**ckpt, "config": argparse.Namespace(lr=1)}, path)  # needs pickle to load
     return path
@@ -613,9 +615,9 @@ def pickled_ckpt(random_ckpt, tmp_path):
 
 @pytest.fixture
 def mismatched_ckpt(random_ckpt, tmp_path):
-    ckpt = train.load_checkpoint(random_ckpt)
+    ckpt = gpt.load_checkpoint(random_ckpt)
     path = tmp_path / "bad.pt"
-    train.save_checkpoint({**ckpt, "model_args": {**ckpt["model_args"], "n_embd": 64}}, path)
+    gpt.save_checkpoint({**ckpt, "model_args": {**ckpt["model_args"], "n_embd": 64}}, path)
     return path
 
 

@@ -16,8 +16,11 @@ import pytest
 import torch
 
 from conftest import ROOT, assert_one_line_error, run_script
-from prepare import UserError, load_tokenizer
+import common
+import gpt
 import train
+from common import UserError
+from tokenizer import load_tokenizer
 
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=8",
         "--eval_iters=4", "--device=cpu", "--dtype=float32", "--learning_rate=3e-3",
@@ -265,23 +268,23 @@ def test_absent_device_is_a_clear_error():
     if torch.cuda.is_available():
         pytest.skip("CUDA is present here")
     with pytest.raises(UserError, match="CUDA is not available"):
-        train.resolve_device("cuda")
-    assert train.resolve_device("auto") in ("cpu", "mps")
+        common.resolve_device("cuda")
+    assert common.resolve_device("auto") in ("cpu", "mps")
 
 
 def test_cpu_with_an_index_is_plain_cpu():
     """--device=cpu:0 trained, but its checkpoint then held storages tagged 'cpu:0' that
     torch.load could not map back (resume and sample.py failed)."""
-    assert train.resolve_device("cpu:0") == "cpu"
-    assert train.resolve_device("cpu:3") == "cpu"
-    assert train.resolve_device("cpu") == "cpu"
+    assert common.resolve_device("cpu:0") == "cpu"
+    assert common.resolve_device("cpu:3") == "cpu"
+    assert common.resolve_device("cpu") == "cpu"
 
 
 def test_dtype_resolution():
-    assert train.resolve_dtype("float32", "cpu") == torch.float32
-    assert train.resolve_dtype("auto", "cpu") == (torch.bfloat16 if train.cpu_has_bf16() else torch.float32)
+    assert common.resolve_dtype("float32", "cpu") == torch.float32
+    assert common.resolve_dtype("auto", "cpu") == (torch.bfloat16 if common.cpu_has_bf16() else torch.float32)
     with pytest.raises(UserError, match="float16 needs a CUDA device"):
-        train.resolve_dtype("float16", "cpu")
+        common.resolve_dtype("float16", "cpu")
 
 
 # --- training runs ------------------------------------------------------------------------------
@@ -305,8 +308,8 @@ def test_short_run_lowers_loss_and_writes_metrics_and_checkpoints(char_data, out
     assert evals[-1]["val_acc"] > evals[0]["val_acc"]
     assert json.loads((out_dir / "config.json").read_text())["n_embd"] == 32
 
-    ckpt = train.load_checkpoint(out_dir / "ckpt.pt")
-    best = train.load_checkpoint(out_dir / "best.pt")
+    ckpt = gpt.load_checkpoint(out_dir / "ckpt.pt")
+    best = gpt.load_checkpoint(out_dir / "best.pt")
     assert ckpt["iter_num"] == 40 and "optimizer" in ckpt and "optimizer" not in best
     assert not any(k.startswith("_orig_mod.") for k in ckpt["model"])
     assert best["best_val_loss"] == pytest.approx(min(r["val_loss"] for r in evals))
@@ -358,7 +361,7 @@ def test_sigterm_saves_a_checkpoint_that_resumes_exactly(char_data, tmp_path):
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM, stderr  # was 0: `train.py && ...` went on
-    stopped_at = train.load_checkpoint(killed / "ckpt.pt")["iter_num"]
+    stopped_at = gpt.load_checkpoint(killed / "ckpt.pt")["iter_num"]
     assert 5 <= stopped_at < 1000, stdout
     assert f"stopped by SIGTERM at iter {stopped_at}" in stdout
     end = f"--max_iters={stopped_at + 8}"
@@ -400,7 +403,7 @@ def test_ctrl_c_saves_where_it_stopped_and_exits_130(char_data, tmp_path):
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
-    stopped_at = train.load_checkpoint(out / "ckpt.pt")["iter_num"]
+    stopped_at = gpt.load_checkpoint(out / "ckpt.pt")["iter_num"]
     assert f"stopped by SIGINT at iter {stopped_at}" in stdout
     assert max(losses(out)) == stopped_at
 
@@ -430,7 +433,7 @@ def test_sigterm_to_one_ddp_rank_stops_every_rank_and_resumes_exactly(char_data,
     wait_for_logged_losses(proc, killed, 2)
     os.kill(worker_pid(proc.pid, rank=1), signal.SIGTERM)  # rank 0, which saves, gets no signal
     stdout, stderr = proc.communicate(timeout=120)
-    stopped_at = train.load_checkpoint(killed / "ckpt.pt")["iter_num"]
+    stopped_at = gpt.load_checkpoint(killed / "ckpt.pt")["iter_num"]
     assert stopped_at % 3 == 0 and 6 <= stopped_at < 1000, stdout + stderr[-3000:]
     assert f"stopped by SIGTERM at iter {stopped_at}" in stdout
     assert stderr.count("exitcode  : 143") == 2, stderr[-3000:]  # torchrun's report of both ranks
@@ -499,7 +502,7 @@ def test_what_resuming_needs_is_checked_in_one_line(char_data, tmp_path):
     assert_one_line_error(result, f"--init_from={run / 'ckpt.pt'}")
     result = train_run(char_data, tmp_path / "out", f"--init_from={run / 'config.json'}", check=False)
     assert_one_line_error(result, "not a torch.save archive")
-    assert train.load_checkpoint(run / "ckpt.pt")["iter_num"] == 4  # untouched by all of this
+    assert gpt.load_checkpoint(run / "ckpt.pt")["iter_num"] == 4  # untouched by all of this
 
 
 def test_a_new_run_never_overwrites_an_earlier_one(char_data, tmp_path):
@@ -527,7 +530,7 @@ def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(char_data, tmp_
     result = train_run(char_data, out, "--max_iters=50", "--eval_interval=1000", "--log_interval=1",
                        "--learning_rate=1e12", "--warmup_iters=0", "--grad_clip=0.0", check=False)
     assert_one_line_error(result, "at iter")
-    ckpt = train.load_checkpoint(out / "ckpt.pt")  # the iter-0 checkpoint is intact
+    ckpt = gpt.load_checkpoint(out / "ckpt.pt")  # the iter-0 checkpoint is intact
     assert ckpt["iter_num"] == 0
     assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
 
@@ -547,14 +550,14 @@ def test_pickled_checkpoint_is_refused(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"model": {}, "model_args": {}, "payload": argparse.Namespace(x=1)}, path)
     with pytest.raises(UserError, match="pickled"):
-        train.load_checkpoint(path)
+        gpt.load_checkpoint(path)
 
 
 def test_a_killed_writer_never_leaves_a_broken_checkpoint(tmp_path):
     """SIGKILL during save_checkpoint: the file on disk is always the old or the new checkpoint."""
     path = tmp_path / "ckpt.pt"
     writer = (
-        "import sys, torch; sys.path.insert(0, %r); from train import save_checkpoint\n"
+        "import sys, torch; sys.path.insert(0, %r); from gpt import save_checkpoint\n"
         "i = 0\n"
         "while True:\n"
         "    i += 1\n"
@@ -588,7 +591,7 @@ def test_patience_and_the_end_of_a_run_save_and_resume_once(char_data, tmp_path)
               "--eval_interval=2", "--log_interval=1"]
     train_run(char_data, run, *frozen, "--max_iters=100", "--patience=2")
     assert [r["iter"] for r in metrics(run) if "val_loss" in r] == [0, 2, 4]
-    assert train.load_checkpoint(run / "ckpt.pt")["iter_num"] == 4  # the run's end, not its best
+    assert gpt.load_checkpoint(run / "ckpt.pt")["iter_num"] == 4  # the run's end, not its best
     best = min(r["val_loss"] for r in metrics(run) if "val_loss" in r)
 
     again = train_run(char_data, run, *frozen, "--max_iters=100", "--patience=2", "--init_from=resume",
@@ -623,11 +626,11 @@ def test_compile_warm_up_leaves_the_random_numbers_alone(monkeypatch):
     """The warm-up forward ran dropout on the RNG a resume had just restored: with compile and
     dropout, a resumed run drifted from the uninterrupted one (re-audit 10b #5)."""
     monkeypatch.setattr(torch, "compile", lambda model: model)  # the warm-up itself, in eager
-    model = train.GPT(train.GPTConfig(block_size=8, vocab_size=16, n_layer=1, n_head=1, n_embd=8,
+    model = gpt.GPT(gpt.GPTConfig(block_size=8, vocab_size=16, n_layer=1, n_head=1, n_embd=8,
                                       dropout=0.5)).train()
     torch.manual_seed(0)
     before = torch.get_rng_state()
-    assert train.maybe_compile(model, "cpu", contextlib.nullcontext(), 2, 8) is model
+    assert common.maybe_compile(model, "cpu", contextlib.nullcontext(), 2, 8) is model
     assert torch.equal(torch.get_rng_state(), before)
 
 
@@ -635,8 +638,8 @@ def test_compile_failure_falls_back_to_eager(monkeypatch, capsys):
     def broken_compile(model):
         raise RuntimeError("no C compiler")
     monkeypatch.setattr(torch, "compile", broken_compile)
-    model = train.GPT(train.GPTConfig(block_size=8, vocab_size=16, n_layer=1, n_head=1, n_embd=8))
-    assert train.maybe_compile(model, "cpu", contextlib.nullcontext(), 2, 8) is model
+    model = gpt.GPT(gpt.GPTConfig(block_size=8, vocab_size=16, n_layer=1, n_head=1, n_embd=8))
+    assert common.maybe_compile(model, "cpu", contextlib.nullcontext(), 2, 8) is model
     assert "torch.compile failed (no C compiler)" in capsys.readouterr().out
 
 
@@ -644,7 +647,7 @@ def test_fine_tune_a_hugging_face_directory(verdict_path, tmp_path):
     """init_from a local HF GPT-2 folder: GPT-2 tokenizer data trains; a char dataset is refused."""
     hf_dir = tmp_path / "hf"
     torch.manual_seed(0)
-    train.GPT(train.GPTConfig(block_size=64, vocab_size=50257, n_layer=1, n_head=2, n_embd=32)).save_pretrained(hf_dir)
+    gpt.GPT(gpt.GPTConfig(block_size=64, vocab_size=50257, n_layer=1, n_head=2, n_embd=32)).save_pretrained(hf_dir)
     data = tmp_path / "verdict"
     result = run_script("prepare.py", "--input", verdict_path, "--tokenizer", "gpt2", "--out", data)
     assert result.returncode == 0, result.stderr
@@ -653,7 +656,7 @@ def test_fine_tune_a_hugging_face_directory(verdict_path, tmp_path):
                         "--block_size=32", "--batch_size=4", "--eval_iters=2", "--max_iters=4",
                         "--eval_interval=4", "--device=cpu", "--dtype=float32", "--n_layer=9")
     assert result.returncode == 0, result.stderr[-2000:]
-    ckpt = train.load_checkpoint(out / "ckpt.pt")
+    ckpt = gpt.load_checkpoint(out / "ckpt.pt")
     assert ckpt["model_args"]["n_layer"] == 1 and ckpt["config"]["n_layer"] == 1  # the loaded shape
     assert ckpt["tokenizer"]["kind"] == "gpt2"
 
@@ -661,7 +664,7 @@ def test_fine_tune_a_hugging_face_directory(verdict_path, tmp_path):
 def test_hugging_face_weights_on_a_char_dataset_are_refused(char_data, tmp_path):
     hf_dir = tmp_path / "hf"
     vocab = json.loads((char_data / "meta.json").read_text())["vocab_size"]  # same size, other tokens
-    train.GPT(train.GPTConfig(block_size=64, vocab_size=vocab, n_layer=1, n_head=2, n_embd=32)).save_pretrained(hf_dir)
+    gpt.GPT(gpt.GPTConfig(block_size=64, vocab_size=vocab, n_layer=1, n_head=2, n_embd=32)).save_pretrained(hf_dir)
     result = train_run(char_data, tmp_path / "out", f"--init_from={hf_dir}", check=False)
     assert_one_line_error(result, "tokenizer", "--tokenizer gpt2")
 

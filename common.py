@@ -1,0 +1,228 @@
+"""What every script shares that is not the model or a tokenizer: errors a user can fix, atomic
+file writes, and the choice of device and precision.
+
+- A UserError is a mistake the user can fix (a bad path, flag, setting or file). run_main turns it
+  into one `error:` line on stderr and exit status 1; GPT_DEBUG=1 shows the traceback instead.
+- atomic_write writes to a temporary name, fsyncs and renames: a kill at any instant leaves the
+  old file or the new one, never half of one.
+- Device and precision are resolved here once per script. torch is imported inside those
+  functions only: prepare.py uses this module and never needs torch (importing it costs ~2 s).
+"""
+import argparse
+import difflib
+import os
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+
+class UserError(Exception):
+    """Something the user can fix (a bad path, flag or file): shown as one line, no traceback."""
+
+
+def is_worker_process():
+    """True in every torchrun process but rank 0: they stay quiet so an error is printed once."""
+    return int(os.environ.get("RANK", 0)) != 0
+
+
+def run_main(main):
+    """Run a script's main(); a UserError becomes `error: ...` on stderr and exit status 1.
+
+    GPT_DEBUG=1 shows the full traceback instead. Ctrl-C exits with 130 and no traceback; a closed
+    stdout (`python sample.py ... | head`) ends the script quietly. Under torchrun only rank 0
+    prints the error, and every process exits at once, so torchrun's summary stays short.
+    """
+    try:
+        main()
+    except UserError as e:
+        if os.environ.get("GPT_DEBUG"):
+            raise
+        if not is_worker_process():
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        if os.environ.get("GPT_DEBUG"):
+            raise
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except BrokenPipeError:  # stdout's reader has gone (`| head`): stop quietly, as cat does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        sys.exit(1)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose mistakes are UserErrors (one `error:` line), and that suggests the closest
+    flag for a misspelt one (--temprature -> --temperature)."""
+
+    def error(self, message):
+        if message.startswith("unrecognized arguments:"):
+            flags = [s for a in self._actions for s in a.option_strings if s.startswith("--")]
+            for arg in message.split(":", 1)[1].split():
+                close = difflib.get_close_matches(arg.split("=")[0], flags, n=1) if arg.startswith("--") else []
+                if close:
+                    raise UserError(f"unknown flag {arg.split('=')[0]}. Did you mean {close[0]}?")
+        raise UserError(message)
+
+
+def atomic_write(path, write):
+    """write(tmp_path) a file's content, fsync it, then rename it over `path`, and make the rename
+    itself durable: a crash or kill at any instant leaves the old file or the new one."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def atomic_write_text(path, text):
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def print0(*args, **kwargs):
+    """print on rank 0 only: one copy of every line however many processes run."""
+    if not is_worker_process():
+        print(*args, **kwargs, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Device and precision
+
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+
+def resolve_device(name):
+    """'auto' picks cuda, then mps, then cpu; asking for a device that is absent is an error."""
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        return "mps" if torch.backends.mps.is_available() else "cpu"
+    kind = name.split(":")[0]
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device '{name}' requested but CUDA is not available here (try --device=cpu)")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"device '{name}' requested but MPS is not available here (try --device=cpu)")
+    if kind not in ("cpu", "cuda", "mps"):
+        raise UserError(f"unknown device '{name}' (use auto, cpu, cuda, cuda:N or mps)")
+    # There is one CPU device: 'cpu:0' would tag checkpoint storages that torch.load cannot map.
+    return "cpu" if kind == "cpu" else name
+
+
+def cpu_has_bf16():
+    """True on CPUs with native bf16 matmul (AVX512-BF16 or AMX) that torch is allowed to use,
+    where bf16 autocast pays off. ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA below AVX512 (or a
+    CPU without those flags) mean torch computes bf16 through fp32, slower than fp32 itself."""
+    import torch
+
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    if "avx512_bf16" not in flags and "amx_bf16" not in flags:
+        return False
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
+    isa_allows_bf16 = isa == "ALL" or any(s in isa for s in ("BF16", "AMX", "AVX10"))
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512") and isa_allows_bf16
+
+
+def resolve_dtype(name, device):
+    """'auto': bf16 where the hardware runs it natively, fp16 on older CUDA GPUs, else fp32."""
+    import torch
+
+    kind = device.split(":")[0]
+    if name == "auto":
+        if kind == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if kind == "cpu" and cpu_has_bf16():
+            return torch.bfloat16
+        return torch.float32
+    if name not in DTYPE_NAMES:
+        raise UserError(f"unknown dtype '{name}' (use auto, {', '.join(DTYPE_NAMES)})")
+    if name == "float16" and kind != "cuda":
+        raise UserError("dtype float16 needs a CUDA device; use bfloat16 or float32")
+    return getattr(torch, name)
+
+
+def autocast_context(device, dtype):
+    """Mixed precision for the forward pass: weights stay fp32, matmuls run in `dtype`."""
+    import torch
+
+    if dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(device_type=device.split(":")[0], dtype=dtype)
+
+
+def sync(device):
+    """Wait for the device's queued work (timings are otherwise of the launch, not the work)."""
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    elif device.startswith("mps"):
+        torch.mps.synchronize()
+
+
+# Dense bf16/fp16 tensor-core peaks (FLOP/s) of common cards, from their data sheets; MFU on CUDA
+# is reported against these (a matmul probe reaches only 60-80% of them).
+GPU_PEAK_FLOPS = {"H200": 989e12, "H100 SXM": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 756e12,
+                  "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12, "A10": 125e12,
+                  "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12}
+
+
+def measure_peak_flops(device, dtype):
+    """The denominator of MFU: a known card's dense peak on CUDA (bf16/fp16), else the best of a
+    few square matmuls in `dtype` with this process's threads, measured. train.py also never
+    reports MFU above 100% (a step can beat a small probe on a CPU)."""
+    import torch
+
+    if device.startswith("cuda") and dtype != torch.float32:
+        name = torch.cuda.get_device_name(device)
+        for card, peak in GPU_PEAK_FLOPS.items():
+            if card in name:
+                return peak
+    best = 0.0
+    for n in ((2048, 4096) if device.startswith("cuda") else (512, 1024, 2048)):
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        a @ b  # warm-up: the first call picks kernels and allocates
+        for _ in range(3):
+            sync(device)
+            t0 = time.perf_counter()
+            a @ b
+            sync(device)
+            best = max(best, 2 * n**3 / (time.perf_counter() - t0))
+    return best
+
+
+def maybe_compile(model, device, ctx, batch_size, block_size):
+    """torch.compile where it works; a warning and the eager model where it does not."""
+    import torch
+
+    if device.startswith("cpu"):
+        # Inductor's CPU tanh (Sleef's) makes GPT-2's tanh-GELU the slowest kernel of a small
+        # model's step; its exp-based tanh is as accurate on GELU's inputs (`python bench.py
+        # train` times both).
+        torch._inductor.config.cpp.use_decompose_tanh = True
+    try:
+        compiled = torch.compile(model)
+        # Compiling is lazy: force it now, so failures surface here, on the training step's own
+        # graph (its batch shape, precision and grad mode: another shape would make the batch
+        # dimension dynamic, and inductor's code for that is slower).
+        x, y = (torch.zeros(batch_size, block_size, dtype=torch.long, device=device) for _ in range(2))
+        # fork_rng: the warm-up's dropout must not draw from the run's random numbers, which a
+        # resume has just restored (resuming would no longer be exact)
+        cuda_devices = [torch.device(device).index or 0] if device.startswith("cuda") else []
+        with torch.random.fork_rng(devices=cuda_devices), ctx:
+            compiled(x, y)  # two tensors: dynamo would specialise the graph on `idx is targets`
+        return compiled
+    except Exception as e:  # a missing C compiler, an unsupported backend, ...
+        print0(f"warning: torch.compile failed ({str(e).splitlines()[0][:200]}); running eagerly")
+        return model
