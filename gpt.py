@@ -8,7 +8,7 @@ Design choices:
   (in fp32 when training in bf16 on a CPU at short sequences: `attention` says why).
 - With targets, forward computes logits at every position (training); without, only at the last one.
 - Dropout is functional (F.dropout with config.dropout), not nn.Dropout modules: at inference a
-  module call that does nothing still costs ~4 us, 25 times per generated token.
+  module call that does nothing still costs Python time, 25 times per generated token.
 - Inference is beside the model, not inside it: one optional `kv_cache` argument to forward, one
   branch inside attention. The cache is preallocated keys/values plus a position. Sampling is one
   function on (B, V) logits; generation and beam search are plain loops around the model and it.
@@ -51,10 +51,9 @@ class GPTConfig:
 
 def attention(q, k, v, mask, is_causal, dropout_p):
     """scaled_dot_product_attention, with one CPU exception. Training in bf16 on short sequences
-    (<= 128 keys), PyTorch's CPU flash-attention backward is 1.4-5x slower in bf16 than in fp32
-    (torch 2.13, Xeon with AMX: 3.7 vs 0.9 ms at (B, nh, T, hs) = (12, 4, 64, 32); even at
-    T = 192; bf16 wins from 256). There attention alone runs in fp32: a bf16 training step of a
-    4-layer, 128-wide model takes 23 ms instead of 36 (fp32: 31)."""
+    (<= 128 keys), PyTorch's CPU flash-attention backward is slower in bf16 than in fp32 (bf16
+    wins from T = 256), so there attention alone runs in fp32 and the matmuls around it keep
+    bf16's speed (`python bench.py train --shapes baby` measures such a step)."""
     if q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.requires_grad and k.size(-2) <= 128:
         with torch.autocast("cpu", enabled=False):  # autocast would cast q, k, v back to bf16
             y = F.scaled_dot_product_attention(
@@ -179,9 +178,8 @@ class GPT(nn.Module):
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
-        # Fused AdamW updates every tensor in one kernel: on CUDA, and on CPU since torch 2.4. On
-        # CPU it is also the fastest by far: 6 ms vs 30 ms (foreach) per step for 13M parameters
-        # (2-core Xeon, torch 2.13), and the same numbers to 1 ulp.
+        # Fused AdamW updates every tensor in one kernel: on CUDA, and on CPU since torch 2.4, where
+        # it is several times faster than foreach with the same numbers to 1 ulp (BENCHMARKS.md).
         cpu_fused = tuple(int(n) for n in torch.__version__.split(".")[:2]) >= (2, 4)
         fused = device_type == "cuda" or (device_type == "cpu" and cpu_fused)
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused or None)
@@ -404,8 +402,8 @@ class KVCache:
             self.v = v.new_empty(self.n_layer, B, nh, self.max_len, hs)
         if self.pos + T > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} tokens; {self.pos} + {T} do not fit")
-        # narrow + copy_ rather than k[layer, :, :, pos:end] = ...: the same views, made without
-        # Python's slice-tuple indexing, which costs more than the copy here (~0.2 ms a token at 124M)
+        # narrow + copy_ rather than k[layer, :, :, pos:end] = ...: the same views without Python's
+        # slice-tuple indexing, which costs more than the copy (`python bench.py decode` measures it)
         k_all, v_all = self.k[layer], self.v[layer]
         k_all.narrow(2, self.pos, T).copy_(k)
         v_all.narrow(2, self.pos, T).copy_(v)
@@ -418,9 +416,10 @@ class KVCache:
 
 class Int8Linear(nn.Module):
     """A Linear for decoding with int8 weights and one bf16 scale per output row (weight-only
-    quantisation). Decoding one token reads every weight once, so on a CPU its speed is the speed
-    of memory: a quarter of fp32's bytes, ~1.8x the tokens/s at 124M (README, Decoding).
-    torch's int8 kernel wants bf16 activations, so a quantised model runs in bf16."""
+    quantisation). Decoding one token reads every weight once, so on a CPU a large model decodes
+    at the speed of memory, and a quarter of fp32's bytes is faster (`python bench.py decode
+    --int8` measures it; a tiny model, bound by overheads, decodes slower). torch's int8 kernel
+    wants bf16 activations, so a quantised model runs in bf16."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -459,8 +458,8 @@ def store_linear_weights_transposed(model):
     """Inference on a CPU, in place: keep every Linear weight in memory as (in, out), Hugging Face's
     Conv1D layout, seen through a transposed view, so shapes, names and values do not change.
     Decoding one token multiplies a vector by each weight; MKL streams x @ W from a row-major
-    (in, out) matrix ~7% faster than from nn.Linear's (out, in) one: 45.7 vs 42.6 tokens/s at 124M
-    (README, Decoding). The tied embedding follows the head; a lookup then gathers a strided row.
+    (in, out) matrix faster than from nn.Linear's (out, in) one (BENCHMARKS.md, Decoding). The
+    tied embedding follows the head; a lookup then gathers a strided row.
     Not for training: fused AdamW and DDP expect contiguous parameters."""
     for m in model.modules():
         if isinstance(m, nn.Linear):
