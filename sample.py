@@ -133,8 +133,9 @@ def parse_args(argv):
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default auto)")
     p.add_argument("--dtype", default="auto", help="auto (bf16 where native; fp32 when generating on a "
                    "CPU) | float32 | bfloat16 | float16 (default auto)")
-    p.add_argument("--int8", action="store_true", help="CPU: int8 weights, bf16 activations "
-                   "(~1.8x faster decoding, slightly less exact; --dtype auto or bfloat16)")
+    p.add_argument("--int8", action="store_true", help="CPU: int8 weights, bf16 activations (~1.8x "
+                   "faster decoding at GPT-2 small's size, slower on tiny models; slightly less "
+                   "exact; --dtype auto or bfloat16)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--chat", action="store_true", help="interactive: continue each line typed; "
                       "Ctrl-C stops a reply (what was shown of it stays in the context), at the "
@@ -198,8 +199,8 @@ def load(args):
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     # On a CPU "auto" generates in fp32: decoding reads each weight once per token, and bf16
-    # autocast would re-cast every weight on every step (13 vs 44 tokens/s at 124M, 2-core Xeon).
-    # --eval and --analyze score whole windows, where bf16 matmuls win (2.2x at 124M, T = 1024).
+    # autocast would re-cast every weight on every step (`--benchmark --dtype bfloat16` shows it).
+    # --eval and --analyze score whole windows, where bf16 matmuls win, as in training.
     scoring = args.mode in ("eval", "analyze")
     if args.dtype == "auto" and device == "cpu" and not scoring:
         dtype = torch.float32
@@ -219,7 +220,7 @@ def load(args):
         except RuntimeError as e:
             raise UserError(str(e)) from None
     elif device == "cpu":
-        store_linear_weights_transposed(model)  # ~7% faster decoding on a CPU (gpt.py says why)
+        store_linear_weights_transposed(model)  # faster decoding on a CPU (gpt.py says why)
     loaded = (f"loaded {path} (iter {ckpt.get('iter_num', '?')}, {params / 1e6:.2f}M "
               f"parameters, block_size {model.config.block_size}, {tokenizer.kind} tokenizer) "
               f"on {device}, {'int8 weights + bfloat16' if args.int8 else str(dtype).removeprefix('torch.')}")
