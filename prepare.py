@@ -1,14 +1,13 @@
-"""Turn text corpora into the token files train.py reads, and the tokenizers that go with them.
+"""Turn text corpora into the token files train.py reads.
 
     python prepare.py                                   # tiny shakespeare, char-level -> data/shakespeare_char
     python prepare.py --input books/ --tokenizer gpt2 --out data/books
-    python prepare.py --input ../shared/data/nsmc_ko.txt --split_docs '\\n' --tokenizer bpe --vocab_size 8192
+    python prepare.py --input reviews_ko.txt --split_docs '\\n' --tokenizer bpe --vocab_size 8192
 
 Design choices:
-- One Tokenizer with three kinds: `char` (the corpus' characters, sorted by code point), `gpt2`
-  (tiktoken's GPT-2 BPE) and `bpe` (a byte-level BPE trained on your corpus by the `tokenizers`
-  package, then handed to tiktoken as merge ranks: all BPE *encoding* goes through tiktoken).
-  `load_tokenizer` rebuilds any of them from a dict, a dataset dir, its meta.json or a checkpoint.
+- The tokenizers are tokenizer.py's: `char`, `gpt2` (tiktoken) and `bpe`, which is trained here on
+  the train split only (so val is unseen text) and then encoded by tiktoken like GPT-2's BPE.
+  `--tokenizer PATH` reuses the tokenizer of a dataset dir, its meta.json or a checkpoint.
 - Text is encoded as plain text: a literal "<|endoftext|>" in a corpus is ordinary characters
   (tiktoken's encode_ordinary); the end-of-text id only ever comes from a document boundary.
 - Files are read as UTF-8 with CRLF and lone CR turned into LF (Python's universal newlines), so
@@ -18,13 +17,14 @@ Design choices:
   <|endoftext|> (gpt2, bpe) or, for char, by the --split_docs separator or else a blank line
   ("\\n\\n"); a char vocabulary has no end-of-text id. train/val is split by whole documents, picked
   by a seeded shuffle, when three or more of them can hold about --val_fraction of the text (0.5x
-  to 1.5x of it). Otherwise (a single document, one file per language, a few large ones) the last --val_fraction of every document is
-  cut off at a token boundary for val, as nanoGPT does with one file, so each document (each
-  language of a mixed corpus) is in both splits. meta.json says which.
+  to 1.5x of it). Otherwise (a single document, one file per language, a few large ones) the last
+  --val_fraction of every document is cut off at a token boundary for val, as nanoGPT does with
+  one file, so each document (each language of a mixed corpus) is in both splits. meta.json says
+  which.
 - Streaming: files are read in blocks and cut into ~1M-char pieces at points where encoding the
-  pieces separately gives exactly the tokens of the whole (SAFE_CUT); a pool of processes encodes
-  them in order; tokens go straight to disk. Memory stays flat whatever the corpus size (beyond a
-  few bytes per document for choosing the split).
+  pieces separately gives exactly the tokens of the whole (tokenizer.SAFE_CUT); a pool of
+  processes encodes them in order; tokens go straight to disk. Memory stays flat whatever the
+  corpus size (beyond a few bytes per document for choosing the split).
 - Outputs are written under temp names and renamed at the end; meta.json is renamed last, so a
   dataset dir with a meta.json is complete.
 
@@ -32,21 +32,9 @@ Outputs in --out: train.bin and val.bin hold the token ids back to back as raw l
 uint16 (vocab_size <= 65,536) or uint32; meta.json (JSON) describes them: format_version,
 tokenizer, vocab_size, eot_id, dtype, tokens and documents per split, doc_separator (the ids
 written between documents), split ("by_document" | "document_tails" | "single_document_tail"),
-val_fraction, seed, inputs (path or url, bytes, sha256) and the reading options.
-
-Tokenizer description (Tokenizer.to_dict(), stored in checkpoints; JSON-able and self-contained):
-    {"kind": "char", "vocab_size": V, "eot_id": null, "chars": ["\\n", " ", "!", ...]}
-    {"kind": "gpt2", "vocab_size": 50257, "eot_id": 50256}
-    {"kind": "bpe", "vocab_size": V, "eot_id": V - 1, "pattern": GPT2_PATTERN, "ranks": "<text>"}
-meta.json holds the same, except that a bpe entry names its ranks file ("ranks_file":
-"tokenizer.bpe") instead of embedding "ranks".
-
-tokenizer.bpe (the ranks text) is tiktoken's own .tiktoken format: one line per token,
-`<base64 of the token's bytes> <rank>`, ranks 0..V-2 in order, every single byte among them. A BPE
-trained here has the bytes 0..255 as ranks 0..255, then one token per merge in the order the
-merges were learned (tiktoken merges the pair whose result has the lowest rank first). The
-end-of-text token "<|endoftext|>" is not in the file: its id is V - 1. Pre-tokenisation is GPT-2's
-regex ("pattern"), so tiktoken.Encoding(name, pattern, ranks, {"<|endoftext|>": V - 1}) rebuilds it.
+val_fraction, seed, inputs (path or url, bytes, sha256) and the reading options. Its tokenizer
+entry is Tokenizer.to_dict() (tokenizer.py), except that a bpe entry names its ranks file
+("ranks_file": "tokenizer.bpe", written beside the bins) instead of embedding "ranks".
 """
 import codecs
 import contextlib
@@ -288,9 +276,9 @@ def choose_val_docs(sizes, val_fraction: float, seed: int) -> np.ndarray | None:
     val_fraction of the text: a document that would push val past 1.5x the target, or leave train
     empty, is skipped, and the picking stops once the target is reached. If the documents picked
     hold less than 0.5x the target (a few large documents), or are fewer than MIN_VAL_DOCS (a val
-    of one or two documents is one topic, or one language of a mixed corpus: a Korean file beside
-    an English one held ~10% of the characters), None: the last val_fraction of every document
-    goes to val instead, so each document (each language) is in both splits."""
+    of one or two documents is one topic, or one language of a mixed corpus), None: the last
+    val_fraction of every document goes to val instead, so each document (each language) is in
+    both splits."""
     sizes = np.asarray(sizes, dtype=np.int64)
     order = np.random.default_rng(seed).permutation(np.flatnonzero(sizes))
     total = int(sizes.sum())
@@ -338,17 +326,18 @@ def iter_batches(pieces, size: int = PIECE_CHARS):
 
 def encode_pieces(pieces, tok: Tokenizer, dtype: np.dtype, workers: int):
     """(doc, token bytes) for each (doc, text) piece, in order, encoded by `workers` processes.
-    Processes, not threads: tiktoken releases the GIL, but two threads measured 1.5x one thread
-    at 2.5x the CPU, two processes 2.0x. At most 4 batches per process are in flight, so memory
-    does not grow with the corpus."""
+    Processes, not threads: tiktoken releases the GIL, but its threads still contend, so two
+    threads gain far less than two processes (`python bench.py prepare` measures the processes
+    against one thread). At most 4 batches per process are in flight, so memory does not grow
+    with the corpus."""
     if workers == 1:
         _worker.update(tok=tok, dtype=dtype)
         for docs, texts in iter_batches(pieces):
             yield from zip(docs, _encode_batch(texts))
         return
-    # fork: a worker starts in milliseconds with the tokenizer already in its memory (spawning
-    # fresh interpreters cost ~0.3 s, 5% of a 200 MB run). spawn where fork is unsafe: off Linux,
-    # and after `tokenizers` trained a BPE here (its Rust threads do not survive a fork).
+    # fork: a worker starts in milliseconds with the tokenizer already in its memory, where a
+    # spawned one starts an interpreter and rebuilds the tokenizer. spawn where fork is unsafe: off
+    # Linux, and after `tokenizers` trained a BPE in this process (its Rust threads do not survive a fork).
     fork_safe = sys.platform == "linux" and "tokenizers" not in sys.modules
     context = "fork" if fork_safe else "spawn"
     pool = ProcessPoolExecutor(workers, multiprocessing.get_context(context), _init_worker, (tok, dtype.str))
