@@ -8,12 +8,19 @@ One Tokenizer class with three kinds:
 Text is always encoded as plain text (encode_ordinary): a literal "<|endoftext|>" in a corpus is
 ordinary characters. Tokenizer.to_dict() describes a tokenizer completely (JSON; every checkpoint
 carries it) and load_tokenizer() rebuilds it from that, a dataset folder, its meta.json or a
-checkpoint.
+checkpoint:
+    {"kind": "char", "vocab_size": V, "eot_id": null, "chars": ["\\n", " ", "!", ...]}
+    {"kind": "gpt2", "vocab_size": 50257, "eot_id": 50256}
+    {"kind": "bpe", "vocab_size": V, "eot_id": V - 1, "pattern": GPT2_PATTERN, "ranks": "<text>"}
+A dataset's meta.json holds the same, except that a bpe entry names its ranks file
+("ranks_file": "tokenizer.bpe") instead of embedding "ranks".
 
 tokenizer.bpe (the ranks text) is tiktoken's own .tiktoken format: one line per token,
 `<base64 of the token's bytes> <rank>`, ranks 0..V-2 in order, every single byte among them. A BPE
-trained here has the bytes 0..255 as ranks 0..255, then one token per merge in the order the
-merges were learned (tiktoken merges the pair whose result has the lowest rank first).
+trained by train_bpe has the bytes 0..255 as ranks 0..255, then one token per merge in the order
+the merges were learned (tiktoken merges the pair whose result has the lowest rank first). The
+end-of-text token is not in the file: its id is V - 1. Pre-tokenisation is GPT-2's regex
+("pattern"), so tiktoken.Encoding(name, pattern, ranks, {"<|endoftext|>": V - 1}) rebuilds it.
 """
 import base64
 import functools
@@ -171,7 +178,7 @@ def load_tokenizer(source) -> Tokenizer:
             raise UserError(f"{path}: not a dataset meta.json ({e!r})") from e
         return tokenizer_from_dict(entry, path.parent)
     if not zipfile.is_zipfile(path):  # torch.save writes zip archives (and mmap reads nothing else)
-        inside = (path.parent / "meta.json").is_file()  # e.g. the tokenizer.bpe the README names
+        inside = (path.parent / "meta.json").is_file()  # e.g. a dataset's tokenizer.bpe
         hint = f"; pass the dataset folder that holds it: {path.parent}" if inside else ""
         raise UserError(f"{source}: not a dataset directory, meta.json or checkpoint{hint}")
     import torch  # only for checkpoints; mmap reads the tokenizer without loading the weights
