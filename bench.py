@@ -240,7 +240,7 @@ def prepare_bench(args):
 # train
 
 TRAIN_SHAPES = {
-    # nanoGPT's "baby GPT", its recipe for CPUs (README, shakespeare_char)
+    # nanoGPT's "baby GPT", its recipe for CPUs (nanoGPT's README, shakespeare_char)
     "baby": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12),
     # nanoGPT's shakespeare_char GPU recipe: 10.6M parameters
     "10M": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=16),
@@ -347,8 +347,9 @@ def main():
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="prepare.py --workers")
     p.add_argument("--repeats", type=int, default=3, help="rounds of prepare.py and the single thread, in turns")
     p.add_argument("--shakespeare", type=Path, default=SHARED / "data" / "tinyshakespeare.txt",
-                   help="tiny shakespeare's text")
-    p.add_argument("--korean", type=Path, default=SHARED / "data" / "nsmc_ko.txt", help="Korean corpus for bpe")
+                   help="tiny shakespeare's input.txt (prepare.py downloads it into data/.cache)")
+    p.add_argument("--korean", type=Path, default=SHARED / "data" / "nsmc_ko.txt",
+                   help="a Korean text file for bpe (skipped when absent)")
     p.add_argument("--korean_chars", type=int, help="use only its first N characters (smoke tests)")
     p.add_argument("--vocab_size", type=int, default=8192, help="bpe vocabulary size")
     p.set_defaults(run=prepare_bench)
