@@ -1,4 +1,5 @@
-# The SimpleLLM seed's small-data experiment: Edith Wharton's "The Verdict" (5,145 GPT-2 tokens).
+# The small-data experiment of SimpleLLM, a from-scratch tutorial: Edith Wharton's "The Verdict"
+# (5,145 GPT-2 tokens; BENCHMARKS.md, "The small-data experiment").
 #   python prepare.py --input the-verdict.txt --tokenizer gpt2 --out data/verdict
 #   python train.py config/verdict.py
 # With 4,630 training tokens the danger is memorising, not under-fitting: a small model, heavy
