@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 import tokenizer
-from common import UserError, autocast_context, maybe_compile, measure_peak_flops, resolve_device, run_main, sync
+from common import ArgumentParser, UserError, autocast_context, maybe_compile, measure_peak_flops, resolve_device, run_main, sync
 from gpt import GPT, GPTConfig, generate, quantize_int8, store_linear_weights_transposed
 
 ROOT = Path(__file__).resolve().parent
@@ -323,7 +323,7 @@ def train_bench(args):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     modes = parser.add_subparsers(dest="mode", required=True)
 
     p = modes.add_parser("decode", help="generation tokens/s: KV cache vs recompute vs HF generate")

@@ -55,9 +55,17 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse whose mistakes are UserErrors (one `error:` line), and that suggests the closest
     flag for a misspelt one (--temprature -> --temperature)."""
 
+    def flags(self):
+        """Every --flag of this parser and of its sub-commands' parsers."""
+        for action in self._actions:
+            yield from (s for s in action.option_strings if s.startswith("--"))
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    yield from sub.flags()
+
     def error(self, message):
         if message.startswith("unrecognized arguments:"):
-            flags = [s for a in self._actions for s in a.option_strings if s.startswith("--")]
+            flags = sorted(set(self.flags()))
             for arg in message.split(":", 1)[1].split():
                 close = difflib.get_close_matches(arg.split("=")[0], flags, n=1) if arg.startswith("--") else []
                 if close:

@@ -547,7 +547,7 @@ def check_compatible(cfg, ckpt, vocab_size, tokenizer, path, resume):
                         f"--init_from=PATH starts a new run from a weights file")
     if resume and ckpt["iter_num"] >= cfg["max_iters"]:
         raise UserError(f"nothing to resume: {path} is at iter {ckpt['iter_num']} and max_iters="
-                        f"{cfg['max_iters']}; raise --max_iters (and lr_decay_iters) to train further")
+                        f"{cfg['max_iters']}; raise --max_iters to train further")
     if resume and cfg["patience"] and ckpt["evals_since_best"] >= cfg["patience"]:
         raise UserError(f"nothing to resume: {path} is {ckpt['evals_since_best']} evaluations past its "
                         f"best val loss and patience={cfg['patience']} stops it there; raise --patience "

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -605,7 +606,7 @@ def test_patience_and_the_end_of_a_run_save_and_resume_once(char_data, tmp_path)
     records = metrics(run)
     again = train_run(char_data, run, *frozen, "--max_iters=6", "--patience=10", "--init_from=resume",
                       check=False)
-    assert_one_line_error(again, "iter 6", "raise --max_iters (and lr_decay_iters)")
+    assert_one_line_error(again, "iter 6", "raise --max_iters")
     assert metrics(run) == records
 
 
@@ -686,3 +687,143 @@ def test_a_tokenizer_mismatch_suggests_a_fix_that_works(char_data, tmp_path):
     ckpt = dict(model_args=args, tokenizer=other_chars)
     with pytest.raises(UserError, match="a different character set"):
         train.check_compatible(cfg, ckpt, char.vocab_size, char, tmp_path / "ckpt.pt", resume=False)
+
+
+# -----------------------------------------------------------------------------
+# Resuming takes the stored run's settings
+
+def test_resume_needs_only_the_out_dir_and_continues_the_stored_run(tmp_path, char_data):
+    """`--init_from=resume --out_dir=X` alone continues the run with its own settings (dataset,
+    shape, schedule), and raising max_iters alone gives the losses of a run that was never stopped."""
+    common = ["--eval_interval=4", "--log_interval=1", "--dropout=0.1"]
+    train_run(char_data, tmp_path / "straight", *common, "--max_iters=12")
+    run = tmp_path / "run"
+    train_run(char_data, run, *common, "--max_iters=8")
+    result = run_script("train.py", "--init_from=resume", f"--out_dir={run}", "--max_iters=12")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "resume: max_iters 8 -> 12" in result.stdout
+    straight, resumed = losses(tmp_path / "straight"), losses(run)
+    for it in range(9, 13):
+        assert resumed[it] == pytest.approx(straight[it], abs=1e-6), it
+
+
+@pytest.fixture(scope="module")
+def stored_run(char_data, tmp_path_factory):
+    """A finished 6-step run (warmup 5, cosine to iter 40) to resume with other settings."""
+    run = tmp_path_factory.mktemp("stored") / "run"
+    train_run(char_data, run, "--max_iters=6", "--eval_interval=3")
+    return run
+
+
+@pytest.mark.parametrize("change", ["--eval_interval=5", "--log_interval=2", "--patience=3", "--dropout=0.2",
+                                    "--dtype=bfloat16", "--max_iters=30", "--grad_clip=0.5"])
+def test_a_resume_may_change_what_keeps_it_the_same_run_and_says_so(stored_run, capsys, change):
+    key, value = change[2:].split("=")
+    cfg = train.load_config(["--init_from=resume", f"--out_dir={stored_run}", change])
+    stored = gpt.load_checkpoint(stored_run / "ckpt.pt")["config"]
+    assert cfg == stored | {key: cfg[key], "init_from": "resume"}
+    assert str(cfg[key]) == str(train.parse_value(key, value, train.DEFAULTS[key]))
+    assert f"resume: {key} {stored[key]} -> {cfg[key]}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("change, why", [
+    ("--n_layer=3", "n_layer=2"), ("--batch_size=4", "batch_size=8"), ("--seed=7", "seed=1337"),
+    ("--weight_decay=0.5", "weight_decay=0.1"), ("--learning_rate=1e-2", "jump"),
+    ("--lr_decay_iters=80", "jump"), ("--warmup_iters=10", "jump"), ("--time_budget_s=60", "time_budget_s=0")])
+def test_a_resume_refuses_what_would_make_it_another_run(stored_run, change, why):
+    with pytest.raises(UserError, match=why):
+        train.load_config(["--init_from=resume", f"--out_dir={stored_run}", change])
+
+
+def test_settings_given_again_unchanged_are_no_change(stored_run, capsys, char_data):
+    """A resume command may repeat the run's own settings (its config file): nothing to say."""
+    argv = [*TINY, f"--dataset={char_data}", "--max_iters=6", "--eval_interval=3"]
+    cfg = train.load_config([*argv, "--init_from=resume", f"--out_dir={stored_run}"])
+    assert cfg == gpt.load_checkpoint(stored_run / "ckpt.pt")["config"] | {"init_from": "resume"}
+    assert "resume:" not in capsys.readouterr().out
+
+
+def test_resuming_a_folder_without_a_run_is_one_line(tmp_path):
+    with pytest.raises(UserError, match="nothing to resume"):
+        train.load_config(["--init_from=resume", f"--out_dir={tmp_path}"])
+
+
+# -----------------------------------------------------------------------------
+# The time budget
+
+@pytest.mark.parametrize("seed", range(20))
+def test_iterations_within_a_budget_are_the_most_that_fit(seed):
+    """iters_within_budget's answer is what counting every candidate length gives."""
+    rng = np.random.default_rng(seed)
+    it, interval = int(rng.integers(0, 50)), int(rng.integers(1, 30))
+    step_s, eval_s, left = rng.uniform(0.01, 0.1), rng.uniform(0, 2), rng.uniform(0, 20)
+
+    def cost(n):  # steps from `it`, and an evaluation at every multiple of interval and at the end
+        evals = sum(1 for i in range(it + 1, n + 1) if i % interval == 0 or i == n)
+        return (n - it) * step_s + evals * eval_s
+
+    fitting = [n for n in range(it, it + 2100) if cost(n) <= left]
+    assert train.iters_within_budget(left, it, step_s, eval_s, interval) == max(fitting)
+
+
+def test_a_budgeted_run_fixes_its_length_and_resumes_exactly(char_data, tmp_path):
+    """time_budget_s decides max_iters = lr_decay_iters once (printed, stored); a run stopped
+    after the decision and resumed gives the losses of the same run never stopped."""
+    settings = ["--eval_interval=20", "--log_interval=1", "--dropout=0.1", "--warmup_iters=25"]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *TINY, f"--dataset={char_data}", *settings,
+                             "--time_budget_s=60", f"--out_dir={killed}"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_logged_losses(proc, killed, 30)  # past the decision at iter 22
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    ckpt = gpt.load_checkpoint(killed / "ckpt.pt")
+    n, stopped_at = ckpt["budget"]["max_iters"], ckpt["iter_num"]
+    assert f"max_iters = lr_decay_iters = {n}" in stdout
+    assert ckpt["config"]["max_iters"] == ckpt["config"]["lr_decay_iters"] == n
+    assert stopped_at < n, "the budget ended the run before the signal: raise time_budget_s"
+    resumed = run_script("train.py", "--init_from=resume", f"--out_dir={killed}", f"--max_iters={stopped_at + 6}")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    train_run(char_data, tmp_path / "straight", *settings, f"--lr_decay_iters={n}", f"--max_iters={stopped_at + 6}")
+    straight, after = losses(tmp_path / "straight"), losses(killed)
+    for it in range(1, stopped_at + 7):
+        assert after[it] == pytest.approx(straight[it], abs=1e-6), it
+
+
+# -----------------------------------------------------------------------------
+# What a log line reports
+
+@pytest.fixture
+def in_process(monkeypatch):
+    """train.train in this process, with the signal handlers it installs put back afterwards."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield train.train
+    for s, handler in handlers.items():
+        signal.signal(s, handler)
+
+
+def test_mfu_is_never_above_100_percent(char_data, tmp_path, monkeypatch, in_process):
+    monkeypatch.setattr(train, "measure_peak_flops", lambda device, dtype: 1.0)  # a probe far too slow
+    in_process(train.load_config([*TINY, f"--dataset={char_data}", f"--out_dir={tmp_path / 'out'}",
+                                  "--max_iters=4", "--log_interval=2"]))
+    assert [r["mfu"] for r in metrics(tmp_path / "out") if "mfu" in r] == [1.0, 1.0]
+
+
+def test_evaluation_time_is_not_counted_as_training_time(char_data, tmp_path, monkeypatch, in_process):
+    """ms/iter after an evaluation that falls between two log lines counts only the steps."""
+    evaluate = train.evaluate
+
+    def slow_evaluate(*args):
+        time.sleep(3.0)
+        return evaluate(*args)
+
+    monkeypatch.setattr(train, "evaluate", slow_evaluate)
+    in_process(train.load_config([*TINY, f"--dataset={char_data}", f"--out_dir={tmp_path / 'out'}",
+                                  "--max_iters=10", "--log_interval=10", "--eval_interval=5"]))
+    logs = {r["iter"]: r for r in metrics(tmp_path / "out") if "ms_per_iter" in r}
+    # Iterations 1-10 include a 3 s evaluation (at 5): counted, that would be >= 300 ms/iter; the
+    # steps of this model take a few ms.
+    assert logs.keys() == {10}
+    assert all(r["ms_per_iter"] < 150 for r in logs.values()), logs
+    assert all(r["tokens_per_s"] == pytest.approx(8 * 32 * 1000 / r["ms_per_iter"]) for r in logs.values())
