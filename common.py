@@ -78,10 +78,14 @@ def atomic_write(path, write):
     itself durable: a crash or kill at any instant leaves the old file or the new one."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
@@ -124,17 +128,21 @@ def resolve_device(name):
     return "cpu" if kind == "cpu" else name
 
 
+def cpu_flags():
+    """The CPU's feature flags (Linux's /proc/cpuinfo; empty elsewhere)."""
+    try:
+        return set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return set()
+
+
 def cpu_has_bf16():
     """True on CPUs with native bf16 matmul (AVX512-BF16 or AMX) that torch is allowed to use,
     where bf16 autocast pays off. ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA below AVX512 (or a
     CPU without those flags) mean torch computes bf16 through fp32, slower than fp32 itself."""
     import torch
 
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    if "avx512_bf16" not in flags and "amx_bf16" not in flags:
+    if not cpu_flags() & {"avx512_bf16", "amx_bf16"}:
         return False
     isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
     isa_allows_bf16 = isa == "ALL" or any(s in isa for s in ("BF16", "AMX", "AVX10"))

@@ -1,6 +1,9 @@
 """The project's frame: README's commands are the ones CI runs, and nothing unsafe slips in."""
+import ast
 import re
+import subprocess
 
+import pytest
 from conftest import ROOT
 
 
@@ -53,3 +56,50 @@ def test_readme_train_commands_pass_the_settings_checks(monkeypatch):
     assert len(commands) >= 5  # the quick start, torchrun, fine-tuning...
     for args in commands:
         train.load_config(args)
+
+
+SCRIPTS = ("prepare", "train", "sample", "bench", "serve", "export")
+
+
+def test_no_script_imports_another_script():
+    """Scripts import the library (gpt, tokenizer, common), never each other: a reader finds
+    every shared part in the module named for it."""
+    for name in SCRIPTS:
+        path = ROOT / f"{name}.py"
+        if not path.exists():
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                modules = [node.module or ""]
+            else:
+                continue
+            for module in modules:
+                assert module.split(".")[0] not in set(SCRIPTS) - {name}, f"{path.name} imports {module}"
+
+
+# Spelt in pieces, so this file does not match itself.
+HISTORY = re.compile("|".join(["sess" "ion [0-9]", r"\bday [0-9]", "aud" "it", "the iss" "ue",
+                               r"the se" r"eds?\b", "house r" "ule"]), re.I)
+
+
+def test_the_project_describes_itself_without_its_history():
+    """Code, tests, configs and docs say what the program does, not how it came to be."""
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
+    if tracked.returncode != 0:
+        pytest.skip("not a git checkout")
+    for name in tracked.stdout.splitlines():
+        path = ROOT / name
+        if path.suffix in (".py", ".md", ".txt", ".toml", ".ini", "") and path.is_file():
+            for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+                assert not HISTORY.search(line), f"{name}:{number}: {line.strip()}"
+
+
+def test_user_documentation_is_short_and_self_contained():
+    """README.md is a reference of at most 300 lines; no user document points at the developers'
+    corpora folder beside the project (users download the public corpora)."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert len(readme.splitlines()) <= 300
+    for doc in ("README.md", "BENCHMARKS.md", "data/README.md"):
+        assert "../shared" not in (ROOT / doc).read_text(encoding="utf-8"), doc

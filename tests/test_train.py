@@ -82,7 +82,7 @@ def test_config_file_then_command_line_override_defaults(tmp_path):
 
 
 def test_a_bare_flag_switches_a_bool_setting_on(tmp_path):
-    """`--compile` alone was 'needs a value'."""
+    """A bare `--flag` sets a bool setting to True, wherever it stands."""
     config_file = tmp_path / "c.py"
     config_file.write_text("n_layer = 3\n")
     cfg = train.load_config(["--compile", "--bias", "false", "--decay_lr", str(config_file),
@@ -94,14 +94,14 @@ def test_a_bare_flag_switches_a_bool_setting_on(tmp_path):
 
 @pytest.mark.parametrize("argv", [["c.py", "--help"], ["--max_iters=3", "-h"]])
 def test_help_anywhere_prints_the_settings(monkeypatch, capsys, argv):
-    """`train.py config/x.py --help` was '--help needs a value'."""
+    """--help (or -h) anywhere among the arguments prints the settings."""
     monkeypatch.setattr(sys, "argv", ["train.py", *argv])
     train.main()
     assert "--max_iters=5000" in capsys.readouterr().out
 
 
 def test_help_explains_every_setting_with_its_default(monkeypatch, capsys):
-    """--help listed names and defaults only: what `patience` counts was nowhere but the source."""
+    """--help shows every setting with its default (which parses back to it) and what it means."""
     monkeypatch.setattr(sys, "argv", ["train.py", "--help"])
     train.main()
     lines = [line.strip() for line in capsys.readouterr().out.splitlines() if line.strip().startswith("--")]
@@ -114,7 +114,7 @@ def test_help_explains_every_setting_with_its_default(monkeypatch, capsys):
 
 
 def test_plot_takes_one_out_dir(monkeypatch, tmp_path):
-    """`--plot=DIR` was 'unknown setting'; `--plot a b` silently ignored b."""
+    """--plot takes one out_dir, as `--plot=DIR` or `--plot DIR`; two are an error."""
     drawn = []
     monkeypatch.setattr(train, "plot", drawn.append)
     for argv in (["--plot=a"], ["--plot", "a"]):
@@ -127,8 +127,8 @@ def test_plot_takes_one_out_dir(monkeypatch, tmp_path):
 
 
 def test_dataset_may_name_its_meta_json_and_a_text_file_gets_the_prepare_command(char_data, tmp_path):
-    """--dataset=.../meta.json said '.../meta.json/meta.json is missing'; a raw text file got the
-    suggestion `prepare.py --out FILE`, which fails since FILE exists."""
+    """--dataset may name a dataset folder or its meta.json; a raw text file gets the prepare.py
+    command that makes a dataset of it (into another folder than the file)."""
     assert train.dataset_dir(str(char_data / "meta.json")) == char_data
     assert train.dataset_dir(str(char_data)) == char_data
     assert train.dataset_dir("shakespeare_char") == Path("data") / "shakespeare_char"
@@ -164,8 +164,8 @@ def test_unknown_key_in_config_file_is_an_error(tmp_path):
     ("compile = 1\n", "compile expects bool, got 1 (int)"),
 ])
 def test_config_file_values_are_python_values_of_the_defaults_type(tmp_path, text, needle):
-    """A config file's "3" was parsed like command-line text and became 3: a file is Python, so
-    its values are taken as they are (only an int for a float is widened)."""
+    """A config file is Python: its values are taken as they are, and must have the default's
+    type (only an int for a float is widened); "3" for an int is an error."""
     config_file = tmp_path / "c.py"
     config_file.write_text(text + "learning_rate = 1\n")
     with pytest.raises(UserError, match=re.escape(needle)):
@@ -180,14 +180,14 @@ def test_config_file_values_are_python_values_of_the_defaults_type(tmp_path, tex
     ("import no_such_module_here\n", ["ModuleNotFoundError"]),
 ])
 def test_a_config_file_that_does_not_run_is_one_line(tmp_path, text, needles):
-    """A typo in a config file's Python was a traceback through exec()."""
+    """A config file that does not run is one line naming the file, the line and the error."""
     config_file = tmp_path / "c.py"
     config_file.write_text(text)
     assert_one_line_error(run_script("train.py", config_file), *needles)
 
 
 @pytest.mark.parametrize("argv, needle", [
-    (["--batch_size=0"], "batch_size must be >= 1"),  # was a ZeroDivisionError in evaluate()
+    (["--batch_size=0"], "batch_size must be >= 1"),
     (["--block_size=0"], "block_size must be >= 1"),
     (["--eval_interval=0"], "eval_interval must be >= 1"),  # modulo by zero
     (["--log_interval=0"], "log_interval must be >= 1"),
@@ -200,7 +200,7 @@ def test_a_config_file_that_does_not_run_is_one_line(tmp_path, text, needles):
     (["--beta2=1"], "beta2 must be in [0, 1)"),
     (["--n_head=0"], "n_head must be >= 1"),
     (["--n_embd=32", "--n_head=3"], "multiple of n_head=3"),
-    (["--backend=mpi"], "unknown backend 'mpi'"),  # was torch's error, from every rank, at init
+    (["--backend=mpi"], "unknown backend 'mpi'"),  # before any rank joins a group
     (["--out_dir="], "out_dir is empty"),  # wrote the run into the current directory
     (["--warmup_iters=200", "--lr_decay_iters=100"], "warmup_iters=200 exceeds lr_decay_iters=100"),
     (["--min_lr=1e-3", "--learning_rate=1e-4"], "min_lr=0.001 exceeds learning_rate=0.0001"),
@@ -361,7 +361,7 @@ def test_sigterm_saves_a_checkpoint_that_resumes_exactly(char_data, tmp_path):
     wait_for_logged_losses(proc, killed, 5)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 128 + signal.SIGTERM, stderr  # was 0: `train.py && ...` went on
+    assert proc.returncode == 128 + signal.SIGTERM, stderr  # so `train.py && ...` stops there
     stopped_at = gpt.load_checkpoint(killed / "ckpt.pt")["iter_num"]
     assert 5 <= stopped_at < 1000, stdout
     assert f"stopped by SIGTERM at iter {stopped_at}" in stdout
@@ -394,7 +394,7 @@ def test_two_ddp_ranks_match_one_rank_with_twice_the_accumulation(char_data, tmp
 
 
 def test_ctrl_c_saves_where_it_stopped_and_exits_130(char_data, tmp_path):
-    """Ctrl-C after saving exited 0, so `train.py && sample.py` could not tell it from a finished run."""
+    """Ctrl-C saves where the run stopped and exits 130, so `train.py && sample.py` stops there."""
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *TINY, f"--dataset={char_data}",
                              "--eval_interval=1000", "--log_interval=1", "--max_iters=1000",
@@ -424,9 +424,8 @@ def worker_pid(launcher_pid, rank):
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds torchrun's workers in /proc")
 def test_sigterm_to_one_ddp_rank_stops_every_rank_and_resumes_exactly(char_data, tmp_path):
-    """Under torchrun no rank handled SIGTERM or Ctrl-C: a pre-empted job lost all steps since the
-    last evaluation. A signal to any one rank must stop every rank at the same log step (where
-    the ranks agree on it), with ckpt.pt saved by rank 0, exit status 143, and an exact resume."""
+    """Under torchrun a signal to any one rank stops every rank at the same log step (where the
+    ranks agree on it), with ckpt.pt saved by rank 0, exit status 143, and an exact resume."""
     settings = ["--eval_interval=1000", "--log_interval=3", "--gradient_accumulation_steps=2"]
     killed = tmp_path / "killed"
     proc = subprocess.Popen(torchrun(char_data, killed, *settings, "--max_iters=1000"),
@@ -487,8 +486,8 @@ def test_resume_with_another_shape_names_the_field(char_data, tmp_path):
 
 
 def test_what_resuming_needs_is_checked_in_one_line(char_data, tmp_path):
-    """Resuming past max_iters looped forever; resuming a weights-only file was a KeyError;
-    --init_from=OUT_DIR was read as a Hugging Face folder; a file that is not a checkpoint said '101'."""
+    """Resuming a finished run or a weights-only file, --init_from=OUT_DIR and --init_from a file
+    that is not a checkpoint are each one line that says what to do instead."""
     run = tmp_path / "run"
     train_run(char_data, run, "--max_iters=4", "--eval_interval=2")
     result = run_script("train.py", *TINY, f"--dataset={char_data}", f"--out_dir={run}", "--init_from=resume",
@@ -507,7 +506,7 @@ def test_what_resuming_needs_is_checked_in_one_line(char_data, tmp_path):
 
 
 def test_a_new_run_never_overwrites_an_earlier_one(char_data, tmp_path):
-    """Forgetting --init_from=resume silently replaced the run's ckpt.pt with a fresh model's."""
+    """A new run in an out_dir that holds one is an error: its ckpt.pt is never replaced."""
     run = tmp_path / "run"
     train_run(char_data, run, "--max_iters=2", "--eval_interval=2")
     saved = (run / "ckpt.pt").read_bytes()
@@ -538,7 +537,7 @@ def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(char_data, tmp_
 
 @pytest.mark.parametrize("key, package", [("tensorboard_log", "tensorboard"), ("wandb_log", "wandb")])
 def test_logging_without_its_package_is_one_line_before_writing(char_data, out_dir, key, package):
-    """Without the package this was a ModuleNotFoundError traceback after out_dir was half made."""
+    """tensorboard_log / wandb_log without their package is one line, before out_dir is made."""
     if importlib.util.find_spec(package):
         pytest.skip(f"{package} is installed here")
     cfg = train.load_config([*TINY, f"--dataset={char_data}", f"--out_dir={out_dir}", f"--{key}=True"])
@@ -624,8 +623,8 @@ def test_compiled_training_follows_eager_training(char_data, tmp_path):
 
 
 def test_compile_warm_up_leaves_the_random_numbers_alone(monkeypatch):
-    """The warm-up forward ran dropout on the RNG a resume had just restored: with compile and
-    dropout, a resumed run drifted from the uninterrupted one (re-audit 10b #5)."""
+    """The compile warm-up's dropout draws from a forked RNG, not from the random numbers a resume
+    has just restored (a resumed compiled run would drift from the uninterrupted one)."""
     monkeypatch.setattr(torch, "compile", lambda model: model)  # the warm-up itself, in eager
     model = gpt.GPT(gpt.GPTConfig(block_size=8, vocab_size=16, n_layer=1, n_head=1, n_embd=8,
                                       dropout=0.5)).train()
@@ -671,9 +670,8 @@ def test_hugging_face_weights_on_a_char_dataset_are_refused(char_data, tmp_path)
 
 
 def test_a_tokenizer_mismatch_suggests_a_fix_that_works(char_data, tmp_path):
-    """For a Hugging Face folder the messages said `prepare.py --tokenizer FOLDER`, which prepare.py
-    cannot read (the fix is --tokenizer gpt2); two char vocabularies were 'a different tokenizer
-    (char) than ... (char)'."""
+    """A tokenizer mismatch names a prepare.py command that works: `--tokenizer gpt2` for a
+    Hugging Face folder, and 'a different character set' for two char vocabularies."""
     cfg = train.load_config([f"--dataset={char_data}"])
     char = load_tokenizer(char_data)
     args = dict(vocab_size=char.vocab_size, **{k: cfg[k] for k in train.MODEL_KEYS})
