@@ -167,8 +167,29 @@ class GPT(nn.Module):
         if targets is None:
             return self.lm_head(x[:, -1:, :]), None  # (B, 1, V): generation needs only the next token
         logits = self.lm_head(x)  # (B, T, V)
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        # The mean over the targets that are not -1 (chat data masks all but the replies); a batch
+        # with none gives 0, not the 0/0 = nan of reduction="mean".
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
+                               reduction="sum") / (targets != -1).sum().clamp(min=1)
         return logits, loss
+
+    @torch.no_grad()
+    def grow_vocab(self, vocab_size):
+        """Add rows to the tied embedding / LM head up to vocab_size (new special tokens such as
+        the chat markers), each the mean of the existing rows: a new token enters as an average
+        input and gets an average logit, where a random row could start it far too likely or not
+        at all (Hewitt, "Initializing New Word Embeddings for Pretrained Language Models")."""
+        old = self.transformer.wte.weight  # (V, C)
+        V, C = old.shape
+        if vocab_size <= V:
+            return
+        wte = nn.Embedding(vocab_size, C, device=old.device, dtype=old.dtype)
+        wte.weight[:V] = old
+        wte.weight[V:] = old.mean(dim=0)
+        self.transformer.wte = wte
+        self.lm_head = nn.Linear(C, vocab_size, bias=False, device=old.device, dtype=old.dtype)
+        self.lm_head.weight = wte.weight  # tied again
+        self.config.vocab_size = vocab_size
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         """AdamW with weight decay on the matmul weights and embeddings (>= 2-D), none on biases and

@@ -15,6 +15,12 @@ checkpoint:
 A dataset's meta.json holds the same, except that a bpe entry names its ranks file
 ("ranks_file": "tokenizer.bpe") instead of embedding "ranks".
 
+Chat: with_chat_specials() appends the turn markers <|system|>, <|user|>, <|assistant|>, <|end|> as
+special tokens after the base vocabulary (gpt2: 50257..50260), and to_dict() gains
+"specials": {"<|system|>": 50257, ...} with vocab_size counting them. Typed text never produces
+them (a user who writes "<|user|>" gets ordinary tokens); decode() shows them as their markers.
+render_chat() is the one chat template: prepare.py, sample.py --chat and a server all call it.
+
 tokenizer.bpe (the ranks text) is tiktoken's own .tiktoken format: one line per token,
 `<base64 of the token's bytes> <rank>`, ranks 0..V-2 in order, every single byte among them. A BPE
 trained by train_bpe has the bytes 0..255 as ranks 0..255, then one token per merge in the order
@@ -39,21 +45,46 @@ EOT = "<|endoftext|>"
 # whitespace. BPE merges never cross these pieces.
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 PIECE_CHARS = 1 << 20  # the size of a piece of text that iter_pieces hands out
+CHAT_ROLES = ("system", "user", "assistant")
+END = "<|end|>"  # closes every turn; a chat model's reply ends when it emits this
+CHAT_SPECIALS = tuple(f"<|{role}|>" for role in CHAT_ROLES) + (END,)
+CHAT_TEMPLATE = "markers"  # meta.json's name for render_chat's template with CHAT_SPECIALS
+PLAIN_STOP = "\nUser:"  # where a base model's reply ends in the plain-text template
 
 
 class Tokenizer:
-    """encode/decode for one of three kinds; to_dict() describes it completely (JSON)."""
+    """encode/decode for one of three kinds, plus optional special tokens (the chat markers) after
+    the base vocabulary; to_dict() describes it completely (JSON)."""
 
-    def __init__(self, kind, *, chars="", enc=None, ranks=""):
+    def __init__(self, kind, *, chars="", enc=None, ranks="", specials=()):
         self.kind = kind
         self.chars = chars  # char: the vocabulary, sorted by code point (id = position)
         self.enc = enc  # gpt2, bpe: the tiktoken.Encoding
         self.ranks = ranks  # bpe: the merge ranks as tokenizer.bpe text
         if kind == "char":
-            self.vocab_size, self.eot_id = len(chars), None
+            self.base_vocab_size, self.eot_id = len(chars), None
             self._codes = np.frombuffer(chars.encode("utf-32-le", "surrogatepass"), np.uint32)
         else:
-            self.vocab_size, self.eot_id = enc.n_vocab, enc.eot_token
+            self.base_vocab_size, self.eot_id = enc.n_vocab, enc.eot_token
+        self.specials = {marker: self.base_vocab_size + i for i, marker in enumerate(specials)}  # marker -> id
+        self.vocab_size = self.base_vocab_size + len(self.specials)
+
+    @property
+    def is_chat(self) -> bool:
+        """True when the chat markers are tokens of this vocabulary (a chat-tuned model's)."""
+        return tuple(self.specials) == CHAT_SPECIALS
+
+    def with_chat_specials(self) -> "Tokenizer":
+        """This tokenizer with the chat markers appended after its vocabulary (itself if it has them)."""
+        if self.is_chat:
+            return self
+        if self.specials:
+            raise UserError(f"the tokenizer has special tokens {list(self.specials)}, not the chat markers")
+        return Tokenizer(self.kind, chars=self.chars, enc=self.enc, ranks=self.ranks, specials=CHAT_SPECIALS)
+
+    def without_specials(self) -> "Tokenizer":
+        """The base tokenizer: what a model trained before the chat markers were added knows."""
+        return Tokenizer(self.kind, chars=self.chars, enc=self.enc, ranks=self.ranks)
 
     def encode(self, text: str) -> list[int]:
         if self.kind == "char":
@@ -66,19 +97,33 @@ class Tokenizer:
             return self.enc.encode_to_numpy(text, disallowed_special=())  # == encode_ordinary
         codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), np.uint32)
         ids = np.searchsorted(self._codes, codes)  # _codes is sorted
-        known = ids < self.vocab_size
+        known = ids < len(self.chars)
         known[known] = self._codes[ids[known]] == codes[known]
         if not known.all():
             c = chr(codes[known.argmin()])
             raise UserError(f"character {c!r} (U+{ord(c):04X}) is not in the char vocabulary "
-                            f"({self.vocab_size} characters)")
+                            f"({len(self.chars)} characters)")
         return ids.astype(np.uint32)
 
     def decode(self, ids) -> str:
-        """Text of `ids` (any iterable of ints). An id outside the vocabulary (a padded model head
-        can emit one) and bytes that are not whole UTF-8 characters become U+FFFD."""
+        """Text of `ids` (any iterable of ints); a special token shows as its marker. An id outside
+        the vocabulary (a padded model head can emit one) and bytes that are not whole UTF-8
+        characters become U+FFFD."""
         ids = [int(i) for i in ids]
-        V = self.vocab_size
+        if not self.specials or not any(i >= self.base_vocab_size for i in ids):
+            return self._decode_base(ids)
+        markers = {i: marker for marker, i in self.specials.items()}
+        parts, run = [], []
+        for i in ids:
+            if i in markers:
+                parts += [self._decode_base(run), markers[i]]
+                run = []
+            else:
+                run.append(i)
+        return "".join(parts) + self._decode_base(run)
+
+    def _decode_base(self, ids: list[int]) -> str:
+        V = self.base_vocab_size
         if self.kind == "char":
             return "".join(self.chars[i] if 0 <= i < V else "\ufffd" for i in ids)
         if all(0 <= i < V for i in ids):
@@ -86,12 +131,21 @@ class Tokenizer:
         parts = [self.enc.decode_single_token_bytes(i) if 0 <= i < V else "\ufffd".encode() for i in ids]
         return b"".join(parts).decode("utf-8", "replace")
 
+    def start_ids(self) -> list[int]:
+        """What generation without a prompt starts from: end-of-text, or a newline for a char model
+        (it has no end-of-text id); [] when its characters include no newline either."""
+        if self.eot_id is not None:
+            return [self.eot_id]
+        return self.encode("\n") if "\n" in self.chars else []
+
     def to_dict(self) -> dict:
         d = {"kind": self.kind, "vocab_size": self.vocab_size, "eot_id": self.eot_id}
         if self.kind == "char":
             d["chars"] = list(self.chars)
         elif self.kind == "bpe":
             d |= {"pattern": self.enc._pat_str, "ranks": self.ranks}
+        if self.specials:
+            d["specials"] = dict(self.specials)
         return d
 
 
@@ -153,6 +207,12 @@ def _tokenizer_from_dict(d: dict, base_dir: Path | None) -> Tokenizer:
         tok = Tokenizer("bpe", enc=bpe_encoding(ranks, d["pattern"]), ranks=ranks)
     else:
         raise UserError(f"unknown tokenizer kind {kind!r} (expected char, gpt2 or bpe)")
+    specials = d.get("specials") or {}
+    if specials:
+        if list(specials.values()) != list(range(tok.vocab_size, tok.vocab_size + len(specials))):
+            raise UserError(f"special tokens {specials} must take the ids after the base vocabulary "
+                            f"({tok.vocab_size}, {tok.vocab_size + 1}, ...)")
+        tok = Tokenizer(tok.kind, chars=tok.chars, enc=tok.enc, ranks=tok.ranks, specials=list(specials))
     if d.get("vocab_size", tok.vocab_size) != tok.vocab_size:
         raise UserError(f"tokenizer says vocab_size {d['vocab_size']} but holds {tok.vocab_size} tokens")
     return tok
@@ -189,6 +249,57 @@ def load_tokenizer(source) -> Tokenizer:
     except Exception as e:  # torch raises many types for a file that is not a checkpoint
         raise UserError(f"{path}: not a checkpoint with a tokenizer ({type(e).__name__}: {e})") from e
     return tokenizer_from_dict(entry)
+
+
+# ----------------------------------------------------------------------------------------------
+# The chat template
+
+
+def check_messages(messages) -> list[dict]:
+    """`messages` if it is a non-empty list of {"role": system|user|assistant, "content": str}
+    (other keys are ignored), else a ValueError saying what is wrong."""
+    if not isinstance(messages, list):
+        raise ValueError(f'"messages" must be a list, got {type(messages).__name__}')
+    if not messages:
+        raise ValueError("the conversation has no messages")
+    for n, m in enumerate(messages, 1):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise ValueError(f'message {n} is not an object with "role" and "content"')
+        if m["role"] not in CHAT_ROLES:
+            raise ValueError(f"message {n} has unknown role {m['role']!r} (expected system, user or assistant)")
+        if not isinstance(m["content"], str):
+            raise ValueError(f"message {n}'s content is {type(m['content']).__name__}, not a string")
+    return messages
+
+
+def render_chat(tok: Tokenizer, messages, add_generation_prompt=False) -> tuple[list[int], list[int]]:
+    """The one chat template: messages -> (token ids, learn mask), mask 1 where the token is
+    assistant text to learn (as a training target), 0 where it is context.
+
+    A tokenizer with the chat markers (tok.is_chat) renders each message as <|role|> content
+    <|end|>; the mask covers an assistant's content and the <|end|> that closes it, so a tuned
+    model learns to end its turn. Without them (a base model) the template is plain text,
+    "System: ...\nUser: ...\nAssistant: ...\n", and a reply ends where the model writes PLAIN_STOP.
+    add_generation_prompt ends the tokens with an opened assistant turn for the model to continue.
+    Each part is encoded on its own, so the mask falls on token boundaries and a typed "<|user|>"
+    stays ordinary tokens."""
+    ids, mask = [], []
+
+    def add(part, learn):
+        ids.extend(part)
+        mask.extend([int(learn)] * len(part))
+
+    for m in messages:
+        learn = m["role"] == "assistant"
+        if tok.is_chat:
+            add([tok.specials[f"<|{m['role']}|>"]], False)
+            add(tok.encode(m["content"]) + [tok.specials[END]], learn)
+        else:  # "Assistant:" then " reply\n": a BPE keeps the space with the reply's first word
+            add(tok.encode(f"{m['role'].title()}:"), False)
+            add(tok.encode(f" {m['content']}\n"), learn)
+    if add_generation_prompt:
+        add([tok.specials["<|assistant|>"]] if tok.is_chat else tok.encode("Assistant:"), False)
+    return ids, mask
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
