@@ -3,6 +3,7 @@
     python prepare.py                                   # tiny shakespeare, char-level -> data/shakespeare_char
     python prepare.py --input books/ --tokenizer gpt2 --out data/books
     python prepare.py --input reviews_ko.txt --split_docs '\\n' --tokenizer bpe --vocab_size 8192
+    python prepare.py --input chats.jsonl --format chat --tokenizer out-small/ckpt.pt --out data/chat
 
 Design choices:
 - The tokenizers are tokenizer.py's: `char`, `gpt2` (tiktoken) and `bpe`, which is trained here on
@@ -35,6 +36,20 @@ written between documents), split ("by_document" | "document_tails" | "single_do
 val_fraction, seed, inputs (path or url, bytes, sha256) and the reading options. Its tokenizer
 entry is Tokenizer.to_dict() (tokenizer.py), except that a bpe entry names its ranks file
 ("ranks_file": "tokenizer.bpe", written beside the bins) instead of embedding "ranks".
+
+--format chat reads JSON Lines, one conversation a line: {"messages": [{"role": "system" | "user" |
+"assistant", "content": "..."}, ...]} ending with an assistant turn, or {"prompt": "...",
+"completion": "..."} (one user turn, one assistant turn). The tokenizer is a base model's
+(--tokenizer PATH or gpt2) plus the chat markers (tokenizer.with_chat_specials), and every
+conversation is rendered by tokenizer.render_chat, the template sample.py --chat uses too. The
+conversations are held in memory (3 bytes a token) to be split: whole conversations go to val by
+a seeded shuffle (round(n * val_fraction), at least one, train keeps at least one). Outputs per
+split: {split}.bin, the conversations' tokens back to back; {split}.mask.bin, uint8, 1 where the
+token is a target to learn (assistant text and the <|end|> that closes it), 0 for context;
+{split}.starts.bin, int64, conversation i is tokens[starts[i]:starts[i + 1]] (n + 1 offsets).
+meta.json adds format "chat", the template's name, the special tokens, conversations and
+learned tokens per split. A malformed line is an error naming the file and line
+(--skip_bad_lines counts and skips it).
 """
 import codecs
 import contextlib
@@ -59,8 +74,8 @@ from pathlib import Path
 import numpy as np
 
 from common import ArgumentParser, UserError, atomic_write_text, run_main
-from tokenizer import (PIECE_CHARS, Tokenizer, bpe_tokenizer, gpt2_encoding, iter_pieces, load_tokenizer, token_dtype,
-                       train_bpe)
+from tokenizer import (CHAT_TEMPLATE, PIECE_CHARS, Tokenizer, bpe_tokenizer, check_messages, gpt2_encoding,
+                       iter_pieces, load_tokenizer, render_chat, token_dtype, train_bpe)
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 CACHE_DIR = Path("data/.cache")  # downloaded corpora (git-ignored)
@@ -395,6 +410,120 @@ def move_tail(ftrain, fval, start: int, sep: bytes, val_fraction: float, itemsiz
 
 
 # ----------------------------------------------------------------------------------------------
+# Chat: conversations in JSON Lines -> tokens, learn masks and conversation starts
+
+
+def conversation(record) -> list[dict]:
+    """The messages of one JSON Lines record, or a ValueError that says why it is not a
+    conversation to learn from: {"messages": [...]} or {"prompt": ..., "completion": ...}, ending
+    with an assistant turn."""
+    if isinstance(record, dict) and "messages" in record:
+        messages = check_messages(record["messages"])
+    elif isinstance(record, dict) and "prompt" in record and "completion" in record:
+        for key in ("prompt", "completion"):
+            if not isinstance(record[key], str):
+                raise ValueError(f'"{key}" is {type(record[key]).__name__}, not a string')
+        messages = [{"role": "user", "content": record["prompt"]},
+                    {"role": "assistant", "content": record["completion"]}]
+    else:
+        raise ValueError('expected an object with "messages", or with "prompt" and "completion"')
+    if messages[-1]["role"] != "assistant":
+        raise ValueError(f"the conversation ends with a {messages[-1]['role']} turn; it must end with the "
+                         "assistant reply to learn")
+    return messages
+
+
+def bad_line_reason(e: Exception) -> str:
+    if isinstance(e, json.JSONDecodeError):  # before ValueError: it is one
+        return f"not JSON ({e.msg} at column {e.colno})"
+    if isinstance(e, UnicodeDecodeError):
+        return f"byte {e.start} is not valid UTF-8 (pass --errors replace to read it as U+FFFD)"
+    return str(e)
+
+
+def jsonl_lines(files, hashes):
+    """(path, line number, raw bytes) of every non-blank line of the inputs; hashes[i] sees file i."""
+    for (path, _), h in zip(files, hashes):
+        with open(path, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                h.update(raw)
+                if raw.strip():
+                    yield path, n, raw
+
+
+def choose_val_conversations(n: int, val_fraction: float, seed: int) -> np.ndarray:
+    """A bool mask of the conversations that go to val: round(n * val_fraction) of them, at least
+    one and at most n - 1, picked by a seeded shuffle."""
+    n_val = min(n - 1, max(1, round(n * val_fraction)))
+    is_val = np.zeros(n, dtype=bool)
+    is_val[np.random.default_rng(seed).permutation(n)[:n_val]] = True
+    return is_val
+
+
+def build_chat_dataset(args, files, out: Path, tok: Tokenizer, t0: float):
+    """Render every conversation with render_chat, split them whole, write tokens, masks, starts."""
+    old = existing_tokenizer(out)
+    dtype = token_dtype(tok.vocab_size)
+    tokens, learn, lengths = array(dtype.char), array("B"), array("q")  # every conversation, back to back
+    hashes = [hashlib.sha256() for _ in files]
+    skipped, first_skipped = 0, None
+    for path, n, raw in jsonl_lines(files, hashes):
+        try:
+            text = raw.decode("utf-8", args.errors)
+            ids, mask = render_chat(tok, conversation(json.loads(text.removeprefix("\ufeff") if n == 1 else text)))
+        except (ValueError, UserError) as e:  # not JSON, not UTF-8, not a conversation, a character not in a char vocabulary
+            where = f"{path}, line {n}: {bad_line_reason(e)}"
+            if not args.skip_bad_lines:
+                raise UserError(f"{where} (--skip_bad_lines skips such lines)") from None
+            skipped, first_skipped = skipped + 1, first_skipped or where
+            continue
+        tokens.extend(ids)
+        learn.extend(mask)
+        lengths.append(len(ids))
+    if len(lengths) < 2:
+        names = ", ".join(str(path) for path, _ in files[:3]) + (" ..." if len(files) > 3 else "")
+        raise UserError(f"{len(lengths)} conversation(s) in {names}: train and val need one each at least")
+    if skipped:
+        print(f"skipped {skipped:,} malformed line(s); the first: {first_skipped}", file=sys.stderr)
+
+    lengths = np.frombuffer(lengths, dtype=np.int64)
+    is_val = choose_val_conversations(len(lengths), args.val_fraction, args.seed)
+    tokens, learn = np.frombuffer(tokens, dtype=dtype), np.frombuffer(learn, dtype=np.uint8)
+    arrays, stats = {}, {"tokens": {}, "conversations": {}, "learned_tokens": {}}
+    for split, pick in (("train", ~is_val), ("val", is_val)):
+        in_split = np.repeat(pick, lengths)  # (tokens,) bool: the tokens of this split's conversations
+        starts = np.concatenate([[0], np.cumsum(lengths[pick])]).astype(np.int64)
+        arrays |= {f"{split}.bin": tokens[in_split], f"{split}.mask.bin": learn[in_split],
+                   f"{split}.starts.bin": starts}
+        stats["tokens"][split], stats["conversations"][split] = int(starts[-1]), int(pick.sum())
+        stats["learned_tokens"][split] = int(learn[in_split].sum())
+    tmp = {name: out / f"{name}.tmp" for name in arrays}
+    try:
+        for name, values in arrays.items():
+            values.tofile(tmp[name])
+        (out / "meta.json").unlink(missing_ok=True)  # as write_dataset: no meta.json describing other bins
+        for name, path in tmp.items():
+            os.replace(path, out / name)
+    finally:
+        for path in tmp.values():
+            path.unlink(missing_ok=True)
+    write_meta(out, tok, {
+        "format": "chat", "template": CHAT_TEMPLATE, "special_tokens": tok.specials, "dtype": dtype.name, **stats,
+        "split": "by_conversation", "val_fraction": args.val_fraction, "seed": args.seed, "skipped_lines": skipped,
+        "inputs": [{**({"url": url} if url else {}), "path": str(path), "bytes": path.stat().st_size,
+                    "sha256": h.hexdigest()} for (path, url), h in zip(files, hashes)],
+        "options": {"glob": args.glob, "errors": args.errors},
+    })
+    note_replaced(out, old, tok)
+    c, n, k = stats["conversations"], stats["tokens"], stats["learned_tokens"]
+    print(f"{out}: train {c['train']:,} conversations ({n['train']:,} tokens, {k['train']:,} to learn), val "
+          f"{c['val']:,} ({n['val']:,} tokens, {k['val']:,} to learn); {tok.kind} + chat markers, vocab "
+          f"{tok.vocab_size:,}, {dtype.name}; longest conversation {lengths.max():,} tokens, median "
+          f"{int(np.median(lengths)):,}" + (f"; skipped {skipped:,} malformed lines" if skipped else "")
+          + f" ({time.time() - t0:.1f}s)")
+
+
+# ----------------------------------------------------------------------------------------------
 # The command
 
 
@@ -409,7 +538,12 @@ def parse_args(argv=None):
                    help="char | gpt2 | bpe | PATH of a dataset dir, meta.json or checkpoint whose tokenizer to "
                         "reuse (default: %(default)s)")
     p.add_argument("--vocab_size", type=int, help="bpe: vocabulary size, <|endoftext|> included (default: 8192)")
-    p.add_argument("--glob", default="*.txt", help="file pattern inside directories (default: %(default)r)")
+    p.add_argument("--format", choices=["text", "chat"], default="text",
+                   help="text: any text files; chat: JSON Lines of conversations to fine-tune a base model "
+                        "on (--tokenizer names the base model) (default: %(default)s)")
+    p.add_argument("--skip_bad_lines", action="store_true",
+                   help="--format chat: skip malformed lines and count them, instead of stopping at the first")
+    p.add_argument("--glob", help="file pattern inside directories, '*.jsonl' with --format chat (default: '*.txt')")
     p.add_argument("--split_docs", metavar="SEP",
                    help=r"also cut files into documents at SEP; backslash escapes work ('\n\n' = blank line)")
     p.add_argument("--clean", action="store_true", help="collapse each whitespace run into one space")
@@ -422,6 +556,11 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, help="encoding processes (default: one per core for a corpus of "
                                                   f"{POOL_MIN_BYTES >> 20} MB or more, else 1)")
     args = p.parse_args(argv)
+    args.glob = args.glob or ("*.jsonl" if args.format == "chat" else "*.txt")
+    if args.format == "chat":
+        check_chat_args(args)
+    elif args.skip_bad_lines:
+        raise UserError("--skip_bad_lines applies to --format chat (a text file has no lines to skip)")
     if not 0 < args.val_fraction < 1:
         raise UserError(f"--val_fraction must be between 0 and 1, got {args.val_fraction}")
     if args.out is not None and not args.out.strip():  # an unset variable in `--out "$DIR"`
@@ -454,6 +593,18 @@ def parse_args(argv=None):
             raise UserError("--split_docs needs a non-empty separator")
         args.split_docs = args.split_docs.replace("\r\n", "\n").replace("\r", "\n")  # as the text is read
     return args
+
+
+def check_chat_args(args):
+    """--format chat: a base model's tokenizer, and none of the text-only options."""
+    if not args.input:
+        raise UserError("--format chat needs --input FILE.jsonl (one conversation per line)")
+    if args.tokenizer in ("char", "bpe"):
+        raise UserError(f"--format chat encodes with a base model's tokenizer, not a new {args.tokenizer} one: "
+                        "pass --tokenizer PATH (the base checkpoint or its dataset) or --tokenizer gpt2")
+    for flag, given in (("--split_docs", args.split_docs is not None), ("--clean", args.clean)):
+        if given:
+            raise UserError(f"{flag} applies to --format text; a chat file is one conversation per line")
 
 
 def default_out(args) -> Path:
@@ -515,6 +666,8 @@ def write_dataset(out: Path, tok: Tokenizer, pieces, is_val, sep: np.ndarray, ar
         (out / "meta.json").unlink(missing_ok=True)
         for split, path in paths.items():
             os.replace(path, out / f"{split}.bin")
+            for extra in (f"{split}.mask.bin", f"{split}.starts.bin"):  # of a chat dataset prepared here before
+                (out / extra).unlink(missing_ok=True)
     finally:
         for path in paths.values():
             path.unlink(missing_ok=True)
@@ -559,6 +712,10 @@ def main(argv=None):
     t0 = time.time()
     files = resolve_inputs(args.input or [SHAKESPEARE_URL], args.glob)
     out = Path(args.out) if args.out else default_out(args)
+    if args.format == "chat":
+        tok = load_tokenizer(args.tokenizer).with_chat_specials()  # before --out is made: a bad path fails first
+        with created_dir(out, "output directory"):
+            return build_chat_dataset(args, files, out, tok, t0)
 
     # A first pass when the vocabulary or the documents depend on the text; otherwise each file is
     # one document and its size on disk will do.
