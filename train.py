@@ -297,15 +297,20 @@ def dataset_dir(name):
     return path
 
 
-def open_bins(data_dir, block_size):
-    """meta.json, the bins' dtype, and each split's number of window starts (at least one)."""
-    data_dir = Path(data_dir)
-    meta_path = data_dir / "meta.json"
+def read_meta(data_dir):
+    """A dataset's meta.json, or the error that names the prepare.py command to make it."""
+    meta_path = Path(data_dir) / "meta.json"
     if not meta_path.is_file():
         raise UserError(f"dataset not found: {meta_path} is missing. Make it with "
                         f"`python prepare.py --input YOUR_TEXT --out {data_dir}` "
                         f"(or plain `python prepare.py` for shakespeare_char)")
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    return json.loads(meta_path.read_text(encoding="utf-8"))
+
+
+def open_bins(data_dir, block_size):
+    """meta.json, the bins' dtype, and each split's number of window starts (at least one)."""
+    data_dir = Path(data_dir)
+    meta = read_meta(data_dir)
     dtype = np.dtype(meta["dtype"])
     window_starts = {}
     for split in ("train", "val"):
@@ -408,11 +413,84 @@ class Batches:
         return rng.integers(0, self.window_starts[split], size=count)
 
     def get(self, split, starts):
-        x, y = get_windows(self.data_dir, split, self.bin_dtype, starts, self.T)
+        return self.to_device(*get_windows(self.data_dir, split, self.bin_dtype, starts, self.T))
+
+    def to_device(self, x, y):
         if self.device.startswith("cuda"):  # pinned memory lets the copy overlap with compute
             return (x.pin_memory().to(self.device, non_blocking=True),
                     y.pin_memory().to(self.device, non_blocking=True))
         return x.to(self.device), y.to(self.device)
+
+
+class ChatBatches(Batches):
+    """Whole conversations of a chat dataset (prepare.py --format chat), one per row from its
+    first token, as (x, y) on the device. Targets are -1 where the dataset's mask says context
+    (system and user turns, role markers) and on the padding after a conversation, so the loss
+    counts the assistant replies only. draw() and get() take conversation indices where
+    Batches takes window starts: the batch stream, exact resume and the ranks' shares are the same.
+
+    Padding, not packing: a row is one conversation at positions 0.., as sample.py --chat renders
+    it, and padding at the end of a row is invisible to the tokens before it under causal
+    attention, so SDPA's is_causal stays exact with no mask. Packing several conversations into a
+    row wastes no compute on padding but needs attention that does not cross conversations (a
+    block-diagonal mask, which SDPA runs on slower kernels than is_causal) and positions that
+    restart. Choose block_size near the longest conversation (prepare.py prints it): a longer one
+    keeps its first block_size + 1 tokens."""
+
+    def __init__(self, cfg, device):
+        self.data_dir = dataset_dir(cfg["dataset"])
+        self.meta = read_meta(self.data_dir)
+        self.tokenizer = load_tokenizer(self.data_dir)
+        self.B, self.T, self.device = cfg["batch_size"], cfg["block_size"], device
+        self.bin_dtype = np.dtype(self.meta["dtype"])
+        self.starts = {split: np.fromfile(self.data_dir / f"{split}.starts.bin", dtype=np.int64)
+                       for split in ("train", "val")}  # conversation i: tokens[starts[i]:starts[i + 1]]
+        self.check_lengths()
+
+    def check_lengths(self):
+        """One notice for the conversations longer than a row (they keep their beginning); an
+        error if no row of a split would hold a reply token to learn."""
+        parts = []
+        for split, starts in self.starts.items():
+            lengths = np.diff(starts)
+            too_long = np.flatnonzero(lengths > self.T + 1)
+            if not len(too_long):
+                continue
+            mask = np.memmap(self.data_dir / f"{split}.mask.bin", dtype=np.uint8, mode="r")
+            no_reply = sum(not mask[starts[i] + 1:starts[i] + self.T + 1].any() for i in too_long)
+            if no_reply == len(lengths):
+                raise UserError(f"no {split} conversation of {self.data_dir} reaches a reply within block_size + 1 = "
+                                f"{self.T + 1} tokens; raise block_size (the longest is {lengths.max()} tokens)")
+            parts.append(f"{len(too_long)} of {len(lengths)} {split}"
+                         + (f" ({no_reply} of them with no reply token left)" if no_reply else ""))
+        if parts:
+            print0(f"notice: conversations longer than block_size + 1 = {self.T + 1} tokens keep their first "
+                   f"{self.T + 1}: {', '.join(parts)}")
+
+    def draw(self, split, rng, count):
+        """`count` conversation indices drawn from `rng`."""
+        return rng.integers(0, len(self.starts[split]) - 1, size=count)
+
+    def get(self, split, conversations):
+        # fresh memmaps per batch, as get_windows (nanoGPT issue #303)
+        data = np.memmap(self.data_dir / f"{split}.bin", dtype=self.bin_dtype, mode="r")
+        mask = np.memmap(self.data_dir / f"{split}.mask.bin", dtype=np.uint8, mode="r")
+        starts = self.starts[split]
+        x = np.zeros((len(conversations), self.T), dtype=np.int64)  # padding: any id, never attended to
+        y = np.full((len(conversations), self.T), -1, dtype=np.int64)
+        for row, i in enumerate(conversations):
+            begin, end = starts[i], min(starts[i + 1], starts[i] + self.T + 1)
+            tokens = data[begin:end].astype(np.int64)
+            n = len(tokens) - 1
+            x[row, :n] = tokens[:-1]
+            y[row, :n] = np.where(mask[begin + 1:end] == 1, tokens[1:], -1)
+        return self.to_device(torch.from_numpy(x), torch.from_numpy(y))
+
+
+def make_batches(cfg, device):
+    """The batches of cfg's dataset: windows of a text dataset, conversations of a chat one."""
+    chat = read_meta(dataset_dir(cfg["dataset"])).get("format") == "chat"
+    return (ChatBatches if chat else Batches)(cfg, device)
 
 
 @dataclass
@@ -462,8 +540,9 @@ def evaluate(model, batches, cfg, rt):
             x, y = batches.get(split, batch_starts)
             with rt.ctx:
                 logits, loss = model(x, y)
-            sums += torch.stack([loss.double() * y.numel(), (logits.argmax(-1) == y).sum().double(),
-                                 torch.tensor(y.numel(), device=rt.device, dtype=torch.float64)])
+            valid = y != -1  # all of a text batch; a chat batch's reply tokens only
+            n = valid.sum().double()
+            sums += torch.stack([loss.double() * n, ((logits.argmax(-1) == y) & valid).sum().double(), n])
         if rt.ddp:
             torch.distributed.all_reduce(sums)
         loss_sum, correct, count = sums.tolist()
@@ -523,21 +602,32 @@ def build_model(cfg, vocab_size, tokenizer, device):
         ckpt = load_checkpoint(path, device)
         model = model_from_checkpoint(ckpt, device, cfg["dropout"])
     check_compatible(cfg, ckpt, vocab_size, tokenizer, path, resume=(init == "resume"))
+    if model.config.vocab_size < vocab_size:  # a base model meets the chat markers (check_compatible allowed it)
+        print0(f"vocabulary: {model.config.vocab_size:,} -> {vocab_size:,} tokens; the new rows "
+               f"({', '.join(tokenizer.specials)}) start as the mean embedding")
+        model.grow_vocab(vocab_size)
     return model.to(device), ckpt
 
 
 def check_compatible(cfg, ckpt, vocab_size, tokenizer, path, resume):
-    """A model can only continue on data of its own vocabulary and, when resuming, its own shape."""
+    """A model can only continue on data of its own vocabulary and, when resuming, its own shape.
+    One exception: a base model's vocabulary plus the chat markers (a chat dataset prepared with
+    its tokenizer), for which build_model grows the embedding unless the model has rows to spare."""
     args = ckpt["model_args"]
     # A Hugging Face folder carries no tokenizer of ours: it is GPT-2's, which prepare.py names gpt2.
     fix = f"prepare the data with `python prepare.py --tokenizer {path if ckpt['tokenizer'] else 'gpt2'} ...`"
-    if args["vocab_size"] != vocab_size:
+    theirs = ckpt["tokenizer"] or {"kind": "gpt2"}
+    adds_markers = tokenizer.is_chat and not theirs.get("specials")
+    ours = tokenizer.without_specials() if adds_markers else tokenizer  # what the model must know already
+    room = args["vocab_size"] >= ours.vocab_size if adds_markers else args["vocab_size"] == vocab_size
+    if not room:
         raise UserError(f"{path} has vocab_size={args['vocab_size']} but dataset "
                         f"{cfg['dataset']} has vocab_size={vocab_size}; {fix}")
-    theirs = ckpt["tokenizer"] or {"kind": "gpt2"}
-    same = theirs == tokenizer.to_dict() if ckpt["tokenizer"] else tokenizer.kind == "gpt2"
+    same = theirs == ours.to_dict() if ckpt["tokenizer"] else ours.kind == "gpt2" and not ours.specials
     if not same:
-        if theirs["kind"] == tokenizer.kind == "char":
+        if theirs.get("specials") and not tokenizer.specials:
+            what = f"the chat markers, which dataset {cfg['dataset']} lacks"
+        elif theirs["kind"] == tokenizer.kind == "char":
             what = f"a different character set than dataset {cfg['dataset']}"
         else:
             what = f"a different tokenizer ({theirs['kind']}) than dataset {cfg['dataset']} ({tokenizer.kind})"
@@ -605,7 +695,7 @@ def train(cfg):
                         f"--init_from=resume, or pass another --out_dir")
     rt = setup_runtime(cfg)
     peak_flops = measure_peak_flops(rt.device, rt.dtype) if rt.master else 1.0  # before seeding: uses randn
-    batches = Batches(cfg, rt.device)
+    batches = make_batches(cfg, rt.device)
     torch.manual_seed(cfg["seed"])  # identical initial weights on every rank
     raw_model, ckpt = build_model(cfg, batches.meta["vocab_size"], batches.tokenizer, rt.device)
     cfg = cfg | {k: asdict(raw_model.config)[k] for k in MODEL_KEYS if k != "block_size"}  # as loaded
