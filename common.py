@@ -4,7 +4,8 @@ file writes, and the choice of device and precision.
 - A UserError is a mistake the user can fix (a bad path, flag, setting or file). run_main turns it
   into one `error:` line on stderr and exit status 1; GPT_DEBUG=1 shows the traceback instead.
 - atomic_write writes to a temporary name, fsyncs and renames: a kill at any instant leaves the
-  old file or the new one, never half of one.
+  old file or the new one, never half of one. Figures (save_figure) are written that way too;
+  matplotlib is imported only to draw one (pyplot), so it stays optional.
 - Device and precision are resolved here once per script. torch is imported inside those
   functions only: prepare.py uses this module and never needs torch (importing it costs ~2 s).
 """
@@ -95,6 +96,33 @@ def atomic_write(path, write):
 
 def atomic_write_text(path, text):
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def pyplot():
+    """matplotlib.pyplot, drawing into files (no display needed); without matplotlib, a UserError
+    that names the install command. Imported only when a script draws something."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError("plotting needs matplotlib: pip install matplotlib") from None
+    return plt
+
+
+def save_figure(fig, path):
+    """Write a matplotlib figure to `path` atomically, in the format its extension names (PNG
+    without one), and close it; a path that cannot be written is a UserError."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format=path.suffix[1:] or "png", dpi=100,
+                                                   bbox_inches="tight"))
+    except (OSError, ValueError) as e:  # no such folder, a read-only disk, an unknown format
+        raise UserError(f"cannot write {path}: {e.strerror if isinstance(e, OSError) and e.strerror else e}") from None
+    finally:
+        plt.close(fig)
 
 
 def print0(*args, **kwargs):

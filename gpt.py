@@ -18,6 +18,8 @@ Design choices:
   swaps the matmul weights for int8 rows with bf16 scales (a quarter of fp32's bytes) for that;
   store_linear_weights_transposed lays fp32 weights out as a CPU's matrix-vector kernel reads fastest.
 - Weight files are safetensors, or torch.load(weights_only=True); a file that needs pickle is refused.
+- attention_weights recomputes each head's softmax(q kᵀ/√hs) from hooked q and k, for inspection
+  only: SDPA, which training and inference use, never materialises them.
 """
 import contextlib
 import json
@@ -63,6 +65,12 @@ def attention(q, k, v, mask, is_causal, dropout_p):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
 
 
+def split_heads(qkv, n_head):
+    """c_attn's output (B, T, 3C) -> q, k, v, each (B, nh, T, hs): views only, no copy."""
+    B, T, C3 = qkv.shape
+    return qkv.view(B, T, 3, n_head, C3 // (3 * n_head)).permute(2, 0, 3, 1, 4).unbind(0)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
@@ -74,9 +82,7 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, kv_cache=None):
         B, T, C = x.size()
-        # (B, T, 3C) -> q, k, v, each (B, nh, T, hs): views only, no copy
-        qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = split_heads(self.c_attn(x), self.n_head)  # each (B, nh, T, hs)
         is_causal, mask = True, None
         if kv_cache is not None:
             pos = kv_cache.pos  # tokens already cached before these T
@@ -657,3 +663,37 @@ def beam_search(model, idx, max_new_tokens, num_beams, *, stop_tokens=(), length
     if not finished:
         return []
     return max(finished, key=lambda f: f[0])[1]  # max keeps the first of equal scores: deterministic
+
+
+# ----------------------------------------------------------------------------------------------
+# Looking inside: attention weights
+
+@torch.no_grad()
+def attention_weights(model, idx):
+    """Every head's attention weights over one sequence idx (1, T): (n_layer, n_head, T, T) fp32,
+    row i the distribution of token i's attention over tokens 0..i.
+
+    SDPA never materialises these weights, so they are recomputed here from the model's own q and
+    k: a forward hook keeps each layer's c_attn output, and softmax(q kᵀ / √hs + causal mask) is
+    taken explicitly. The model's forward stays as it is (the hooks are removed afterwards);
+    weights @ v equals SDPA's output of the layer (tests/test_inspect.py).
+    """
+    if idx.dim() != 2 or idx.size(0) != 1:
+        raise ValueError(f"attention_weights takes one sequence (1, T), got {tuple(idx.shape)}")
+    outputs = []  # each layer's c_attn output, (1, T, 3C), in layer order
+    hooks = [block.attn.c_attn.register_forward_hook(lambda module, args, out: outputs.append(out))
+             for block in model.transformer.h]
+    try:
+        with _eval_mode(model):
+            model(idx)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    T = idx.size(1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
+    maps = []
+    for qkv in outputs:
+        q, k, _ = split_heads(qkv.float(), model.config.n_head)  # (1, nh, T, hs)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (1, nh, T, T)
+        maps.append(scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)[0])
+    return torch.stack(maps)

@@ -7,6 +7,7 @@
     python sample.py --eval some.txt --stride 128            # loss, perplexity, accuracy
     python sample.py --benchmark                             # prefill and decode tokens/s
     python sample.py --int8 --benchmark                      # the same with int8 weights (CPU)
+    python sample.py --attention "To be, or not to be" --plot attn.png   # each head's attention
 
 Design choices:
 - The checkpoint is all it needs: the tokenizer travels inside it (tokenizer.load_tokenizer).
@@ -29,14 +30,16 @@ import random
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from common import ArgumentParser, UserError, autocast_context, resolve_device, resolve_dtype, run_main, sync
-from gpt import (beam_search, generate_stream, load_checkpoint, model_from_checkpoint, quantize_int8,
-                 store_linear_weights_transposed)
+from common import (ArgumentParser, UserError, autocast_context, pyplot, resolve_device, resolve_dtype, run_main,
+                    save_figure, sync)
+from gpt import (attention_weights, beam_search, generate_stream, load_checkpoint, model_from_checkpoint,
+                 quantize_int8, store_linear_weights_transposed)
 from tokenizer import load_tokenizer
 
 SEPARATOR = "---------------"
@@ -66,6 +69,7 @@ parse_top_p = setting("top_p", float, lambda v: 0 < v <= 1, "a number in (0, 1] 
 parse_penalty = setting("repetition_penalty", float, lambda v: 0 < v < math.inf, "a number > 0 (1 = off)")
 parse_seed = setting("seed", int, lambda v: 0 <= v < 2**63, "an integer >= 0")
 parse_positive = lambda name: setting(name, int, lambda v: v >= 1, "an integer >= 1")
+parse_index = lambda name: setting(name, int, lambda v: v >= 0, "an integer >= 0 (the first is 0)")
 
 CHAT_COMMANDS = {  # command -> (setting, parser)
     "/temp": ("temperature", parse_temperature),
@@ -95,9 +99,10 @@ DEFAULTS = dict(num_samples=1, max_new_tokens=500, temperature=0.8, top_k=0, top
 SAMPLING = ("generate", "chat")
 APPLIES_TO = {"num_samples": ("generate",), "num_beams": ("generate",), "max_new_tokens": SAMPLING,
               "temperature": SAMPLING, "top_k": SAMPLING + ("analyze",), "top_p": SAMPLING,
-              "repetition_penalty": SAMPLING, "seed": SAMPLING, "stop": SAMPLING, "stride": ("eval",)}
+              "repetition_penalty": SAMPLING, "seed": SAMPLING, "stop": SAMPLING, "stride": ("eval",),
+              "plot": ("attention",), "layer": ("attention",), "head": ("attention",)}
 MODE_NAMES = {"generate": "plain generation", "chat": "--chat", "analyze": "--analyze", "eval": "--eval",
-              "benchmark": "--benchmark"}
+              "benchmark": "--benchmark", "attention": "--attention"}
 
 
 def parse_args(argv):
@@ -143,11 +148,19 @@ def parse_args(argv):
     mode.add_argument("--analyze", metavar="TEXT", help="next-token candidates and surprisal of TEXT")
     mode.add_argument("--eval", metavar="FILE", help="loss, perplexity and accuracy on a text file")
     mode.add_argument("--benchmark", action="store_true", help="prefill and decode tokens/s")
+    mode.add_argument("--attention", metavar="TEXT", help="each layer's and head's attention over the "
+                      "tokens of TEXT: for each token the one it attends to most, or heatmaps with --plot")
     p.add_argument("--stride", type=parse_positive("stride"), metavar="N",
                    help="--eval: tokens between window ends (default block_size)")
+    p.add_argument("--plot", metavar="PNG", help="--attention: draw the maps into this image file "
+                   "(a grid of layer x head, or one large map with --layer and --head; needs matplotlib)")
+    p.add_argument("--layer", type=parse_index("layer"), metavar="L",
+                   help="--attention: only layer L (counted from 0)")
+    p.add_argument("--head", type=parse_index("head"), metavar="H",
+                   help="--attention: only head H (counted from 0)")
     args = p.parse_args(argv)
     given = {"chat": args.chat, "analyze": args.analyze is not None, "eval": args.eval is not None,
-             "benchmark": args.benchmark}
+             "benchmark": args.benchmark, "attention": args.attention is not None}
     args.mode = next((mode for mode, on in given.items() if on), "generate")
     check_flags_apply(args)
     for name, value in DEFAULTS.items():
@@ -245,14 +258,13 @@ def turn_separator(tokenizer):
 
 
 def start_ids(tokenizer, fix="pass --start TEXT"):
-    """What an empty prompt starts from: end-of-text, or a newline for a char model (whose
-    vocabulary has no end-of-text). A corpus without newlines gives a vocabulary without one."""
-    if tokenizer.eot_id is not None:
-        return [tokenizer.eot_id]
-    if "\n" not in tokenizer.chars:
+    """What an empty prompt starts from (Tokenizer.start_ids): end-of-text, or a newline for a char
+    model. A corpus without newlines gives a vocabulary without one: then an error saying `fix`."""
+    ids = tokenizer.start_ids()
+    if not ids:
         raise UserError(f"an empty prompt starts from a newline, and this model's characters include "
                         f"none: {fix}")
-    return tokenizer.encode("\n")
+    return ids
 
 
 def crop(ids, block_size, what):
@@ -273,6 +285,10 @@ def user_text(args):
         if not args.analyze:
             raise UserError("--analyze needs some text")
         return read_text(args.analyze, "--analyze")
+    if args.mode == "attention":
+        if not args.attention:
+            raise UserError("--attention needs some text")
+        return read_text(args.attention, "--attention")
     return read_text(args.start, "--start")
 
 
@@ -472,6 +488,107 @@ def token_text(tokenizer, i):
     return repr(tokenizer.decode([i]))
 
 
+# -----------------------------------------------------------------------------
+# Attention maps.
+
+def check_attention_args(model, args, ids):
+    """--layer and --head within the model, some tokens to look at, and matplotlib for --plot."""
+    if not ids:
+        raise UserError("--attention needs some text")
+    for name, count in (("layer", model.config.n_layer), ("head", model.config.n_head)):
+        value = getattr(args, name)
+        if value is not None and value >= count:
+            raise UserError(f"--{name} {value} does not exist: this model has {count} {name}s, 0 to {count - 1}")
+    if args.plot:
+        pyplot()
+
+
+def show_attention(model, tokenizer, ids, args):
+    """Each chosen layer's and head's attention over the tokens `ids`: the token each one attends
+    to most, or, with --plot, heatmaps (one per layer and head) drawn into that file."""
+    ids = crop(ids, model.config.block_size, "the text")
+    idx = torch.tensor([ids], dtype=torch.long, device=next(model.parameters()).device)
+    weights = attention_weights(model, idx).cpu()  # (n_layer, n_head, T, T)
+    layers = range(model.config.n_layer) if args.layer is None else [args.layer]
+    heads = range(model.config.n_head) if args.head is None else [args.head]
+    labels = [token_text(tokenizer, i) for i in ids]
+    if args.plot:
+        plot_attention(weights, labels, layers, heads, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
+        return
+    width = min(max(map(len, labels)), 24)
+    print(f"for each of the {len(ids)} tokens, the token it attends to most (itself included) and the "
+          f"weight it gives it; token 0 sees only itself")
+    for layer in layers:
+        for head in heads:
+            print(f"\nlayer {layer} head {head}")
+            best_weight, best = weights[layer, head].max(dim=-1)  # (T,) each
+            for i in range(1, len(ids)):
+                j = best[i].item()
+                print(f"{i:>5} {labels[i]:<{width}} -> {j:>5} {labels[j]:<{width}} {best_weight[i].item():.3f}")
+
+
+HANGUL_FONTS = ("Noto Sans CJK KR", "Noto Sans KR", "NanumGothic", "NanumBarunGothic", "Baekmuk Gulim",
+                "Baekmuk Dotum", "UnDotum", "Malgun Gothic", "Apple SD Gothic Neo", "AppleGothic")
+
+
+def has_hangul(text):
+    return any("\uac00" <= c <= "\ud7a3" or "\u1100" <= c <= "\u11ff" or "\u3130" <= c <= "\u318f" for c in text)
+
+
+def font_with_hangul():
+    """The family name of an installed font that draws Hangul (a known Korean font first), or None.
+    matplotlib's default, DejaVu Sans, has none: Korean text would be boxes."""
+    from matplotlib import font_manager
+    from matplotlib.ft2font import FT2Font
+
+    fonts = sorted(font_manager.fontManager.ttflist, key=lambda f: f.name not in HANGUL_FONTS)
+    for font in fonts:
+        if font.name.startswith("Last Resort"):  # matplotlib's: a placeholder box for every character
+            continue
+        try:
+            if ord("\ud55c") in FT2Font(font.fname).get_charmap():  # 한
+                return font.name
+        except (OSError, RuntimeError):  # a font file matplotlib lists but FreeType cannot read
+            continue
+    return None
+
+
+def plot_attention(weights, labels, layers, heads, path):
+    """Heatmaps of weights (n_layer, n_head, T, T), a grid of `layers` x `heads`, into `path`.
+    Rows are the tokens attending (queries), columns the tokens attended to (keys)."""
+    plt = pyplot()
+    family = plt.rcParams["font.family"]
+    if any(has_hangul(label) for label in labels):
+        font = font_with_hangul()
+        if font:
+            family = [font, *family]  # matplotlib falls back glyph by glyph along the list
+        else:
+            print("notice: no installed font has Hangul (install fonts-noto-cjk or fonts-nanum); Korean "
+                  "tokens are drawn as boxes", file=sys.stderr)
+    T = len(labels)
+    single = len(layers) == len(heads) == 1
+    size = min(max(0.22 * T + 1.5, 3.0), 14.0 if single else 5.0)  # inches per map
+    font_size = min(max(0.8 * 72 * size / T, 3.0), 10.0)  # a label per token row fits
+    upper = torch.ones(T, T, dtype=torch.bool).triu(diagonal=1)  # the future: masked, drawn blank
+    with warnings.catch_warnings(), plt.rc_context({"font.family": family}):
+        warnings.filterwarnings("ignore", message="Glyph .* missing from")  # said once above
+        fig, axes = plt.subplots(len(layers), len(heads), figsize=(len(heads) * size + 1.5, len(layers) * size),
+                                 sharex=True, sharey=True, squeeze=False, layout="constrained")
+        for r, layer in enumerate(layers):
+            for c, head in enumerate(heads):
+                ax = axes[r][c]
+                image = ax.imshow(weights[layer, head].masked_fill(upper, float("nan")).numpy(),
+                                  vmin=0.0, vmax=1.0, cmap="viridis")
+                ax.set_title(f"layer {layer} head {head}", fontsize=10 if single else 8)
+                ax.set_xticks(range(T), labels, rotation=90, fontsize=font_size)
+                ax.set_yticks(range(T), labels, fontsize=font_size)
+        fig.colorbar(image, ax=axes, shrink=0.8 if single else 0.5, label="attention weight")
+        fig.supxlabel("attended to (key)")
+        fig.supylabel("attending token (query)")
+        save_figure(fig, path)
+
+
 def windows(n, block_size, stride):
     """(begin, end, first scored) of the windows that score tokens 1..n-1 exactly once.
 
@@ -562,6 +679,8 @@ def main():
         raise UserError(f"--stride {stride} is larger than block_size {T}: tokens would be skipped")
     if args.mode == "eval" and len(ids) < 2:
         raise UserError(f"{args.eval} holds {len(ids)} token(s); evaluation needs at least 2")
+    if args.mode == "attention":
+        check_attention_args(model, args, ids)
     print(loaded, file=sys.stderr)
     with ctx:
         if args.mode == "chat":
@@ -572,6 +691,8 @@ def main():
             run_eval(model, ids, args.eval, stride)
         elif args.mode == "benchmark":
             benchmark(model, device)
+        elif args.mode == "attention":
+            show_attention(model, tokenizer, ids, args)
         else:
             sample(model, tokenizer, args, text, ids)
 
