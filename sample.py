@@ -569,7 +569,8 @@ def plot_attention(weights, labels, layers, heads, path):
     T = len(labels)
     single = len(layers) == len(heads) == 1
     size = min(max(0.22 * T + 1.5, 3.0), 14.0 if single else 5.0)  # inches per map
-    font_size = min(max(0.8 * 72 * size / T, 3.0), 10.0)  # a label per token row fits
+    ticks = range(0, T, math.ceil(T / (10 * size)))  # at most 10 labels per inch: every k-th token
+    font_size = min(0.7 * 72 * size / len(ticks), 10.0)  # points: the labels fit beside each other
     upper = torch.ones(T, T, dtype=torch.bool).triu(diagonal=1)  # the future: masked, drawn blank
     with warnings.catch_warnings(), plt.rc_context({"font.family": family}):
         warnings.filterwarnings("ignore", message="Glyph .* missing from")  # said once above
@@ -581,8 +582,8 @@ def plot_attention(weights, labels, layers, heads, path):
                 image = ax.imshow(weights[layer, head].masked_fill(upper, float("nan")).numpy(),
                                   vmin=0.0, vmax=1.0, cmap="viridis")
                 ax.set_title(f"layer {layer} head {head}", fontsize=10 if single else 8)
-                ax.set_xticks(range(T), labels, rotation=90, fontsize=font_size)
-                ax.set_yticks(range(T), labels, fontsize=font_size)
+                ax.set_xticks(ticks, [labels[i] for i in ticks], rotation=90, fontsize=font_size)
+                ax.set_yticks(ticks, [labels[i] for i in ticks], fontsize=font_size)
         fig.colorbar(image, ax=axes, shrink=0.8 if single else 0.5, label="attention weight")
         fig.supxlabel("attended to (key)")
         fig.supylabel("attending token (query)")
