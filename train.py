@@ -619,10 +619,6 @@ def check_compatible(cfg, ckpt, vocab_size, tokenizer, path, resume):
     theirs = ckpt["tokenizer"] or {"kind": "gpt2"}
     adds_markers = tokenizer.is_chat and not theirs.get("specials")
     ours = tokenizer.without_specials() if adds_markers else tokenizer  # what the model must know already
-    room = args["vocab_size"] >= ours.vocab_size if adds_markers else args["vocab_size"] == vocab_size
-    if not room:
-        raise UserError(f"{path} has vocab_size={args['vocab_size']} but dataset "
-                        f"{cfg['dataset']} has vocab_size={vocab_size}; {fix}")
     same = theirs == ours.to_dict() if ckpt["tokenizer"] else ours.kind == "gpt2" and not ours.specials
     if not same:
         if theirs.get("specials") and not tokenizer.specials:
@@ -632,6 +628,10 @@ def check_compatible(cfg, ckpt, vocab_size, tokenizer, path, resume):
         else:
             what = f"a different tokenizer ({theirs['kind']}) than dataset {cfg['dataset']} ({tokenizer.kind})"
         raise UserError(f"{path} was trained with {what}; {fix}")
+    room = args["vocab_size"] >= ours.vocab_size if adds_markers else args["vocab_size"] == vocab_size
+    if not room:
+        raise UserError(f"{path} has vocab_size={args['vocab_size']} but dataset "
+                        f"{cfg['dataset']} has vocab_size={vocab_size}; {fix}")
     if resume and "optimizer" not in ckpt:
         raise UserError(f"cannot resume from {path}: it holds weights only (a copy of best.pt?); "
                         f"--init_from=PATH starts a new run from a weights file")
