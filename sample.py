@@ -11,13 +11,14 @@
 
 Design choices:
 - The checkpoint is all it needs: the tokenizer travels inside it (tokenizer.load_tokenizer).
-  The model, its checkpoint loader and the engine (sampling, the KV cache, beam search) are
-  gpt.py's, device and precision common.py's; this file only drives them.
+  The model and its engine (sampling, the KV cache, beam search) are gpt.py's; choosing and
+  loading the checkpoint, and cutting the text at stop strings, engine.py's (serve.py shares
+  both); device and precision common.py's. This file only drives them.
 - stdout carries only model text (or the tables asked for); what was loaded, notices and errors
   go to stderr, so `python sample.py ... > out.txt` keeps a clean file.
-- Streaming decodes the new tokens not yet printed and prints their text only once it does not
-  end in U+FFFD: a byte-level token can stop in the middle of a UTF-8 character. Decoding only
-  those keeps a long run (a huge --max_new_tokens: until --stop, end-of-text or Ctrl-C) linear.
+- Streaming prints text once it is final (engine.TextStream): never half a UTF-8 character (a
+  byte-level token can stop inside one) nor the start of --stop. Decoding only the tokens not yet
+  printed keeps a long run (a huge --max_new_tokens: until --stop, end-of-text or Ctrl-C) linear.
 - A chat's context is the text shown: a reply cut by --stop or Ctrl-C keeps only what was printed.
 - A flag that does not apply to the chosen mode is an error, not silently ignored.
 - --eval scores every token once with windows of block_size that end `stride` tokens apart. The
@@ -36,11 +37,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common import (ArgumentParser, UserError, autocast_context, pyplot, resolve_device, resolve_dtype, run_main,
-                    save_figure, sync)
-from gpt import (attention_weights, beam_search, generate_stream, load_checkpoint, model_from_checkpoint,
-                 quantize_int8, store_linear_weights_transposed)
-from tokenizer import load_tokenizer
+from common import ArgumentParser, UserError, pyplot, run_main, save_figure, sync
+from engine import TextStream, load_model
+from gpt import attention_weights, beam_search, generate_stream
 
 SEPARATOR = "---------------"
 
@@ -187,57 +186,10 @@ def check_flags_apply(args):
 # -----------------------------------------------------------------------------
 # Loading.
 
-def find_checkpoint(ckpt, out_dir):
-    """--ckpt, else best.pt / ckpt.pt of --out_dir, else the newest run under out*/ (best.pt first)."""
-    if ckpt:
-        if Path(ckpt).is_dir():
-            raise UserError(f"--ckpt {ckpt} is a directory; --out_dir {ckpt} uses its best.pt or ckpt.pt")
-        return Path(ckpt)
-    names = ("best.pt", "ckpt.pt")
-    if out_dir:
-        for name in names:
-            if (Path(out_dir) / name).is_file():
-                return Path(out_dir) / name
-        raise UserError(f"no best.pt or ckpt.pt in {out_dir} (train first, or pass --ckpt PATH)")
-    found = [path for name in names for path in Path().glob(f"out*/{name}")]
-    if not found:
-        raise UserError("no checkpoint found under out*/; pass --ckpt PATH or --out_dir DIR "
-                        "(or train one: python train.py config/small.py)")
-    run = max(found, key=lambda path: path.stat().st_mtime).parent
-    return next(run / name for name in names if (run / name).is_file())
-
-
 def load(args):
-    """(model, tokenizer, device, ctx, a line saying what was loaded) for the chosen checkpoint."""
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
-    # On a CPU "auto" generates in fp32: decoding reads each weight once per token, and bf16
-    # autocast would re-cast every weight on every step (`--benchmark --dtype bfloat16` shows it).
-    # --eval and --analyze score whole windows, where bf16 matmuls win, as in training.
-    scoring = args.mode in ("eval", "analyze")
-    if args.dtype == "auto" and device == "cpu" and not scoring:
-        dtype = torch.float32
-    path = find_checkpoint(args.ckpt, args.out_dir)
-    ckpt = load_checkpoint(path, device)
-    if not ckpt.get("tokenizer"):
-        raise UserError(f"{path} carries no tokenizer; it was not written by train.py")
-    tokenizer = load_tokenizer(ckpt["tokenizer"])
-    model = model_from_checkpoint(ckpt, device)
-    model.eval()
-    params = model.num_params()
-    if args.int8:
-        if device != "cpu":
-            raise UserError(f"--int8 runs on the CPU (torch's int8 matmul kernel); got --device {device}")
-        try:
-            quantize_int8(model)
-        except RuntimeError as e:
-            raise UserError(str(e)) from None
-    elif device == "cpu":
-        store_linear_weights_transposed(model)  # faster decoding on a CPU (gpt.py says why)
-    loaded = (f"loaded {path} (iter {ckpt.get('iter_num', '?')}, {params / 1e6:.2f}M "
-              f"parameters, block_size {model.config.block_size}, {tokenizer.kind} tokenizer) "
-              f"on {device}, {'int8 weights + bfloat16' if args.int8 else str(dtype).removeprefix('torch.')}")
-    return model, tokenizer, device, autocast_context(device, dtype), loaded
+    """engine.load_model for the flags given: --eval and --analyze score whole windows."""
+    return load_model(args.ckpt, args.out_dir, args.device, args.dtype, args.int8,
+                      scoring=args.mode in ("eval", "analyze"))
 
 
 def make_generator(device, seed):
@@ -306,14 +258,6 @@ def read_text(arg, flag):
 # -----------------------------------------------------------------------------
 # Generation.
 
-def holdback(text, stop):
-    """How many characters at the end of `text` could be the start of `stop` (not printed yet)."""
-    for n in range(min(len(text), len(stop) - 1), 0, -1):
-        if stop.startswith(text[-n:]):
-            return n
-    return 0
-
-
 def stream(model, tokenizer, ids, s, generator, stop, interruptible=False):
     """Sample up to s["max_new_tokens"] tokens after `ids`, printing text as it is produced.
 
@@ -327,47 +271,28 @@ def stream(model, tokenizer, ids, s, generator, stop, interruptible=False):
                             top_k=s["top_k"] or None, top_p=s["top_p"] if s["top_p"] < 1 else None,
                             repetition_penalty=s["repetition_penalty"], stop_tokens=stop_tokens,
                             generator=generator)
-    # Only new[start:] is decoded each step: text not yet printed in full (half a UTF-8 character,
-    # or what may be the start of `stop`). `printed` counts its characters already printed.
-    new, start, printed = [], 0, 0
+    text = TextStream(tokenizer, [stop] if stop else [])  # holds back half characters and a stop's start
     try:
         for token in steps:
             token = token.item()
             if token in stop_tokens:
                 break
-            new.append(token)
-            text = tokenizer.decode(new[start:])
-            if stop and stop in text:
+            emit(text.add(token))
+            if text.stopped:
                 break
-            if not text.endswith("\ufffd"):  # else maybe half a character: wait for the next token
-                printed = emit(text[:len(text) - holdback(text, stop)] if stop else text, printed)
-                if printed == len(text):  # nothing held back: `stop` cannot begin before here
-                    start, printed = len(new), 0
     except KeyboardInterrupt:
         if not interruptible:
             raise
     finally:
         steps.close()
-    text = tokenizer.decode(new[start:])  # the rest, including anything held back
-    printed = emit(text[:text.index(stop)] if stop and stop in text else text, printed)
-    return new[:start] + shown_tokens(tokenizer, new[start:], text[:printed])
+    emit(text.finish())  # the rest, including anything held back
+    return text.shown_tokens()
 
 
-def shown_tokens(tokenizer, tokens, shown):
-    """Tokens for `shown`, a prefix of decode(tokens): the whole tokens whose text it holds, then
-    the rest of it encoded anew (the token that completed a stop string holds text never shown)."""
-    k = 0
-    while k < len(tokens) and shown.startswith(tokenizer.decode(tokens[:k + 1])):
-        k += 1
-    return tokens[:k] + tokenizer.encode(shown[len(tokenizer.decode(tokens[:k])):])
-
-
-def emit(text, printed):
-    """Print text[printed:]; returns the new count of printed characters."""
-    if len(text) > printed:
-        sys.stdout.write(text[printed:])
+def emit(text):
+    if text:
+        sys.stdout.write(text)
         sys.stdout.flush()
-    return max(printed, len(text))
 
 
 def sample(model, tokenizer, args, text, ids):

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 import common
+import engine
 import gpt
 import sample
 from conftest import ROOT, assert_one_line_error, run_script
@@ -590,14 +591,14 @@ def test_checkpoint_choice(tmp_path, monkeypatch):
         (tmp_path / path).parent.mkdir(exist_ok=True)
         (tmp_path / path).write_bytes(b"")
         os.utime(tmp_path / path, (stamp, stamp))
-    assert str(sample.find_checkpoint(None, None)) == "out-b/best.pt"
-    assert str(sample.find_checkpoint(None, "out")) == "out/ckpt.pt"
-    assert str(sample.find_checkpoint("x.pt", "out")) == "x.pt"
+    assert str(engine.find_checkpoint(None, None)) == "out-b/best.pt"
+    assert str(engine.find_checkpoint(None, "out")) == "out/ckpt.pt"
+    assert str(engine.find_checkpoint("x.pt", "out")) == "x.pt"
     with pytest.raises(UserError, match="no best.pt or ckpt.pt"):
-        sample.find_checkpoint(None, "elsewhere")
+        engine.find_checkpoint(None, "elsewhere")
     monkeypatch.chdir(tmp_path / "out")
     with pytest.raises(UserError, match="no checkpoint found"):
-        sample.find_checkpoint(None, None)
+        engine.find_checkpoint(None, None)
 
 
 # --- bad input ----------------------------------------------------------------------------------
