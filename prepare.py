@@ -471,7 +471,7 @@ def build_chat_dataset(args, files, out: Path, tok: Tokenizer, t0: float):
         try:
             text = raw.decode("utf-8", args.errors)
             ids, mask = render_chat(tok, conversation(json.loads(text.removeprefix("\ufeff") if n == 1 else text)))
-        except (ValueError, UserError) as e:  # not JSON, not UTF-8, not a conversation, a character not in a char vocabulary
+        except (ValueError, UserError) as e:  # not JSON or UTF-8, not a conversation, a character not in the vocabulary
             where = f"{path}, line {n}: {bad_line_reason(e)}"
             if not args.skip_bad_lines:
                 raise UserError(f"{where} (--skip_bad_lines skips such lines)") from None
