@@ -513,11 +513,13 @@ def next_logits(model, tokens, n, kv_cache):
 
 
 def sample_next_token(logits, *, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0,
-                      seen=None, generator=None):
+                      seen=None, frequency_penalty=0.0, presence_penalty=0.0, generated=None, generator=None):
     """Choose one next token per row of (B, V) logits; returns (B,) token ids.
 
     In order: repetition penalty on the tokens in `seen` (CTRL: a positive logit is divided by the
-    penalty, a negative one multiplied, so either way the token gets less likely); temperature
+    penalty, a negative one multiplied, so either way the token gets less likely); OpenAI's additive
+    penalties on the tokens in `generated` (B, S), the completion so far: a token generated c times
+    loses c * frequency_penalty + (c > 0) * presence_penalty from its logit; temperature
     (0 = argmax, nothing else random); top-k; top-p (nucleus: the fewest most-likely tokens whose
     probability reaches top_p; the most likely always survives); a draw with `generator`.
     Ties: a token with the same logit as the k-th largest is kept too (so top-k may keep more than
@@ -536,6 +538,9 @@ def sample_next_token(logits, *, temperature=1.0, top_k=None, top_p=None, repeti
         scores = logits.gather(1, seen)  # (B, S): logits of the tokens already in the context
         scores = torch.where(scores > 0, scores / repetition_penalty, scores * repetition_penalty)
         logits = logits.scatter(1, seen, scores)
+    if (frequency_penalty or presence_penalty) and generated is not None and generated.size(1):
+        counts = torch.zeros_like(logits).scatter_add_(1, generated, torch.ones_like(generated, dtype=logits.dtype))
+        logits = logits - counts * frequency_penalty - (counts > 0) * presence_penalty
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits / temperature
@@ -566,7 +571,8 @@ def _eval_mode(model):
 
 @torch.inference_mode()
 def generate_stream(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None,
-                    repetition_penalty=1.0, stop_tokens=(), generator=None):
+                    repetition_penalty=1.0, frequency_penalty=0.0, presence_penalty=0.0, stop_tokens=(),
+                    generator=None):
     """Continue each row of idx (B, T); yield the (B,) new tokens step by step.
 
     Ends after max_new_tokens, or earlier once every row has produced a stop token; a row that
@@ -589,7 +595,8 @@ def generate_stream(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, 
             logits = next_logits(model, tokens, n, kv_cache)
             token = sample_next_token(logits, temperature=temperature, top_k=top_k, top_p=top_p,
                                       repetition_penalty=repetition_penalty, seen=tokens[:, :n],
-                                      generator=generator)
+                                      frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
+                                      generated=tokens[:, T:n], generator=generator)
             if len(stop_tokens):
                 token = torch.where(done, tokens[:, n - 1], token)  # a stopped row repeats its stop token
                 done |= torch.isin(token, stop)

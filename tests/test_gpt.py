@@ -419,6 +419,23 @@ def test_repetition_penalty_counts_a_token_once_and_spares_unseen_ones():
     assert abs(share - p0) < 0.03 and (plain == 0).float().mean().item() > 0.65
 
 
+@pytest.mark.parametrize("frequency, presence, expected", [
+    (0.0, 0.0, 0), (0.4, 0.0, 0), (0.6, 0.0, 1), (0.0, 1.9, 0), (0.0, 2.1, 2), (0.6, 1.0, 2), (-1.0, 0.0, 0),
+])
+def test_frequency_and_presence_penalties_subtract_count_terms(frequency, presence, expected):
+    """OpenAI's definition, logit -= count * frequency + (count > 0) * presence, over the tokens of
+    the completion only: token 0 was generated twice, token 1 once, token 2 never; token 2 is in
+    the prompt (`seen`), which these penalties ignore. Checked against the formula on every row."""
+    logits = torch.tensor([[3.0, 2.5, 1.0]])
+    generated = torch.tensor([[0, 1, 0]])
+    out = sample_next_token(logits, temperature=0, frequency_penalty=frequency, presence_penalty=presence,
+                            seen=torch.tensor([[2, 0, 1, 0]]), generated=generated)
+    counts = torch.tensor([2.0, 1.0, 0.0])
+    assert out.item() == expected == (logits[0] - counts * frequency - (counts > 0) * presence).argmax().item()
+    none_yet = sample_next_token(logits, temperature=0, frequency_penalty=5.0, generated=generated[:, :0])
+    assert none_yet.item() == 0  # nothing generated yet: nothing to penalise
+
+
 def test_same_seed_same_sample_different_seed_different():
     logits = torch.zeros(8, 1000)  # uniform: 8 draws collide by chance with probability 1e-24
     draw = lambda seed: sample_next_token(logits, generator=torch.Generator().manual_seed(seed)).tolist()
