@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from common import ArgumentParser, UserError, pyplot, run_main, save_figure, sync
 from engine import TextStream, load_model
 from gpt import attention_weights, beam_search, generate_stream
+from tokenizer import END, render_chat
 
 SEPARATOR = "---------------"
 
@@ -85,10 +86,12 @@ CHAT_HELP = """commands:
   /topp P      keep the smallest set of tokens with probability >= P (1 = off)
   /penalty R   repetition penalty (1 = off)
   /seed S      restart the random generator from seed S
+  /system TEXT a chat-tuned model's system prompt (no TEXT: none); /reset keeps it
   /reset       forget the conversation so far
   /help        this list
   quit, exit   leave (so does end of input, or Ctrl-C at the prompt)
-any other line is continued by the model; Ctrl-C stops a reply (what was shown of it stays)"""
+any other line is continued by the model (a chat-tuned model answers it as a message);
+Ctrl-C stops a reply (what was shown of it stays)"""
 
 # Filled in after parsing: argparse's default is None, so a flag the user gave can be told apart.
 DEFAULTS = dict(num_samples=1, max_new_tokens=500, temperature=0.8, top_k=0, top_p=1.0,
@@ -99,7 +102,7 @@ SAMPLING = ("generate", "chat")
 APPLIES_TO = {"num_samples": ("generate",), "num_beams": ("generate",), "max_new_tokens": SAMPLING,
               "temperature": SAMPLING, "top_k": SAMPLING + ("analyze",), "top_p": SAMPLING,
               "repetition_penalty": SAMPLING, "seed": SAMPLING, "stop": SAMPLING, "stride": ("eval",),
-              "plot": ("attention",), "layer": ("attention",), "head": ("attention",)}
+              "plot": ("attention",), "layer": ("attention",), "head": ("attention",), "system": ("chat",)}
 MODE_NAMES = {"generate": "plain generation", "chat": "--chat", "analyze": "--analyze", "eval": "--eval",
               "benchmark": "--benchmark", "attention": "--attention"}
 
@@ -141,9 +144,10 @@ def parse_args(argv):
                    "faster decoding at GPT-2 small's size, slower on tiny models; slightly less "
                    "exact; --dtype auto or bfloat16)")
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--chat", action="store_true", help="interactive: continue each line typed; "
-                      "Ctrl-C stops a reply (what was shown of it stays in the context), at the "
-                      "prompt it quits")
+    mode.add_argument("--chat", action="store_true", help="interactive: continue each line typed (a chat-"
+                      "tuned model answers it as a message); Ctrl-C stops a reply (what was shown of it "
+                      "stays in the context), at the prompt it quits")
+    p.add_argument("--system", metavar="TEXT", help="--chat with a chat-tuned model: the system prompt")
     mode.add_argument("--analyze", metavar="TEXT", help="next-token candidates and surprisal of TEXT")
     mode.add_argument("--eval", metavar="FILE", help="loss, perplexity and accuracy on a text file")
     mode.add_argument("--benchmark", action="store_true", help="prefill and decode tokens/s")
@@ -258,15 +262,16 @@ def read_text(arg, flag):
 # -----------------------------------------------------------------------------
 # Generation.
 
-def stream(model, tokenizer, ids, s, generator, stop, interruptible=False):
+def stream(model, tokenizer, ids, s, generator, stop, interruptible=False, end_tokens=()):
     """Sample up to s["max_new_tokens"] tokens after `ids`, printing text as it is produced.
 
-    Stops at end-of-text or once the text contains `stop` (which is not printed); if
-    `interruptible` (a chat reply), at Ctrl-C too, instead of ending the program. Returns the
-    tokens of the text printed, not those of `stop` or anything after it.
+    Stops at end-of-text or one of `end_tokens` (a chat model's <|end|>), or once the text
+    contains `stop`, none of which is printed; if `interruptible` (a chat reply), at Ctrl-C too,
+    instead of ending the program. Returns the tokens of the text printed, not those of `stop`
+    or anything after it.
     """
     idx = torch.tensor([ids], dtype=torch.long, device=next(model.parameters()).device)
-    stop_tokens = () if tokenizer.eot_id is None else (tokenizer.eot_id,)
+    stop_tokens = tuple(end_tokens) + (() if tokenizer.eot_id is None else (tokenizer.eot_id,))
     steps = generate_stream(model, idx, s["max_new_tokens"], temperature=s["temperature"],
                             top_k=s["top_k"] or None, top_p=s["top_p"] if s["top_p"] < 1 else None,
                             repetition_penalty=s["repetition_penalty"], stop_tokens=stop_tokens,
@@ -317,16 +322,20 @@ def sample(model, tokenizer, args, text, ids):
 
 
 def chat(model, tokenizer, args):
-    """Continue each line typed; the conversation so far is the context of the next reply."""
+    """Continue each line typed; the conversation so far is the context of the next reply.
+
+    A chat-tuned model (its tokenizer has the chat markers) gets each line as a user message: the
+    system prompt and the messages so far are rendered by render_chat, the template it was tuned
+    on, and its reply ends at <|end|>. Any other model continues the text typed, as it is."""
     if sys.stdin.isatty():
         import readline  # noqa: F401  (gives input() line editing and history)
     prompt = "> " if sys.stdin.isatty() else ""
     s = {name: getattr(args, name) for name, _ in CHAT_COMMANDS.values()}
     device = next(model.parameters()).device
     generator = None  # made for the first sampled reply: a greedy chat prints no seed
-    context = []
-    print("chat: type a line for the model to continue; /help lists the commands; quit leaves",
-          file=sys.stderr)
+    context, messages, system = [], [], args.system or ""  # context: tokens; messages: a chat model's turns
+    what = "a message for the chat model" if tokenizer.is_chat else "a line for the model to continue"
+    print(f"chat: type {what}; /help lists the commands; quit leaves", file=sys.stderr)
     while True:
         try:
             line = input(prompt)
@@ -342,13 +351,29 @@ def chat(model, tokenizer, args):
                 if name == "seed":
                     generator = make_generator(device, s["seed"])
                 print(f"{name} = {s[name]}", flush=True)
+            elif word == "/system":
+                if not tokenizer.is_chat:
+                    raise UserError("/system needs a chat-tuned model (its tokenizer has the chat markers)")
+                system = value.strip()
+                print(f"system prompt: {system}" if system else "no system prompt", flush=True)
             elif word == "/reset":
-                context = []
-                print("context cleared", flush=True)
+                context, messages = [], []
+                print("context cleared" + (" (the system prompt stays)" if system else ""), flush=True)
             elif word == "/help":
                 print(CHAT_HELP, flush=True)
             elif word.startswith("/"):
                 raise UserError(f"unknown command {word}; /help lists the commands")
+            elif tokenizer.is_chat:
+                messages.append({"role": "user", "content": line})
+                turns = [{"role": "system", "content": system}] * bool(system) + messages
+                ids, _ = render_chat(tokenizer, turns, add_generation_prompt=True)
+                if generator is None and s["temperature"] > 0:
+                    generator = make_generator(device, s["seed"])
+                # Ctrl-C ends the reply, not the chat; the conversation keeps what was shown of it.
+                reply = stream(model, tokenizer, ids[-model.config.block_size:], s, generator, args.stop,
+                               interruptible=True, end_tokens=(tokenizer.specials[END],))
+                messages.append({"role": "assistant", "content": tokenizer.decode(reply)})
+                print(flush=True)
             else:
                 ids = tokenizer.encode((turn_separator(tokenizer) if context else "") + line)
                 context = (context + ids)[-model.config.block_size:] or start_ids(tokenizer, "type some text")
@@ -404,7 +429,7 @@ def analyze(model, tokenizer, ids, top_k):
 def token_text(tokenizer, i):
     """repr of token i's text. A byte-level BPE token that is not whole UTF-8 characters shows its
     bytes (b'\\xf0\\x9f'): as text every piece of a split character would be the same '\\ufffd'."""
-    if tokenizer.kind != "char" and 0 <= i < tokenizer.vocab_size:
+    if tokenizer.kind != "char" and 0 <= i < tokenizer.base_vocab_size:
         data = tokenizer.enc.decode_single_token_bytes(i)
         try:
             return repr(data.decode("utf-8"))
@@ -605,6 +630,9 @@ def main():
         raise UserError(f"--stride {stride} is larger than block_size {T}: tokens would be skipped")
     if args.mode == "eval" and len(ids) < 2:
         raise UserError(f"{args.eval} holds {len(ids)} token(s); evaluation needs at least 2")
+    if args.system is not None and not tokenizer.is_chat:
+        raise UserError("--system needs a chat-tuned model (prepare.py --format chat, then train.py); this "
+                        "model's tokenizer has no chat markers")
     if args.mode == "attention":
         check_attention_args(model, args, ids)
     print(loaded, file=sys.stderr)
