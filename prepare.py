@@ -42,7 +42,7 @@ entry is Tokenizer.to_dict() (tokenizer.py), except that a bpe entry names its r
 "completion": "..."} (one user turn, one assistant turn). The tokenizer is a base model's
 (--tokenizer PATH or gpt2) plus the chat markers (tokenizer.with_chat_specials), and every
 conversation is rendered by tokenizer.render_chat, the template sample.py --chat uses too. The
-conversations are held in memory (3 bytes a token) to be split: whole conversations go to val by
+conversations are held in memory (3 or 5 bytes a token) to be split: whole conversations go to val by
 a seeded shuffle (round(n * val_fraction), at least one, train keeps at least one). Outputs per
 split: {split}.bin, the conversations' tokens back to back; {split}.mask.bin, uint8, 1 where the
 token is a target to learn (assistant text and the <|end|> that closes it), 0 for context;
