@@ -1,11 +1,14 @@
-"""Shared fixtures: where ../shared is, a tiny corpus, a temp out_dir, and a script runner.
+"""Shared fixtures: where ../shared is, a tiny corpus, a temp out_dir, and a script runner; and a
+torch.compile cache of its own for each setting of the variables that limit the CPU.
 
 Tests read corpora and the GPT-2 BPE files from ../shared (beside the project root), never from
 the network. On CI its absence is a failure; elsewhere the tests that need it are skipped.
 """
+import getpass
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,6 +20,16 @@ SHARED = ROOT.parent / "shared"
 # Set before anything imports tiktoken; subprocesses inherit it.
 if (SHARED / "tiktoken").is_dir():
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken"))
+
+# torch.compile's on-disk cache (/tmp/torchinductor_$USER) keys compiled code without the
+# instruction set that ATEN_CPU_CAPABILITY chooses for it: code compiled under one setting and
+# loaded under another (as when emulating an AVX2-only CPU on this one) crashes with a segfault.
+# So each setting of the variables that limit the CPU gets its own cache; subprocesses inherit it.
+CPU_LIMITS = [os.environ.get(name, "") for name in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA",
+                                                     "MKL_ENABLE_INSTRUCTIONS")]
+if any(CPU_LIMITS) and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(
+        Path(tempfile.gettempdir()) / f"torchinductor_{getpass.getuser()}_{'_'.join(CPU_LIMITS).lower()}")
 
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))

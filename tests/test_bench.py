@@ -1,43 +1,142 @@
-"""bench.py runs end to end (a tiny shape, seconds); it prints figures and asserts no speed."""
-from conftest import run_script
+"""bench.py's three modes run end to end on tiny shapes, inside the test process: every labelled
+row is printed with finite, positive figures; figures printed twice agree (a rate and its time per
+token, a speed-up and the two times it compares); and the methods compared agree on their output.
+No speed is asserted: it depends on the machine."""
+import math
+import re
+import sys
+
+import pytest
+import torch
+
+import bench
+from gpt import GPT, GPTConfig
+from tokenizer import load_tokenizer
 
 TINY_DECODE = ("decode", "--n_layer", 1, "--n_head", 2, "--n_embd", 32, "--vocab_size", 64,
                "--block_size", 32, "--new_tokens", 8, "--repeats", 1)
 
 
-def test_decode_smoke():
-    """Every method runs (the int8 copy too) and the fp32 ones agree on the greedy tokens (HF too,
-    when transformers is installed)."""
-    result = run_script("bench.py", *TINY_DECODE, "--int8")
-    assert result.returncode == 0, result.stderr
-    for label in ("kv-cache", "recompute", "kv-cache vs recompute", "hf-generate", "kv-cache-int8 vs kv-cache"):
-        assert label in result.stdout
-    assert "same tokens from every float32 method: yes" in result.stdout
+def bench_output(monkeypatch, capsys, *argv):
+    """What `python bench.py *argv` prints, run inside this process."""
+    monkeypatch.setattr(sys, "argv", ["bench.py", *map(str, argv)])
+    capsys.readouterr()
+    bench.main()
+    return capsys.readouterr().out
 
 
-def test_decode_past_block_size_still_runs():
-    """Both our decoders crop the context to block_size, so any length works; HF's GPT-2 cannot
-    go past n_positions, so it is skipped with the reason instead of crashing the benchmark."""
-    result = run_script("bench.py", *TINY_DECODE, "--prompt_tokens", 40)
-    assert result.returncode == 0, result.stderr
-    assert "hf-generate: skipped (the context passes block_size" in result.stdout
-    assert "same tokens from every float32 method: yes" in result.stdout
+def number(text):
+    return float(text.replace(",", ""))
 
 
-def test_prepare_smoke(shakespeare_path, korean_path):
-    """The prepare benchmark runs on a small corpus, and prepare.py's token count equals tiktoken's."""
-    result = run_script("bench.py", "prepare", "--mb", 1, "--shakespeare", shakespeare_path,
-                        "--korean", korean_path, "--korean_chars", 100_000, "--vocab_size", 512, "--repeats", 1)
-    assert result.returncode == 0, result.stderr
-    for label in ("prepare.py", "encode_ordinary x1", "peak RSS", "chars/token"):
-        assert label in result.stdout
-    assert "same token count: yes" in result.stdout
+def assert_positive(*figures):
+    assert all(0 < f < math.inf for f in figures), figures
 
 
-def test_train_smoke():
+def assert_ratio(printed, a, b, step_a, step_b):
+    """printed (to 0.01) is a / b, where a and b were printed to step_a and step_b: each off by
+    up to half its step, which moves a / b by up to (step_a / 2a + step_b / 2b) of it."""
+    exact = a / b
+    assert abs(printed - exact) <= 0.005 + exact * (step_a / (2 * a) + step_b / (2 * b)) + 1e-9, (printed, a, b)
+
+
+def decode_rows(out):
+    """{method: (tokens/s, ms/token)} of bench.py decode's table."""
+    rows = re.findall(r"^  (\S+) +([0-9.]+) tokens/s  \(([0-9.]+) ms/token\)$", out, re.M)
+    table = {name: (float(rate), float(ms)) for name, rate, ms in rows}
+    assert len(table) == len(rows), out
+    for name, (rate, ms) in table.items():
+        assert_positive(rate, ms)
+        # ms/token is 1000 / tokens/s: printed to 0.01 and 0.1
+        assert abs(ms - 1000 / rate) <= 0.005 + 1000 * 0.05 / rate**2 + 1e-9, (name, rate, ms)
+    return table
+
+
+def speedup(out, label):
+    return float(re.search(rf"{re.escape(label)}:? +([0-9.]+)x", out).group(1))
+
+
+def test_decode_rows_and_their_agreement(monkeypatch, capsys):
+    """Every method has its row (the int8 copy and Hugging Face's generate too); the speed-ups are
+    the ratios of the rates; the float32 methods give the same greedy tokens."""
+    pytest.importorskip("transformers", reason="transformers is not installed (test-only dependency)")
+    out = bench_output(monkeypatch, capsys, *TINY_DECODE, "--int8")
+    assert "8 new tokens (greedy), float32" in out.splitlines()[0]
+    rates = {name: rate for name, (rate, _) in decode_rows(out).items()}
+    assert rates.keys() == {"kv-cache", "recompute", "hf-generate", "kv-cache-int8"}
+    assert_ratio(speedup(out, "kv-cache vs recompute"), rates["kv-cache"], rates["recompute"], 0.1, 0.1)
+    assert_ratio(speedup(out, "kv-cache vs hf-generate"), rates["kv-cache"], rates["hf-generate"], 0.1, 0.1)
+    int8_line = re.search(r"^  kv-cache-int8 vs .*$", out, re.M).group(0)
+    for other in ("kv-cache", "recompute", "hf-generate"):
+        assert_ratio(speedup(int8_line, f"vs {other}"), rates["kv-cache-int8"], rates[other], 0.1, 0.1)
+    assert "  same tokens from every float32 method: yes" in out.splitlines()
+
+
+def test_decode_past_block_size_skips_only_hugging_face(monkeypatch, capsys):
+    """Both our decoders crop the context to block_size, so any length works, and still agree;
+    HF's GPT-2 cannot go past n_positions, so it is skipped with the reason instead of crashing."""
+    out = bench_output(monkeypatch, capsys, *TINY_DECODE, "--prompt_tokens", 40)
+    rates = {name: rate for name, (rate, _) in decode_rows(out).items()}
+    assert rates.keys() == {"kv-cache", "recompute"}
+    assert_ratio(speedup(out, "kv-cache vs recompute"), rates["kv-cache"], rates["recompute"], 0.1, 0.1)
+    assert "  hf-generate: skipped (the context passes block_size, and HF's GPT-2 cannot slide its window)" in out
+    assert "  same tokens from every float32 method: yes" in out.splitlines()
+
+
+def test_prepare_rows_and_the_token_count(monkeypatch, capsys, shakespeare_path, korean_path):
+    """prepare.py's and one tiktoken thread's rates, their ratio, and the BPE's chars/token are
+    printed; the token count both agree on is GPT-2's count of the corpus, counted here."""
+    out = bench_output(monkeypatch, capsys, "prepare", "--mb", 1, "--shakespeare", shakespeare_path,
+                       "--korean", korean_path, "--korean_chars", 100_000, "--vocab_size", 512, "--repeats", 1)
+    whole = re.search(r"^  prepare\.py +([0-9.]+) MB/s  \(([0-9.]+) s wall for the whole run, ([0-9.]+) s CPU; "
+                      r"peak RSS ([0-9]+) MB\)$", out, re.M)
+    single = re.search(r"^  encode_ordinary x1 +([0-9.]+) MB/s  \(([0-9.]+) s inside tiktoken, one thread\)$", out, re.M)
+    ratio = re.search(r"^  prepare\.py / single-thread encode_ordinary: ([0-9.]+)x \(its CPU: ([0-9.]+)x", out, re.M)
+    count = re.search(r"^  same token count: (\w+) \(([0-9,]+)\)$", out, re.M)
+    bpe = re.search(r"^bpe: trained on ([0-9,]+) lines .* vocab_size 512: ([0-9.]+) s$", out, re.M)
+    chars = re.search(r"^  chars/token on ([0-9,]+) held-out lines: ([0-9.]+) \(GPT-2 BPE: ([0-9.]+)\)$", out, re.M)
+    assert whole and single and ratio and count and bpe and chars, out
+    rate, single_rate = float(whole.group(1)), float(single.group(1))
+    assert_positive(rate, float(whole.group(3)), float(whole.group(4)), single_rate, float(ratio.group(2)),
+                    number(bpe.group(1)), number(chars.group(1)), float(chars.group(2)), float(chars.group(3)))
+    # wall and training times are printed to 0.1 s, and a tiny run may round to 0.0
+    assert 0 <= float(whole.group(2)) < math.inf and 0 <= float(bpe.group(2)) < math.inf
+    assert_ratio(float(ratio.group(1)), rate, single_rate, 0.1, 0.1)
+    text = shakespeare_path.read_text(encoding="utf-8")
+    assert count.groups() == ("yes", f"{len(load_tokenizer('gpt2').encode(text)):,}")
+
+
+TRAIN_VARIANTS = ("nanoGPT", "fp32", "bf16", "fp32+compile", "bf16+compile")
+
+
+@pytest.mark.slow
+def test_train_rows_and_their_agreement(monkeypatch, capsys):
     """Every variant of the training benchmark runs one step on the smallest shape (compile
-    included: it is the variant most likely to break with a new torch)."""
-    result = run_script("bench.py", "train", "--shapes", "baby", "--steps", 1, "--repeats", 1)
-    assert result.returncode == 0, result.stderr[-2000:]
-    for label in ("nanoGPT", "fp32", "bf16", "fp32+compile", "bf16+compile", "ms/iter"):
-        assert label in result.stdout
+    included: it is the variant most likely to break with a new torch) and has its row: tokens/s
+    is batch x block / the step time, MFU is the model's FLOPs at that rate over its dtype's peak,
+    and the speed-up is the ratio of the step times. The peak is given (a measured bf16 peak takes
+    minutes on a CPU without native bf16, where torch runs bf16 matmuls at ~0.4 GFLOP/s)."""
+    peaks = {torch.float32: 100e9, torch.bfloat16: 200e9}
+    monkeypatch.setattr(bench, "measure_peak_flops", lambda device, dtype: peaks[dtype])
+    out = bench_output(monkeypatch, capsys, "train", "--shapes", "baby", "--steps", 1, "--repeats", 1)
+    assert "torch.compile failed" not in out
+    assert "  measured matmul peak: float32 100 GFLOP/s, bfloat16 200 GFLOP/s" in out.splitlines()
+    rows = re.findall(r"^    (\S+) +([0-9.]+) ms/iter +([0-9,]+) tok/s +MFU +([0-9.]+)% of (\w+) peak +"
+                      r"([0-9.]+)x nanoGPT$", out, re.M)
+    assert [row[0] for row in rows] == list(TRAIN_VARIANTS), out
+    shape = bench.TRAIN_SHAPES["baby"]
+    tokens = shape["batch_size"] * shape["block_size"]
+    config = GPTConfig(vocab_size=65, **{k: v for k, v in shape.items() if k != "batch_size"})
+    with torch.device("meta"):
+        flops = {"ours": GPT(config).flops_per_token(), "nanoGPT": bench.nanogpt_model(config).flops_per_token()}
+    ms = {name: float(step) for name, step, *_ in rows}
+    for name, step, tok_s, mfu, dtype, ratio in rows:
+        step, tok_s, mfu, ratio = float(step), number(tok_s), float(mfu), float(ratio)
+        assert_positive(step, tok_s, mfu, ratio)
+        assert dtype == ("bfloat16" if name.startswith("bf16") else "float32")
+        exact = tokens / (step / 1000)
+        assert abs(tok_s - exact) <= 0.5 + exact * 0.05 / step, (name, tok_s, exact)  # step printed to 0.1 ms
+        model_flops = flops["nanoGPT" if name == "nanoGPT" else "ours"]
+        exact_mfu = model_flops * tok_s / peaks[getattr(torch, dtype)] * 100
+        assert abs(mfu - exact_mfu) <= 0.05 + exact_mfu * 0.5 / tok_s, (name, mfu, exact_mfu)  # tok/s to 1
+        assert_ratio(ratio, ms["nanoGPT"], step, 0.1, 0.1)
