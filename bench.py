@@ -3,11 +3,13 @@
     python bench.py decode    # tokens/s: KV-cache decode vs full recompute vs Hugging Face generate (--int8)
     python bench.py prepare   # prepare.py MB/s vs one tiktoken thread, peak RSS; Korean BPE training
     python bench.py train     # training tokens/s and MFU: fp32 / bf16 / compile vs nanoGPT
+    python bench.py serve     # serve.py: time to first token, tokens/s for 1, 4, 16 streaming clients
 
 Every figure is the median of --repeats timed runs after one untimed warm-up run; the methods
 compared take turns (one run of each per round), so a load change on a shared machine hits all alike.
 """
 import argparse
+import http.client
 import json
 import math
 import os
@@ -17,6 +19,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -24,7 +27,7 @@ import torch
 
 import tokenizer
 from common import ArgumentParser, UserError, autocast_context, maybe_compile, measure_peak_flops, resolve_device, run_main, sync
-from gpt import GPT, GPTConfig, generate, quantize_int8, store_linear_weights_transposed
+from gpt import GPT, GPTConfig, generate, quantize_int8, save_checkpoint, store_linear_weights_transposed
 
 ROOT = Path(__file__).resolve().parent
 
@@ -322,6 +325,110 @@ def train_bench(args):
                   f"peak   {seconds[reference] / seconds[name]:5.2f}x {reference}")
 
 
+# ----------------------------------------------------------------------------------------------
+# serve
+
+SERVE_SHAPES = {  # random weights; the tokenizer sets the vocabulary
+    "small": dict(n_layer=4, n_head=2, n_embd=128, block_size=64, tokenizer="char"),  # config/small.py, 0.8M
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, tokenizer="gpt2"),  # GPT-2 small, 124M
+    "tiny": dict(n_layer=1, n_head=2, n_embd=32, block_size=64, tokenizer="char"),  # for smoke tests
+}
+SHAKESPEARE_CHARS = "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"  # its 65
+PROMPT_TEXT = "First Citizen:\nBefore we proceed any further, hear me speak. You are all resolved rather to die "
+
+
+def serve_checkpoint(shape_name, folder):
+    """A checkpoint of the shape's model with random weights (and its tokenizer), written to folder."""
+    shape = dict(SERVE_SHAPES[shape_name])
+    kind = shape.pop("tokenizer")
+    tok = tokenizer.load_tokenizer("gpt2") if kind == "gpt2" else tokenizer.Tokenizer("char", chars=SHAKESPEARE_CHARS)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, **shape))
+    path = Path(folder) / f"{shape_name}.pt"
+    save_checkpoint(dict(model=model.state_dict(), model_args=model.config.__dict__, tokenizer=tok.to_dict()), path)
+    return path, tok
+
+
+def start_server(ckpt, device, log):
+    """`serve.py --ckpt ckpt` on 127.0.0.1, a free port: (process, port)."""
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--ckpt", str(ckpt), "--port", "0",
+                                 "--device", device], stdout=f, stderr=f)
+    while not (m := re.search(r"at http://127\.0\.0\.1:(\d+)/", Path(log).read_text())):
+        if proc.poll() is not None:
+            raise UserError(f"serve.py did not start: {Path(log).read_text().strip()}")
+        time.sleep(0.1)
+    return proc, int(m.group(1))
+
+
+def stream_completion(port, prompt, max_tokens, seed):
+    """(seconds to the first text, seconds to the end, completion tokens) of one streamed completion."""
+    body = dict(prompt=prompt, max_tokens=max_tokens, seed=seed, stream=True, stream_options={"include_usage": True})
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=3600)
+    t0 = time.perf_counter()
+    conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    if response.status != 200:
+        raise UserError(f"serve.py answered {response.status}: {response.read().decode()}")
+    first, tokens = None, 0
+    for line in response:  # server-sent events: `data: {chunk}` lines
+        if line.startswith(b"data: {"):
+            chunk = json.loads(line[6:])
+            if first is None and any(choice["text"] for choice in chunk["choices"]):
+                first = time.perf_counter() - t0
+            tokens = chunk["usage"]["completion_tokens"] if chunk.get("usage") else tokens
+    conn.close()
+    return first, time.perf_counter() - t0, tokens
+
+
+def serve_round(port, clients, prompt, max_tokens):
+    """(median time to first token, aggregate tokens/s, median tokens/s of a client after its
+    first token) of `clients` streaming completions started together."""
+    results = [None] * clients
+
+    def client(i):
+        results[i] = stream_completion(port, prompt, max_tokens, seed=i)
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    return (statistics.median(r[0] for r in results), sum(r[2] for r in results) / wall,
+            statistics.median((r[2] - 1) / (r[1] - r[0]) for r in results))
+
+
+def serve_bench(args):
+    print(f"serve.py on {args.device}: {machine()}")
+    print(f"each client streams {args.new_tokens} new tokens after a {args.prompt_tokens}-token prompt; "
+          f"median of {args.repeats} rounds after a warm-up request")
+    with tempfile.TemporaryDirectory() as folder:
+        for shape_name in args.shapes:
+            ckpt, tok = serve_checkpoint(shape_name, folder)
+            prompt = tok.decode((tok.encode(PROMPT_TEXT * 10))[:args.prompt_tokens])
+            proc, port = start_server(ckpt, args.device, Path(folder) / "serve.log")
+            try:
+                stream_completion(port, prompt, args.new_tokens, seed=0)
+                print(f"\n  {shape_name}: {SERVE_SHAPES[shape_name]}")
+                print(f"    {'clients':>7} {'first token':>12} {'tokens/s, all':>14} {'tokens/s, each':>15}")
+                for clients in args.clients:
+                    rounds = [serve_round(port, clients, prompt, args.new_tokens) for _ in range(args.repeats)]
+                    ttft, total, each = (statistics.median(r[i] for r in rounds) for i in range(3))
+                    print(f"    {clients:>7} {ttft * 1000:>9,.0f} ms {total:>14,.0f} {each:>15,.0f}")
+            finally:
+                proc.terminate()
+                proc.wait()
+
+
+def machine():
+    """The CPU's model and ISA, threads and torch version: what a figure needs beside it."""
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), "unknown CPU") if Path("/proc/cpuinfo").exists() else "unknown CPU"
+    return (f"{model}, {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads, "
+            f"torch {torch.__version__}")
+
+
 def main():
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     modes = parser.add_subparsers(dest="mode", required=True)
@@ -363,6 +470,15 @@ def main():
     p.add_argument("--no_compile", action="store_true", help="skip the torch.compile variants")
     p.add_argument("--no_bf16", action="store_true", help="skip the bf16 autocast variants")
     p.set_defaults(run=train_bench)
+
+    p = modes.add_parser("serve", help="serve.py: time to first token and tokens/s for concurrent streaming clients")
+    p.add_argument("--shapes", nargs="+", choices=list(SERVE_SHAPES), default=["small", "gpt2"])
+    p.add_argument("--clients", nargs="+", type=int, default=[1, 4, 16], help="concurrent clients per row")
+    p.add_argument("--prompt_tokens", type=int, default=16)
+    p.add_argument("--new_tokens", type=int, default=48, help="per client (16 + 48 fit small's block of 64)")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds per row; the median is shown")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(run=serve_bench)
 
     args = parser.parse_args()
     args.run(args)

@@ -140,3 +140,14 @@ def test_train_rows_and_their_agreement(monkeypatch, capsys):
         exact_mfu = model_flops * tok_s / peaks[getattr(torch, dtype)] * 100
         assert abs(mfu - exact_mfu) <= 0.05 + exact_mfu * 0.5 / tok_s, (name, mfu, exact_mfu)  # tok/s to 1
         assert_ratio(ratio, ms["nanoGPT"], step, 0.1, 0.1)
+
+
+def test_serve_smoke(monkeypatch, capsys):
+    """The serving benchmark starts serve.py, streams from 1 and 2 concurrent clients and prints
+    one row each: time to first token, tokens/s of all clients together and of each."""
+    out = bench_output(monkeypatch, capsys, "serve", "--shapes", "tiny", "--clients", 1, 2, "--new_tokens", 4,
+                       "--repeats", 1)
+    rows = re.findall(r"^ +(\d+) +([0-9,]+) ms +([0-9,]+) +([0-9,]+)$", out, re.M)
+    assert [row[0] for row in rows] == ["1", "2"], out
+    for _, first, total, each in rows:
+        assert_positive(number(first) + 1, number(total), number(each))  # a first token may take < 0.5 ms

@@ -88,7 +88,9 @@ class Server:
                                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
         deadline = time.monotonic() + 120
         while not (m := re.search(r"at http://127\.0\.0\.1:(\d+)/", self.log.read_text())):
-            assert self.proc.poll() is None and time.monotonic() < deadline, self.log.read_text()
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.proc.kill()
+                pytest.fail(f"serve.py did not start:\n{self.log.read_text()}")
             time.sleep(0.1)
         self.port = int(m.group(1))
         self.url = f"http://127.0.0.1:{self.port}"
@@ -96,7 +98,10 @@ class Server:
     def stop(self):
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=30)
+        try:
+            return self.proc.wait(timeout=30)
+        finally:
+            self.proc.kill()  # a server that did not stop fails its test, and is not left running
 
 
 @pytest.fixture(scope="module")
@@ -375,17 +380,20 @@ def test_sigterm_and_ctrl_c_stop_the_server_cleanly_mid_stream(ckpt, tmp_path, s
     """A signal while a stream runs: the server stops within seconds, by the signal (Ctrl-C: exit
     130), with no traceback."""
     server = Server(tmp_path, "--ckpt", ckpt, "--max_tokens", CAP)
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
-    conn.request("POST", "/v1/completions", body=json.dumps({"prompt": PROMPT, "max_tokens": CAP, "stream": True}),
-                 headers={"Content-Type": "application/json"})
-    response = conn.getresponse()
-    assert response.readline().startswith(b"data: ")
-    t0 = time.monotonic()
-    server.proc.send_signal(signum)
-    assert server.proc.wait(timeout=30) == status
-    assert time.monotonic() - t0 < 15
-    assert "Traceback" not in server.log.read_text(), server.log.read_text()
-    conn.close()
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+        conn.request("POST", "/v1/completions", body=json.dumps({"prompt": PROMPT, "max_tokens": CAP, "stream": True}),
+                     headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        assert response.readline().startswith(b"data: ")
+        t0 = time.monotonic()
+        server.proc.send_signal(signum)
+        assert server.proc.wait(timeout=30) == status
+        assert time.monotonic() - t0 < 15
+        assert "Traceback" not in server.log.read_text(), server.log.read_text()
+        conn.close()
+    finally:
+        server.stop()
 
 
 def serve_main(monkeypatch, capsys, *argv):
