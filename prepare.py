@@ -90,13 +90,14 @@ BLOCK_BYTES = 1 << 20  # read size
 # Reading corpora: a stream of text blocks with None after each document
 
 
-def resolve_inputs(inputs: list[str], glob: str) -> list[tuple[Path, str | None]]:
+def resolve_inputs(inputs: list[str], glob: str, out: Path) -> list[tuple[Path, str | None]]:
     """(file, url or None) for every input file, each once: a file given twice (or a folder and a
     file inside it) would otherwise be two documents, one of which can land in val as a copy of
-    train. Duplicates (by resolved path) are skipped with a notice; the first keeps its place."""
+    train. Duplicates (by resolved path) are skipped with a notice; the first keeps its place.
+    `out` (the dataset folder) is named in a failed download's error."""
     files, seen, skipped = [], set(), []
     for name in inputs:
-        for path, url in expand_input(name, glob):
+        for path, url in expand_input(name, glob, out):
             if path.resolve() in seen:
                 skipped.append(str(path))
             else:
@@ -108,11 +109,11 @@ def resolve_inputs(inputs: list[str], glob: str) -> list[tuple[Path, str | None]
     return files
 
 
-def expand_input(name: str, glob: str) -> list[tuple[Path, str | None]]:
+def expand_input(name: str, glob: str, out: Path) -> list[tuple[Path, str | None]]:
     """(file, url or None) for one --input: a file as given, a directory searched recursively for
     `glob` (sorted; hidden folders skipped), a URL downloaded once into CACHE_DIR."""
     if name.startswith(("http://", "https://")):
-        return [(download(name), name)]
+        return [(download(name, out), name)]
     path = Path(name)
     if path.is_dir():
         found = sorted(p for p in path.rglob(glob)
@@ -125,8 +126,11 @@ def expand_input(name: str, glob: str) -> list[tuple[Path, str | None]]:
     raise UserError(f"{name}: no such file or directory")
 
 
-def download(url: str) -> Path:
-    """The file at `url`, fetched on first use into CACHE_DIR (temp name, then renamed)."""
+def download(url: str, out: Path) -> Path:
+    """The file at `url`, fetched on first use into CACHE_DIR (temp name, then renamed). Offline,
+    the error says how to use a local copy instead: with `out`, the dataset folder this run
+    writes, since a local file's name would choose another (data/shakespeare_char, which
+    config/small.py reads, would become data/input)."""
     name = url.rstrip("/").rsplit("/", 1)[-1] or "index"
     path = CACHE_DIR / f"{hashlib.sha1(url.encode()).hexdigest()[:10]}-{name}"
     if path.is_file():
@@ -141,7 +145,7 @@ def download(url: str) -> Path:
             tmp.unlink(missing_ok=True)
             reason = getattr(e, "reason", e)
             raise UserError(f"could not download {url} ({reason}); to use a local copy instead, "
-                            f"pass --input PATH") from e
+                            f"pass --input PATH --out {out}") from e
     os.replace(tmp, path)
     return path
 
@@ -710,8 +714,8 @@ def created_dir(path: Path, what: str):
 def main(argv=None):
     args = parse_args(argv)
     t0 = time.time()
-    files = resolve_inputs(args.input or [SHAKESPEARE_URL], args.glob)
     out = Path(args.out) if args.out else default_out(args)
+    files = resolve_inputs(args.input or [SHAKESPEARE_URL], args.glob, out)
     if args.format == "chat":
         tok = load_tokenizer(args.tokenizer).with_chat_specials()  # before --out is made: a bad path fails first
         with created_dir(out, "output directory"):

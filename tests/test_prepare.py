@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import assert_one_line_error, run_script
+from conftest import ROOT, assert_one_line_error, run_script
 from hypothesis import given, settings, strategies as st
 
 import prepare
@@ -214,8 +214,8 @@ def test_read_blocks_reports_the_byte_offset_and_drops_a_bom(tmp_path, monkeypat
 
 
 def test_read_blocks_turns_crlf_and_cr_into_lf(tmp_path, monkeypatch):
-    """Audit 10 #24: CRLF input kept '\r' in a char vocabulary (and GPT-2 BPE tokens). Every
-    CRLF and lone CR reads as LF, also when a CRLF straddles two read blocks."""
+    """Every CRLF and lone CR reads as LF, also when a CRLF straddles two read blocks: no '\r' in
+    a char vocabulary or among GPT-2 BPE tokens."""
     path = tmp_path / "x.txt"
     text = "\ufeffa\r\nb\rc\r\n\r\n한\r\r\nd\n\re\r"
     path.write_bytes(text.encode())
@@ -257,9 +257,9 @@ def test_choose_val_docs():
 
 
 def test_one_file_per_language_is_split_by_tails():
-    """Audit 10b #1: English 100k characters beside Korean 11k: the Korean file alone is ~10% of
-    the text, so it went to val whole (41% of the tokens) and neither BPE nor model saw Korean.
-    A val of fewer than MIN_VAL_DOCS documents is cut from every document's tail instead."""
+    """A val of fewer than MIN_VAL_DOCS whole documents is cut from every document's tail instead:
+    with English 100k characters beside Korean 11k, the Korean file alone is ~10% of the text, and
+    as val it would be 41% of the tokens, with neither BPE nor model seeing any Korean."""
     for seed in range(20):
         assert prepare.choose_val_docs([100_000, 11_000], 0.1, seed) is None
         assert prepare.choose_val_docs([100_000, 11_000, 9_000, 2_000], 0.1, seed) is None
@@ -267,9 +267,8 @@ def test_one_file_per_language_is_split_by_tails():
 
 @pytest.mark.parametrize("sizes", [[2_000, 30_000], [30_000, 2_000, 1_000], [60, 20, 20], [1, 1, 1, 5, 95]])
 def test_val_share_of_whole_documents_stays_near_val_fraction(sizes):
-    """Audit 10 #1: val took whole documents "until it held val_fraction (at least one)", so one
-    big document put 60-90% of the corpus in val. Whole documents may only land val within
-    [0.5x, 1.5x] of val_fraction; otherwise every document is cut at its tail (None)."""
+    """Whole documents make val only when they hold [0.5x, 1.5x] of val_fraction (one big document
+    would put 60-90% of the corpus in val); otherwise every document is cut at its tail (None)."""
     for seed in range(20):
         is_val = prepare.choose_val_docs(sizes, 0.1, seed)
         if is_val is not None:
@@ -306,22 +305,22 @@ def test_default_out_and_separator_escapes():
 
 
 def test_an_input_given_twice_is_read_once(tmp_path, capsys):
-    """Audit 10 #2: a file given twice, or a folder plus a file inside it, was read twice, so the
-    same text sat in train and in val (val = leaked train). Kept once, in first-seen order."""
+    """A file given twice, or a folder plus a file inside it, is read once, in first-seen order:
+    read twice, the same text could sit in train and in val (val = leaked train)."""
     folder = tmp_path / "mixed"
     folder.mkdir()
     for name in ("a.txt", "b.txt"):
         (folder / name).write_text(name, encoding="utf-8")
     a, b = folder / "a.txt", folder / "b.txt"
     dotted = f"{tmp_path}/mixed/../mixed/b.txt"  # another spelling of b.txt
-    files = prepare.resolve_inputs([str(b), str(folder), dotted, str(b)], "*.txt")
+    files = prepare.resolve_inputs([str(b), str(folder), dotted, str(b)], "*.txt", tmp_path / "out")
     assert files == [(b, None), (a, None)]
     notice = capsys.readouterr().err
     assert notice.count("\n") == 1 and "given more than once" in notice and dotted in notice
 
 
 def test_a_file_given_twice_is_one_document(tiny_corpus, out_dir):
-    """The repro `--input shk.txt shk.txt`: train 200,000 tokens and val the same 200,000."""
+    """`--input shk.txt shk.txt` is one document (not train 200,000 tokens and val the same 200,000)."""
     r = run_script("prepare.py", "--input", tiny_corpus, tiny_corpus, "--out", out_dir)
     assert r.returncode == 0, r.stderr
     meta, bins = read_bins(out_dir)
@@ -330,7 +329,7 @@ def test_a_file_given_twice_is_one_document(tiny_corpus, out_dir):
 
 
 def test_help_shows_the_defaults(capsys):
-    """Audit 10 #28: --help left out the defaults of --glob, --val_fraction and others."""
+    """--help shows the default of every flag that has one."""
     with pytest.raises(SystemExit):
         prepare.parse_args(["--help"])
     shown = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
@@ -360,11 +359,8 @@ def test_download_caches_and_fails_in_one_line(tmp_path, monkeypatch):
 
     monkeypatch.setattr(urllib.request, "urlopen", Response)
     url = "https://example.com/corpus/input.txt"
-    assert prepare.download(url).read_text() == "to be or not"
-    assert prepare.download(url).read_text() == "to be or not" and len(calls) == 1
-
-    def offline(url, timeout):
-        raise urllib.error.URLError("Name or service not known")
+    assert prepare.download(url, Path("data/input")).read_text() == "to be or not"
+    assert prepare.download(url, Path("data/input")).read_text() == "to be or not" and len(calls) == 1
 
     monkeypatch.setattr(urllib.request, "urlopen", offline)
     with pytest.raises(UserError, match="--input PATH") as e:
@@ -373,17 +369,54 @@ def test_download_caches_and_fails_in_one_line(tmp_path, monkeypatch):
     assert not list((tmp_path / "cache").glob("*.tmp"))
 
 
+def offline(url, timeout):
+    raise urllib.error.URLError("Name or service not known")
+
+
+@pytest.mark.parametrize("tokenizer", ["char", "gpt2"])
+def test_the_offline_hint_writes_the_dataset_the_default_would(tokenizer, shakespeare_path, tmp_path, monkeypatch):
+    """Offline, `python prepare.py` names the flags that use a local copy of the corpus instead,
+    and those flags write the dataset the download would have: for the char tokenizer the one
+    config/small.py trains on (a local file's own name would make it data/input)."""
+    import train  # the route from a config's dataset name to its folder
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(prepare, "CACHE_DIR", Path("data/.cache"))
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(UserError) as e:
+        prepare.main(["--tokenizer", tokenizer])
+    hint = re.fullmatch(r"could not download \S+ \(.*\); to use a local copy instead, pass (--input PATH .*)",
+                        str(e.value))
+    assert hint, str(e.value)
+    local = tmp_path / "downloads" / "input.txt"
+    local.parent.mkdir()
+    local.write_bytes(shakespeare_path.read_bytes())
+    prepare.main(["--tokenizer", tokenizer, *hint.group(1).replace("PATH", str(local)).split()])
+    if tokenizer == "char":
+        dataset = train.load_config([str(ROOT / "config" / "small.py")])["dataset"]
+        assert load_tokenizer(train.dataset_dir(dataset)).vocab_size == 65
+    assert [p.name for p in (tmp_path / "data").iterdir()] == [f"shakespeare_{tokenizer}"]
+
+
+def test_a_misspelt_flag_is_one_line_naming_the_closest_flag(tmp_path):
+    """`python prepare.py --tokeniser gpt2`: one error line, no usage text, no traceback, that names
+    the flag meant; nothing is written."""
+    r = run_script("prepare.py", "--tokeniser", "gpt2", "--out", tmp_path / "out")
+    assert_one_line_error(r, "unknown flag --tokeniser", "Did you mean --tokenizer?")
+    assert r.stdout == "" and not (tmp_path / "out").exists()
+
+
 def test_a_failed_download_leaves_no_empty_cache_folder(tmp_path, monkeypatch):
-    """Audit 10 #25: a failed download (offline, a bad URL) left an empty data/.cache/ behind.
-    Folders the download created are removed when empty; folders that were there stay."""
+    """A failed download (offline, a bad URL) leaves no empty data/.cache/ behind: folders the
+    download created are removed when empty; folders that were there stay."""
     monkeypatch.setattr(prepare, "CACHE_DIR", tmp_path / "data" / ".cache")
     url = "http://127.0.0.1:9/x.txt"  # the discard port: refused at once, no network needed
     with pytest.raises(UserError, match="could not download"):
-        prepare.download(url)
+        prepare.download(url, tmp_path / "data" / "x")
     assert not (tmp_path / "data").exists()
     (tmp_path / "data").mkdir()
     with pytest.raises(UserError, match="could not download"):
-        prepare.download(url)
+        prepare.download(url, tmp_path / "data" / "x")
     assert list(tmp_path.rglob("*")) == [tmp_path / "data"]
 
 
@@ -510,8 +543,8 @@ def test_workers_after_bpe_training_give_identical_bins(ko_text, tmp_path):
 
 
 def test_a_small_and_a_big_file_keep_val_near_val_fraction(shakespeare_path, tmp_path):
-    """Audit 10 #1 (`--input my_notes/` with two files): the big file went to val whole, 60% of
-    the tokens. Two documents cannot hold ~10% whole, so each is cut at its tail."""
+    """`--input my_notes/` with a big and a small file: two documents cannot hold ~10% whole (the
+    big one would be 60% of the tokens), so each is cut at its tail."""
     text = shakespeare_path.read_text(encoding="utf-8")
     notes = tmp_path / "my_notes"
     notes.mkdir()
@@ -527,9 +560,9 @@ def test_a_small_and_a_big_file_keep_val_near_val_fraction(shakespeare_path, tmp
 
 
 def test_a_big_korean_file_beside_english_ones_is_in_both_splits(korean_path, shakespeare_path, tmp_path):
-    """Audit 10 #1: the whole Korean file went to val (89% of the tokens) and the "Korean" BPE was
-    trained on English only. Each document's tail goes to val instead: both languages are in both
-    splits, and each document's train part followed by its val part is its whole encoding."""
+    """Each document's tail goes to val (not the whole Korean file, 89% of the tokens, leaving a
+    "Korean" BPE trained on English only): both languages are in both splits, and each
+    document's train part followed by its val part is its whole encoding."""
     english = shakespeare_path.read_text(encoding="utf-8")
     texts = {"a_en.txt": english[:10_000], "b_ko.txt": korean_path.read_text(encoding="utf-8")[:30_000],
              "c_en.txt": english[20_000:30_000]}
@@ -584,8 +617,8 @@ def test_bpe_of_one_document_learns_from_its_train_part_only(tmp_path):
 
 
 def test_bpe_smaller_than_asked_says_so(tmp_path):
-    """Audit 10 #23: --vocab_size 70000 on a small corpus trained 8,536 tokens and said only
-    "trained a BPE of 8,536 tokens": the user must learn that the corpus ran out of merges."""
+    """A corpus that runs out of merges before --vocab_size says so, with the size asked, not only
+    the size trained."""
     corpus = tmp_path / "small.txt"
     corpus.write_text("the cat sat on the mat\n" * 400, encoding="utf-8")
     out = tmp_path / "out"
@@ -648,9 +681,9 @@ def test_reuse_tokenizer_from_a_dataset(tiny_corpus, tmp_path):
 
 
 def test_replacing_a_dataset_made_with_another_tokenizer_says_so(tiny_corpus, out_dir):
-    """Audit 10 #12: re-preparing data/x with another tokenizer silently broke every checkpoint
-    trained on it. Re-preparing stays allowed (a normal workflow) but says what it replaced;
-    re-preparing with the same tokenizer says nothing."""
+    """Re-preparing data/x with another tokenizer is allowed (a normal workflow) but says what it
+    replaced, since checkpoints trained on it no longer match; with the same tokenizer it says
+    nothing."""
     def prepare_with(*args):
         r = run_script("prepare.py", "--input", tiny_corpus, "--out", out_dir, *args)
         assert r.returncode == 0, r.stderr
@@ -664,8 +697,8 @@ def test_replacing_a_dataset_made_with_another_tokenizer_says_so(tiny_corpus, ou
 
 
 def test_tokenizer_given_a_file_inside_a_dataset_suggests_the_folder(tmp_path):
-    """Audit 10 #22: `--tokenizer data/ko_bpe/tokenizer.bpe` (the file the README names) printed
-    torch's mmap error text. It must say what to pass instead: the dataset folder."""
+    """`--tokenizer data/ko_bpe/tokenizer.bpe` (a file inside a dataset) says to pass the dataset
+    folder instead, not torch's mmap error text."""
     dataset = tmp_path / "ko_bpe"
     dataset.mkdir()
     (dataset / "meta.json").write_text("{}", encoding="utf-8")
@@ -753,8 +786,7 @@ def test_unusable_out_is_one_line_and_touches_nothing(tmp_path):
 
 def test_progress_line_on_a_terminal_only(monkeypatch):
     """On a TTY: MB done of the total, MB/s and ETA, rewritten in place, and at the end the final
-    figures (audit 10 #26: the last line shown was e.g. 23.1/26.8 MB, never 100%); elsewhere
-    (logs, CI): nothing."""
+    figures (the whole input, not e.g. 23.1/26.8 MB); elsewhere (logs, CI): nothing."""
     import io
 
     class Terminal(io.StringIO):
@@ -781,7 +813,7 @@ def test_progress_line_on_a_terminal_only(monkeypatch):
 
 
 def test_sizes_in_the_summary():
-    """Audit 10 #26: the summary said "from 0.0 MB" for inputs under 50 KB."""
+    """Sizes under a megabyte are shown in KB (an input under 50 KB is not "0.0 MB")."""
     assert prepare.size_text(20_479) == "20.5 KB"
     assert prepare.size_text(999) == "1.0 KB"
     assert prepare.size_text(1_115_394) == "1.1 MB"
