@@ -27,7 +27,8 @@ import torch
 
 import tokenizer
 from common import ArgumentParser, UserError, autocast_context, maybe_compile, measure_peak_flops, resolve_device, run_main, sync
-from gpt import GPT, GPTConfig, generate, quantize_int8, save_checkpoint, store_linear_weights_transposed
+from engine import load_model
+from gpt import GPT, GPTConfig, generate, generate_stream, quantize_int8, save_checkpoint, store_linear_weights_transposed
 
 ROOT = Path(__file__).resolve().parent
 
@@ -399,6 +400,27 @@ def serve_round(port, clients, prompt, max_tokens):
             statistics.median((r[2] - 1) / (r[1] - r[0]) for r in results))
 
 
+def engine_alone(ckpt, ids, new_tokens, device, repeats):
+    """(first token's seconds, tokens/s after it) of gpt.generate_stream on the checkpoint as
+    serve.py loads it, in this process: the reference without HTTP, JSON and the worker thread."""
+    model, _, device, ctx, _ = load_model(ckpt, device=device)
+    idx = torch.tensor([ids], device=device)
+    firsts, rates = [], []
+    with ctx:
+        for i in range(repeats + 1):
+            generator = torch.Generator(device).manual_seed(i)
+            t0 = time.perf_counter()
+            steps = generate_stream(model, idx, new_tokens, generator=generator)
+            next(steps)
+            t1 = time.perf_counter()
+            for _ in steps:
+                pass
+            if i:
+                firsts.append(t1 - t0)
+                rates.append((new_tokens - 1) / (time.perf_counter() - t1))
+    return statistics.median(firsts), statistics.median(rates)
+
+
 def serve_bench(args):
     print(f"serve.py on {args.device}: {machine()}")
     print(f"each client streams {args.new_tokens} new tokens after a {args.prompt_tokens}-token prompt; "
@@ -407,10 +429,13 @@ def serve_bench(args):
         for shape_name in args.shapes:
             ckpt, tok = serve_checkpoint(shape_name, folder)
             prompt = tok.decode((tok.encode(PROMPT_TEXT * 10))[:args.prompt_tokens])
+            print(f"\n  {shape_name}: {SERVE_SHAPES[shape_name]}")
+            first, rate = engine_alone(ckpt, tok.encode(prompt), args.new_tokens, args.device, args.repeats)
+            print(f"    engine alone (generate_stream, no server): first token {first * 1000:,.0f} ms, "
+                  f"then {rate:,.0f} tokens/s")
             proc, port = start_server(ckpt, args.device, Path(folder) / "serve.log")
             try:
                 stream_completion(port, prompt, args.new_tokens, seed=0)
-                print(f"\n  {shape_name}: {SERVE_SHAPES[shape_name]}")
                 print(f"    {'clients':>7} {'first token':>12} {'tokens/s, all':>14} {'tokens/s, each':>15}")
                 for clients in args.clients:
                     rounds = [serve_round(port, clients, prompt, args.new_tokens) for _ in range(args.repeats)]
