@@ -54,7 +54,9 @@ learned tokens per split. A malformed line is an error naming the file and line
 import codecs
 import contextlib
 import functools
+import gzip
 import hashlib
+import importlib
 import io
 import itertools
 import json
@@ -151,15 +153,19 @@ def download(url: str, out: Path) -> Path:
 
 
 def read_blocks(path: Path, errors: str, on_bytes):
-    """The text of one file in blocks, decoded as UTF-8 (a leading byte-order mark is dropped),
-    with CRLF and lone CR read as LF. on_bytes(data) sees every raw block (hashing, progress)."""
+    """The text of one file in blocks (decompressed for .gz, .zst), decoded as UTF-8 (a leading
+    byte-order mark is dropped), with CRLF and lone CR read as LF. on_bytes(data) sees every raw
+    block (hashing, progress)."""
     utf8 = codecs.getincrementaldecoder("utf-8")(errors)
     # Python's universal newlines; it holds back a block's final CR until it sees the next byte
     decoder = io.IncrementalNewlineDecoder(utf8, translate=True)
     offset, first = 0, True
-    with open(path, "rb") as f:
+    with open_bytes(path, on_bytes) as f:
         while True:
-            data = f.read(BLOCK_BYTES)
+            try:
+                data = f.read(BLOCK_BYTES)
+            except archive_errors() as e:
+                read_failed(path, e)
             pending = len(utf8.getstate()[0])  # bytes of a character cut by the previous block
             try:
                 text = decoder.decode(data, final=not data)
@@ -168,13 +174,162 @@ def read_blocks(path: Path, errors: str, on_bytes):
                                 "(pass --errors replace to read it as U+FFFD)") from None
             if first and text:
                 text, first = text.removeprefix("\ufeff"), False
-            if data:
-                on_bytes(data)
-                offset += len(data)
+            offset += len(data)
             if text:
                 yield text
             if not data:
                 return
+
+
+RECORD_SUFFIXES = (".jsonl", ".json", ".parquet")  # one record (document) per JSON line / Parquet row
+COMPRESSED = (".gz", ".zst")
+
+
+def file_format(path: Path) -> tuple[str, str | None]:
+    """(text | jsonl | parquet, gz | zst | None) from the file name: data.jsonl.gz -> (jsonl, gz)."""
+    suffixes = [s.lower() for s in path.suffixes[-2:]]
+    compression = suffixes.pop().lstrip(".") if suffixes and suffixes[-1] in COMPRESSED else None
+    kind = suffixes[-1] if suffixes else ""
+    if kind == ".parquet":
+        if compression:
+            raise UserError(f"{path}: a Parquet file compresses inside; read it uncompressed")
+        return "parquet", None
+    return ("jsonl" if kind in (".jsonl", ".json") else "text"), compression
+
+
+def optional_module(name: str, pip_name: str, path: Path):
+    """An optional dependency, imported where a file needs it; missing, one line naming the pip command."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise UserError(f"{path} needs the {pip_name} package: pip install {pip_name}") from None
+
+
+class _Counted(io.RawIOBase):
+    """A binary file whose every read is passed to on_bytes (the raw, still compressed bytes)."""
+
+    def __init__(self, f, on_bytes):
+        self.f, self.on_bytes = f, on_bytes
+
+    def readable(self):
+        return True
+
+    def readinto(self, buf):
+        data = self.f.read(len(buf))
+        buf[:len(data)] = data
+        if data:
+            self.on_bytes(data)
+        return len(data)
+
+
+@contextlib.contextmanager
+def open_bytes(path: Path, on_bytes):
+    """The bytes of a file, decompressed for .gz and .zst; on_bytes sees the raw bytes read."""
+    compression = file_format(path)[1]
+    with open(path, "rb") as raw:
+        f = io.BufferedReader(_Counted(raw, on_bytes), BLOCK_BYTES)
+        if compression == "gz":
+            f = gzip.GzipFile(fileobj=f)
+        elif compression == "zst":
+            zstd = optional_module("zstandard", "zstandard", path)
+            f = zstd.ZstdDecompressor().stream_reader(f, read_across_frames=True)
+        yield f
+
+
+def read_failed(path: Path, e: Exception):
+    """A damaged or cut-short .gz/.zst as one error line (zstandard's ZstdError is no OSError)."""
+    raise UserError(f"{path}: cannot read it ({e})") from None
+
+
+def archive_errors() -> tuple:
+    zstd = sys.modules.get("zstandard")
+    return (OSError, EOFError) + ((zstd.ZstdError,) if zstd else ())
+
+
+def record_text(record, field: str) -> str:
+    """The text of one record (a JSON object or Parquet row's value), or a ValueError saying why not."""
+    if not isinstance(record, dict):
+        raise ValueError(f"a {type(record).__name__}, not an object with a {field!r} field")
+    if field not in record:
+        raise ValueError(f"no {field!r} field")
+    text = record[field]
+    if not isinstance(text, str):
+        raise ValueError(f"{field!r} is {'null' if text is None else type(text).__name__}, not a string")
+    return text
+
+
+def jsonl_records(path: Path, errors: str, on_bytes):
+    """(record number, where, record or the exception that spoils it) for each non-blank line of a
+    JSON Lines file, read in blocks: memory holds a block and the longest line, never the file."""
+    n = line = 0
+    carry = b""
+    with open_bytes(path, on_bytes) as f:
+        while True:
+            try:
+                data = f.read(BLOCK_BYTES)
+            except archive_errors() as e:
+                read_failed(path, e)
+            *lines, carry = (carry + data).split(b"\n") if data else (carry, b"")
+            for raw in lines:
+                line += 1
+                if not raw.strip():
+                    continue
+                n += 1
+                try:
+                    text = raw.decode("utf-8", errors)
+                    yield n, f"record {n} (line {line})", json.loads(text.removeprefix("\ufeff") if line == 1 else text)
+                except ValueError as e:  # not UTF-8, not JSON
+                    yield n, f"record {n} (line {line})", e
+            if not data:
+                return
+
+
+def parquet_records(path: Path, field: str, on_bytes):
+    """(record number, where, {field: value}) for each row of a Parquet file, read a record batch
+    at a time (only the one column). on_bytes sees the file's bytes as its row groups are done."""
+    pq = optional_module("pyarrow.parquet", "pyarrow", path)
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow.ArrowInvalid: not a Parquet file
+        raise UserError(f"{path}: not a Parquet file ({e})") from None
+    has_field = field in pf.schema_arrow.names
+    n = 0
+    with open(path, "rb") as raw:  # hashing and progress, a row group's share at a time
+        for group in range(pf.metadata.num_row_groups):
+            if has_field:
+                batches = pf.iter_batches(batch_size=1024, row_groups=[group], columns=[field])
+                for batch in batches:
+                    for value in batch.column(0).to_pylist():
+                        n += 1
+                        yield n, f"record {n}", {field: value}
+            else:
+                for _ in range(pf.metadata.row_group(group).num_rows):
+                    n += 1
+                    yield n, f"record {n}", {}
+            end = raw.tell() + (path.stat().st_size - raw.tell()) // (pf.metadata.num_row_groups - group)
+            while raw.tell() < end and (data := raw.read(min(BLOCK_BYTES, end - raw.tell()))):
+                on_bytes(data)
+
+
+def record_documents(path: Path, field: str, errors: str, on_bytes, bad: dict):
+    """The text of each record of a JSON Lines or Parquet file: one document each, CRLF and lone CR
+    read as LF as in a text file. A record without a string `field` is an error naming the file and
+    record, or, when bad["skip"], counted in bad["count"] (the first kept in bad["first"])."""
+    kind = file_format(path)[0]
+    records = parquet_records(path, field, on_bytes) if kind == "parquet" else jsonl_records(path, errors, on_bytes)
+    for n, where, record in records:
+        try:
+            if isinstance(record, Exception):
+                raise record
+            text = record_text(record, field)
+        except ValueError as e:
+            reason = bad_line_reason(e)
+            if not bad["skip"]:
+                raise UserError(f"{path}, {where}: {reason} (--skip_bad_records skips such records)") from None
+            bad["count"] += 1
+            bad["first"] = bad["first"] or f"{path}, {where}: {reason}"
+            continue
+        yield text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def split_blocks(blocks, sep: str):
@@ -208,14 +363,25 @@ def clean_blocks(stream):
             space = space or bool(block)
 
 
-def iter_docs(files, sep: str | None, clean: bool, errors: str, on_bytes):
-    """The corpus as text blocks with None after each document (files, cut further on `sep`).
-    on_bytes(i, data) sees the raw bytes of files[i]."""
+def file_documents(path: Path, field: str, errors: str, on_bytes, bad: dict):
+    """The documents of one file, each an iterable of text blocks: a text file is one, a JSON Lines
+    or Parquet file one per record."""
+    if file_format(path)[0] == "text":
+        yield read_blocks(path, errors, on_bytes)
+    else:
+        for text in record_documents(path, field, errors, on_bytes, bad):
+            yield (text,)
+
+
+def iter_docs(files, sep: str | None, clean: bool, errors: str, on_bytes, field: str = "text", bad=None):
+    """The corpus as text blocks with None after each document (files or records, cut further on
+    `sep`). on_bytes(i, data) sees the raw bytes of files[i]; bad: see record_documents."""
+    bad = {"skip": False, "count": 0, "first": None} if bad is None else bad
     for i, (path, _) in enumerate(files):
-        blocks = read_blocks(path, errors, functools.partial(on_bytes, i))
-        stream = split_blocks(blocks, sep) if sep else blocks
-        yield from clean_blocks(stream) if clean else stream
-        yield None
+        for blocks in file_documents(path, field, errors, functools.partial(on_bytes, i), bad):
+            stream = split_blocks(blocks, sep) if sep else blocks
+            yield from clean_blocks(stream) if clean else stream
+            yield None
 
 
 class Progress:
@@ -547,6 +713,12 @@ def parse_args(argv=None):
                         "on (--tokenizer names the base model) (default: %(default)s)")
     p.add_argument("--skip_bad_lines", action="store_true",
                    help="--format chat: skip malformed lines and count them, instead of stopping at the first")
+    p.add_argument("--text_field", default="text",
+                   help="JSON Lines (.jsonl, .json) and Parquet inputs: the field or column holding each record's "
+                        "text; one record is one document (default: %(default)s)")
+    p.add_argument("--skip_bad_records", action="store_true",
+                   help="skip records without a string --text_field (or not JSON) and count them, instead of "
+                        "stopping at the first")
     p.add_argument("--glob", help="file pattern inside directories, '*.jsonl' with --format chat (default: '*.txt')")
     p.add_argument("--split_docs", metavar="SEP",
                    help=r"also cut files into documents at SEP; backslash escapes work ('\n\n' = blank line)")
@@ -564,7 +736,7 @@ def parse_args(argv=None):
     if args.format == "chat":
         check_chat_args(args)
     elif args.skip_bad_lines:
-        raise UserError("--skip_bad_lines applies to --format chat (a text file has no lines to skip)")
+        raise UserError("--skip_bad_lines applies to --format chat (--skip_bad_records to JSON Lines and Parquet records)")
     if not 0 < args.val_fraction < 1:
         raise UserError(f"--val_fraction must be between 0 and 1, got {args.val_fraction}")
     if args.out is not None and not args.out.strip():  # an unset variable in `--out "$DIR"`
@@ -639,8 +811,9 @@ def make_tokenizer(args, chars: set[str], train_texts) -> Tokenizer:
     return load_tokenizer(args.tokenizer)
 
 
-def read(files, args, label: str, hashes=None):
-    """iter_docs over the inputs with a progress line; each file's sha256 into hashes if given."""
+def read(files, args, label: str, hashes=None, bad=None):
+    """iter_docs over the inputs with a progress line; each file's sha256 into hashes if given,
+    bad records counted in `bad` (record_documents) if given."""
     progress = Progress(label, sum(path.stat().st_size for path, _ in files))
 
     def on_bytes(i, data):
@@ -648,7 +821,8 @@ def read(files, args, label: str, hashes=None):
         if hashes:
             hashes[i].update(data)
 
-    yield from iter_docs(files, args.split_docs, args.clean, args.errors, on_bytes)
+    bad = {"skip": args.skip_bad_records, "count": 0, "first": None} if bad is None else bad
+    yield from iter_docs(files, args.split_docs, args.clean, args.errors, on_bytes, args.text_field, bad)
     progress.close()
 
 
@@ -723,7 +897,8 @@ def main(argv=None):
 
     # A first pass when the vocabulary or the documents depend on the text; otherwise each file is
     # one document and its size on disk will do.
-    if args.tokenizer in ("char", "bpe") or args.split_docs or args.clean:
+    records = any(file_format(path) != ("text", None) for path, _ in files)  # documents (or sizes) inside
+    if args.tokenizer in ("char", "bpe") or args.split_docs or args.clean or records:
         sizes, chars = scan(read(files, args, "scan"), want_chars=args.tokenizer == "char")
     else:
         sizes, chars = [path.stat().st_size for path, _ in files], set()
@@ -782,7 +957,8 @@ def build_dataset(args, files, out: Path, sizes, chars, t0):
     total = sum(path.stat().st_size for path, _ in files)
     workers = args.workers or (os.cpu_count() or 1 if total >= POOL_MIN_BYTES else 1)
     hashes = [hashlib.sha256() for _ in files]
-    fields = write_dataset(out, tok, iter_pieces(read(files, args, "encode", hashes)), is_val, sep, args, workers)
+    bad = {"skip": args.skip_bad_records, "count": 0, "first": None}
+    fields = write_dataset(out, tok, iter_pieces(read(files, args, "encode", hashes, bad)), is_val, sep, args, workers)
     write_meta(out, tok, {
         **fields,
         "doc_separator": sep.tolist(),
@@ -791,13 +967,18 @@ def build_dataset(args, files, out: Path, sizes, chars, t0):
         "seed": args.seed,
         "inputs": [{**({"url": url} if url else {}), "path": str(path), "bytes": path.stat().st_size,
                     "sha256": h.hexdigest()} for (path, url), h in zip(files, hashes)],
-        "options": {"glob": args.glob, "split_docs": args.split_docs, "clean": args.clean, "errors": args.errors},
+        "options": {"glob": args.glob, "split_docs": args.split_docs, "clean": args.clean, "errors": args.errors,
+                    "text_field": args.text_field},
+        "skipped_records": bad["count"],
     })
     note_replaced(out, old, tok)
     secs = time.time() - t0
     n = fields["tokens"]
+    if bad["count"]:
+        print(f"skipped {bad['count']:,} bad record(s); the first: {bad['first']}", file=sys.stderr)
+    skipped = f"; skipped {bad['count']:,} bad records" if bad["count"] else ""
     print(f"{out}: train {n['train']:,} tokens, val {n['val']:,} tokens ({tok.kind}, vocab {tok.vocab_size:,}, "
-          f"{fields['dtype']}) from {size_text(total)} in {secs:.1f}s ({size_text(total / secs)}/s)")
+          f"{fields['dtype']}) from {size_text(total)} in {secs:.1f}s ({size_text(total / secs)}/s){skipped}")
 
 
 if __name__ == "__main__":
