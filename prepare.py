@@ -53,6 +53,7 @@ learned tokens per split. A malformed line is an error naming the file and line
 """
 import codecs
 import contextlib
+import fnmatch
 import functools
 import gzip
 import hashlib
@@ -92,14 +93,14 @@ BLOCK_BYTES = 1 << 20  # read size
 # Reading corpora: a stream of text blocks with None after each document
 
 
-def resolve_inputs(inputs: list[str], glob: str, out: Path) -> list[tuple[Path, str | None]]:
+def resolve_inputs(inputs: list[str], glob: str, out: Path, hf=None) -> list[tuple[Path, str | None]]:
     """(file, url or None) for every input file, each once: a file given twice (or a folder and a
     file inside it) would otherwise be two documents, one of which can land in val as a copy of
     train. Duplicates (by resolved path) are skipped with a notice; the first keeps its place.
-    `out` (the dataset folder) is named in a failed download's error."""
+    `out` (the dataset folder) is named in a failed download's error; hf: see hf_dataset_files."""
     files, seen, skipped = [], set(), []
     for name in inputs:
-        for path, url in expand_input(name, glob, out):
+        for path, url in expand_input(name, glob, out, hf):
             if path.resolve() in seen:
                 skipped.append(str(path))
             else:
@@ -111,12 +112,16 @@ def resolve_inputs(inputs: list[str], glob: str, out: Path) -> list[tuple[Path, 
     return files
 
 
-def expand_input(name: str, glob: str, out: Path) -> list[tuple[Path, str | None]]:
+def expand_input(name: str, glob: str, out: Path, hf=None) -> list[tuple[Path, str | None]]:
     """(file, url or None) for one --input: a file as given, a directory searched recursively for
-    `glob` (sorted; hidden folders skipped), a URL downloaded once into CACHE_DIR."""
+    `glob` (sorted; hidden folders skipped), a URL downloaded once into CACHE_DIR, a Hugging Face
+    dataset's files (hf://datasets/OWNER/NAME) downloaded into the Hugging Face cache. A local
+    path comes first: a folder named hf: is read as a folder."""
+    path = Path(name)
+    if name.startswith("hf://") and not path.exists():
+        return hf_dataset_files(name, **(hf or {}))
     if name.startswith(("http://", "https://")):
         return [(download(name, out), name)]
-    path = Path(name)
     if path.is_dir():
         found = sorted(p for p in path.rglob(glob)
                        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
@@ -126,6 +131,93 @@ def expand_input(name: str, glob: str, out: Path) -> list[tuple[Path, str | None
     if path.is_file():
         return [(path, None)]
     raise UserError(f"{name}: no such file or directory")
+
+
+HF_DATA_SUFFIXES = (".parquet", ".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst", ".txt")
+
+
+def hf_dataset_files(url: str, config: str | None = None, split: str = "train", pattern: str | None = None):
+    """(local file, hf:// url) for each data file of a Hugging Face dataset's config and split, each
+    downloaded by huggingface_hub into its cache (HF_HUB_CACHE; offline, HF_HUB_OFFLINE=1, read
+    from there). The files are those the dataset card's `configs` name for the split, else those
+    whose path names the split (data/train-00000.parquet), or `pattern` (--hf_files) over all files."""
+    repo = url.removeprefix("hf://datasets/").strip("/")
+    if not url.startswith("hf://datasets/") or repo.count("/") != 1:
+        raise UserError(f"{url}: a Hugging Face dataset is hf://datasets/OWNER/NAME")
+    try:
+        import huggingface_hub as hub
+    except ImportError:
+        raise UserError(f"{url} needs the huggingface_hub package: pip install huggingface_hub") from None
+    try:
+        names = hf_repo_files(hub, repo)
+        if pattern:
+            patterns = [pattern]
+        else:
+            patterns = hf_config_patterns(hub, repo, names, config, split)
+        picked = sorted(n for n in names if n.lower().endswith(HF_DATA_SUFFIXES)
+                        and any(fnmatch.fnmatch(n, p) for p in patterns))
+        if not picked:
+            what = f"--hf_files {pattern!r}" if pattern else f"config {config or 'default'!r}, split {split!r}"
+            raise UserError(f"{url}: no Parquet, JSON Lines or text files for {what}")
+        print(f"{url}: {len(picked)} file(s) (huggingface_hub downloads each once into its cache)", file=sys.stderr)
+        return [(Path(hub.hf_hub_download(repo, n, repo_type="dataset")), f"{url}/{n}") for n in picked]
+    except UserError:
+        raise
+    except Exception as e:  # the Hub's HTTP errors, a missing cache entry (OSError), the network library's own
+        offline = " (offline: HF_HUB_OFFLINE=1 reads only what the cache holds)" if hub_offline() else ""
+        raise UserError(f"{url}: {(str(e) or type(e).__name__).splitlines()[0]}{offline}") from None
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
+def hf_repo_files(hub, repo: str, cached: bool = False) -> list[str]:
+    """The files of a dataset repository: listed by the Hub, or offline (or when the Hub cannot be
+    reached) those of its cached snapshot, as hf_hub_download then reads them."""
+    if not (cached or hub_offline()):
+        try:
+            return hub.list_repo_files(repo, repo_type="dataset")
+        except Exception as e:  # no network: the cache may hold the dataset; else this is the error
+            try:
+                return hf_repo_files(hub, repo, cached=True)
+            except OSError:
+                raise e from None
+    root = Path(hub.snapshot_download(repo, repo_type="dataset", allow_patterns=["README.md"], local_files_only=True))
+    return [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()]
+
+
+def hf_config_patterns(hub, repo: str, names: list[str], config: str | None, split: str) -> list[str]:
+    """The data_files patterns of `config` (else the default one) and `split` in the dataset card."""
+    configs = []
+    if "README.md" in names:
+        from huggingface_hub.repocard import metadata_load  # the YAML header of the dataset card
+        card = metadata_load(hub.hf_hub_download(repo, "README.md", repo_type="dataset")) or {}
+        configs = card.get("configs") or []
+    if not configs:
+        if config:
+            raise UserError(f"hf://datasets/{repo}: its card names no configs; pick files with --hf_files GLOB")
+        return [f"*{split}[-_./]*", f"{split}[-_./]*"]  # data/train-00000-of-00002.parquet, train/0.jsonl
+    by_name = {c.get("config_name", "default"): c for c in configs}
+    if config is None:
+        chosen = next((c for c in configs if c.get("default")), None) or by_name.get("default") or configs[0]
+    elif config in by_name:
+        chosen = by_name[config]
+    else:
+        raise UserError(f"hf://datasets/{repo}: no config {config!r}; it has {', '.join(by_name)}")
+    files = chosen.get("data_files", [])
+    if isinstance(files, str):
+        files = [files]
+    patterns = [f for f in files if isinstance(f, str)]
+    for entry in (f for f in files if isinstance(f, dict)):
+        if entry.get("split") == split:
+            paths = entry.get("path", [])
+            patterns += [paths] if isinstance(paths, str) else paths
+    if not patterns:
+        splits = [f.get("split") for f in files if isinstance(f, dict)]
+        raise UserError(f"hf://datasets/{repo}: config {chosen.get('config_name', 'default')!r} has no split "
+                        f"{split!r} (it has {', '.join(map(str, splits))}); pass --hf_split")
+    return patterns
 
 
 def download(url: str, out: Path) -> Path:
@@ -700,7 +792,8 @@ def build_chat_dataset(args, files, out: Path, tok: Tokenizer, t0: float):
 def parse_args(argv=None):
     p = ArgumentParser(description="Turn text into train.bin/val.bin token files plus meta.json.")
     p.add_argument("--input", nargs="+", metavar="PATH_OR_URL",
-                   help="files, directories (recursive) or http(s) URLs; each file is a document "
+                   help="files, directories (recursive), http(s) URLs or hf://datasets/OWNER/NAME; each text "
+                        "file, JSON line or Parquet row is a document "
                         "(default: tiny shakespeare, downloaded once into data/.cache)")
     p.add_argument("--out", help="output directory (default: data/<first input's name>, or "
                                  "data/shakespeare_<tokenizer> for the default corpus)")
@@ -719,6 +812,11 @@ def parse_args(argv=None):
     p.add_argument("--skip_bad_records", action="store_true",
                    help="skip records without a string --text_field (or not JSON) and count them, instead of "
                         "stopping at the first")
+    p.add_argument("--hf_config", help="hf://datasets/OWNER/NAME inputs: the dataset's config "
+                                       "(default: its default one)")
+    p.add_argument("--hf_split", default="train", help="hf:// inputs: the split to read (default: %(default)s)")
+    p.add_argument("--hf_files", metavar="GLOB", help="hf:// inputs: read the repository's files matching GLOB "
+                                                      "instead of a config's split")
     p.add_argument("--glob", help="file pattern inside directories, '*.jsonl' with --format chat (default: '*.txt')")
     p.add_argument("--split_docs", metavar="SEP",
                    help=r"also cut files into documents at SEP; backslash escapes work ('\n\n' = blank line)")
@@ -889,7 +987,8 @@ def main(argv=None):
     args = parse_args(argv)
     t0 = time.time()
     out = Path(args.out) if args.out else default_out(args)
-    files = resolve_inputs(args.input or [SHAKESPEARE_URL], args.glob, out)
+    hf = {"config": args.hf_config, "split": args.hf_split, "pattern": args.hf_files}
+    files = resolve_inputs(args.input or [SHAKESPEARE_URL], args.glob, out, hf)
     if args.format == "chat":
         tok = load_tokenizer(args.tokenizer).with_chat_specials()  # before --out is made: a bad path fails first
         with created_dir(out, "output directory"):
