@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from common import UserError, autocast_context, resolve_device, resolve_dtype
-from gpt import GPT, load_checkpoint, model_from_checkpoint, quantize_int8, store_linear_weights_transposed
+from gpt import GPT, is_hub_model_id, load_checkpoint, model_from_checkpoint, quantize_int8, store_linear_weights_transposed
 from tokenizer import load_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -28,7 +28,8 @@ CHECKPOINT_NAMES = ("best.pt", "ckpt.pt")  # an out_dir's, in order of preferenc
 
 def find_checkpoint(ckpt, out_dir):
     """--ckpt, else best.pt / ckpt.pt of --out_dir, else the newest run under out*/ (best.pt first).
-    A --ckpt folder is a Hugging Face GPT-2 folder when it holds config.json and no checkpoint."""
+    A --ckpt folder is a Hugging Face GPT-2 folder when it holds config.json and no checkpoint; a
+    --ckpt that is no path but a Hub model id (gpt2, OWNER/NAME) is returned as given."""
     if ckpt:
         if Path(ckpt).is_dir() and not is_hf_folder(ckpt):
             raise UserError(f"--ckpt {ckpt} is a directory; --out_dir {ckpt} uses its best.pt or ckpt.pt")
@@ -64,7 +65,7 @@ def load_model(ckpt=None, out_dir=None, device="auto", dtype="auto", int8=False,
     if dtype == "auto" and device_name == "cpu" and not scoring:
         run_dtype = torch.float32
     path = find_checkpoint(ckpt, out_dir)
-    if path.is_dir():  # a Hugging Face GPT-2 folder: GPT-2's own BPE
+    if path.is_dir() or is_hub_model_id(path):  # a Hugging Face GPT-2 (folder or Hub id): GPT-2's own BPE
         try:
             model = GPT.from_pretrained(path).to(device_name)
         except (ValueError, OSError) as e:

@@ -25,6 +25,7 @@ import contextlib
 import json
 import math
 import pickle  # only for the UnpicklingError of torch.load(weights_only=True)
+import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -254,8 +255,9 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, model_dir, dropout=0.0):
-        """Load a local Hugging Face GPT-2 directory (a path, never a hub name: no network)."""
-        model_dir = Path(model_dir)
+        """Load a Hugging Face GPT-2: a local directory, or a Hub model id (gpt2, gpt2-xl, OWNER/NAME)
+        fetched by hub_model_dir. A local directory wins over a Hub id of the same name."""
+        model_dir = hub_model_dir(str(model_dir)) if is_hub_model_id(model_dir) else Path(model_dir)
         config_path = model_dir / "config.json"
         if not config_path.is_file():
             raise ValueError(f"{model_dir}: no config.json here; expected a Hugging Face GPT-2 directory")
@@ -263,6 +265,45 @@ class GPT(nn.Module):
         model = cls(config)
         model.load_state_dict(state_from_hf(load_hf_weights(model_dir), model, model_dir))
         return model
+
+
+GPT2_MODEL_IDS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # OpenAI's, on the Hub without an owner
+
+
+def is_hub_model_id(name) -> bool:
+    """A Hugging Face model id rather than a path: GPT-2's own names, or OWNER/NAME, when no such path
+    exists (a local folder of the same name wins) and it does not name a checkpoint file."""
+    name = str(name)
+    if Path(name).exists() or name.endswith((".pt", ".bin", ".safetensors", "/")):
+        return False
+    owner, _, repo = name.partition("/")
+    word = re.compile(r"[A-Za-z0-9][\w.-]*")
+    return name in GPT2_MODEL_IDS or bool(repo and word.fullmatch(owner) and word.fullmatch(repo))
+
+
+def hub_model_dir(repo: str) -> Path:
+    """The local folder of Hub model `repo` with its config.json and weights only (model.safetensors,
+    else pytorch_model.bin), fetched by huggingface_hub into its cache on first use; offline
+    (HF_HUB_OFFLINE=1) read from the cache. config.json comes first: a model of another
+    architecture is refused before its weights are downloaded."""
+    try:
+        import huggingface_hub as hub  # only when a Hub id is asked for: no network at import
+    except ImportError:
+        raise ValueError(f"{repo} is a Hugging Face model id; loading it needs: pip install huggingface_hub") from None
+    try:
+        config = json.loads(Path(hub.hf_hub_download(repo, "config.json")).read_text(encoding="utf-8"))
+        if config.get("model_type") != "gpt2":
+            raise ValueError(f"model_type is {config.get('model_type')!r}, this loads only 'gpt2'")
+        for weights in ("model.safetensors", "pytorch_model.bin"):
+            folder = Path(hub.snapshot_download(repo, allow_patterns=["config.json", weights]))
+            if (folder / weights).is_file():
+                return folder
+        raise ValueError("the repository has neither model.safetensors nor pytorch_model.bin")
+    except ValueError as e:
+        raise ValueError(f"{repo}: {e}") from None
+    except Exception as e:  # the Hub's HTTP errors, a missing cache entry offline, the network library's own
+        first = (str(e) or type(e).__name__).splitlines()[0]
+        raise ValueError(f"{repo}: cannot fetch it from the Hugging Face Hub ({first})") from None
 
 
 def hf_config(config):

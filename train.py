@@ -41,7 +41,7 @@ import torch
 
 from common import (UserError, atomic_write_text, autocast_context, maybe_compile, measure_peak_flops, print0,
                     resolve_device, resolve_dtype, run_main, sync)
-from gpt import GPT, GPTConfig, load_checkpoint, model_from_checkpoint, save_checkpoint
+from gpt import GPT, GPTConfig, is_hub_model_id, load_checkpoint, model_from_checkpoint, save_checkpoint
 from tokenizer import load_tokenizer
 
 PROCESS_START = time.time()  # time_budget_s counts from here (importing torch before it takes ~2 s)
@@ -592,7 +592,7 @@ def build_model(cfg, vocab_size, tokenizer, device):
     if path.is_dir() and (path / "ckpt.pt").is_file():  # it has a config.json too, but not GPT-2's
         raise UserError(f"{path} is the out_dir of a training run: --init_from={path / 'ckpt.pt'} starts "
                         f"from its weights; --out_dir={path} --init_from=resume continues it")
-    if path.is_dir() and (path / "config.json").is_file():
+    if path.is_dir() and (path / "config.json").is_file() or is_hub_model_id(init):  # a folder, or gpt2, OWNER/NAME
         try:
             model = GPT.from_pretrained(path, dropout=cfg["dropout"])
         except (ValueError, OSError) as e:
