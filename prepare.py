@@ -477,11 +477,12 @@ def iter_docs(files, sep: str | None, clean: bool, errors: str, on_bytes, field:
 
 
 class Progress:
-    """`label: MB done / total, MB/s, ETA` on stderr when it is a terminal, a few times a second,
-    and once more at the end, so the last line shows the whole input read."""
+    """`label: MB done / total, MB/s, tokens, tokens/s, ETA` on stderr when it is a terminal, a few
+    times a second, and once more at the end, so the last line shows the whole input read. The
+    tokens are those add_tokens counted (encoding), the ETA is from the bytes read so far."""
 
     def __init__(self, label: str, total: int):
-        self.label, self.total, self.done = label, total, 0
+        self.label, self.total, self.done, self.tokens = label, total, 0, 0
         self.t0 = self.shown = time.time()
         self.tty = sys.stderr.isatty()
         self.width = 0  # of the longest line shown: a shorter one must cover it
@@ -492,11 +493,16 @@ class Progress:
         if self.tty and now - self.shown > 0.25:
             self.show(now)
 
+    def add_tokens(self, n: int):
+        self.tokens += n
+
     def show(self, now: float):
         self.shown = now
         rate = self.done / (now - self.t0)
         eta = (self.total - self.done) / rate if rate else 0
-        line = f"{self.label}: {self.done / 1e6:,.1f}/{self.total / 1e6:,.1f} MB  {rate / 1e6:.1f} MB/s  ETA {eta:.0f}s"
+        tokens = f"  {self.tokens / 1e6:,.1f}M tokens {self.tokens / (now - self.t0) / 1e6:,.2f}M/s" if self.tokens else ""
+        line = (f"{self.label}: {self.done / 1e6:,.1f}/{self.total / 1e6:,.1f} MB  {rate / 1e6:.1f} MB/s{tokens}  "
+                f"ETA {clock(eta)}")
         self.width = max(self.width, len(line))
         print(f"\r{line:<{self.width}}", end="", file=sys.stderr, flush=True)
 
@@ -504,6 +510,12 @@ class Progress:
         if self.tty and self.shown > self.t0:  # a line is on screen: finish it
             self.show(time.time())
             print(file=sys.stderr)
+
+
+def clock(seconds: float) -> str:
+    """Seconds as 42s, 7m05s or 3h02m: an ETA of hours is read at a glance."""
+    s = int(seconds)
+    return f"{s}s" if s < 60 else f"{s // 60}m{s % 60:02d}s" if s < 3600 else f"{s // 3600}h{s // 60 % 60:02d}m"
 
 
 def size_text(n: float) -> str:
@@ -632,10 +644,11 @@ def encode_pieces(pieces, tok: Tokenizer, dtype: np.dtype, workers: int):
         raise UserError(f"an encoding process died ({e}); out of memory? try --workers 1") from e
 
 
-def write_splits(encoded, is_val, sep: bytes, paths: dict, itemsize: int, val_fraction: float) -> tuple[dict, dict]:
+def write_splits(encoded, is_val, sep: bytes, paths: dict, itemsize: int, val_fraction: float,
+                 on_tokens=None) -> tuple[dict, dict]:
     """Append each document's tokens to its split's file, `sep` between documents of a split. With
     is_val None each document goes to train, then its tail moves to val (move_tail). Returns
-    tokens and documents per split."""
+    tokens and documents per split (Python ints: no 32-bit limit); on_tokens(n) sees each piece's."""
     docs = {"train": 0, "val": 0}
     with open(paths["train"], "w+b") as ftrain, open(paths["val"], "wb") as fval:
         out = {"train": ftrain, "val": fval}
@@ -646,6 +659,8 @@ def write_splits(encoded, is_val, sep: bytes, paths: dict, itemsize: int, val_fr
                 out[split].write(sep)
             for _, data in pieces:
                 out[split].write(data)
+                if on_tokens:
+                    on_tokens(len(data) // itemsize)
             if is_val is not None:
                 docs[split] += 1
             else:
@@ -909,10 +924,10 @@ def make_tokenizer(args, chars: set[str], train_texts) -> Tokenizer:
     return load_tokenizer(args.tokenizer)
 
 
-def read(files, args, label: str, hashes=None, bad=None):
-    """iter_docs over the inputs with a progress line; each file's sha256 into hashes if given,
-    bad records counted in `bad` (record_documents) if given."""
-    progress = Progress(label, sum(path.stat().st_size for path, _ in files))
+def read(files, args, label: str, hashes=None, bad=None, progress=None):
+    """iter_docs over the inputs with a progress line (`progress`, else a new one); each file's
+    sha256 into hashes if given, bad records counted in `bad` (record_documents) if given."""
+    progress = progress or Progress(label, sum(path.stat().st_size for path, _ in files))
 
     def on_bytes(i, data):
         progress(data)
@@ -924,15 +939,16 @@ def read(files, args, label: str, hashes=None, bad=None):
     progress.close()
 
 
-def write_dataset(out: Path, tok: Tokenizer, pieces, is_val, sep: np.ndarray, args, workers: int) -> dict:
+def write_dataset(out: Path, tok: Tokenizer, pieces, is_val, sep: np.ndarray, args, workers: int,
+                  on_tokens=None) -> dict:
     """Encode the pieces into out/{train,val}.bin (temp names until complete); returns the parts
-    of meta.json that encoding decides."""
+    of meta.json that encoding decides. on_tokens(n) sees each piece's number of tokens."""
     dtype = token_dtype(tok.vocab_size)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"train": out / "train.bin.tmp", "val": out / "val.bin.tmp"}
     try:
-        tokens, docs = write_splits(encode_pieces(pieces, tok, dtype, workers), is_val,
-                                    sep.astype(dtype).tobytes(), paths, dtype.itemsize, args.val_fraction)
+        tokens, docs = write_splits(encode_pieces(pieces, tok, dtype, workers), is_val, sep.astype(dtype).tobytes(),
+                                    paths, dtype.itemsize, args.val_fraction, on_tokens)
         for split, n in tokens.items():
             if n < MIN_SPLIT_TOKENS:
                 raise UserError(f"corpus too small: the {split} split holds {n:,} tokens, fewer than the "
@@ -1057,7 +1073,9 @@ def build_dataset(args, files, out: Path, sizes, chars, t0):
     workers = args.workers or (os.cpu_count() or 1 if total >= POOL_MIN_BYTES else 1)
     hashes = [hashlib.sha256() for _ in files]
     bad = {"skip": args.skip_bad_records, "count": 0, "first": None}
-    fields = write_dataset(out, tok, iter_pieces(read(files, args, "encode", hashes, bad)), is_val, sep, args, workers)
+    progress = Progress("encode", total)
+    pieces = iter_pieces(read(files, args, "encode", hashes, bad, progress))
+    fields = write_dataset(out, tok, pieces, is_val, sep, args, workers, progress.add_tokens)
     write_meta(out, tok, {
         **fields,
         "doc_separator": sep.tolist(),
