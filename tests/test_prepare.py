@@ -480,8 +480,8 @@ def test_meta_json_schema(doc_dir, out_dir):
     assert r.returncode == 0, r.stderr
     meta, bins = read_bins(out_dir)
     assert set(meta) == {"format_version", "tokenizer", "vocab_size", "eot_id", "dtype", "tokens", "documents",
-                         "doc_separator", "split", "val_fraction", "seed", "inputs", "options"}
-    assert meta["format_version"] == 1 and meta["tokenizer"] == {"kind": "gpt2", "vocab_size": 50257, "eot_id": EOT}
+                         "doc_separator", "split", "val_fraction", "seed", "inputs", "options", "skipped_records"}
+    assert meta["skipped_records"] == 0 and meta["format_version"] == 1 and meta["tokenizer"] == {"kind": "gpt2", "vocab_size": 50257, "eot_id": EOT}
     assert (meta["vocab_size"], meta["eot_id"], meta["dtype"]) == (50257, EOT, "uint16")
     assert meta["tokens"] == {s: len(b) for s, b in bins.items()}
     assert (meta["split"], meta["val_fraction"], meta["seed"], meta["doc_separator"]) == ("by_document", 0.1, 7, [EOT])
@@ -511,6 +511,7 @@ def test_document_split_is_deterministic_given_seed(tiny_corpus, tmp_path):
     assert all(p in paragraphs for p in tok.decode(a["val"]).split("\n\n"))
 
 
+@pytest.mark.slow
 def test_workers_give_identical_bins(shakespeare_path, tmp_path):
     """The process pool must return pieces in order: any reordering corrupts the text or sends a
     document to the wrong split. 10 MB: more batches than the pool keeps in flight."""
