@@ -750,8 +750,8 @@ BAD_INPUTS = {  # case: (arguments, fragments the error line must contain)
 @pytest.mark.parametrize("case", BAD_INPUTS)
 def test_bad_input_is_one_line(case, tmp_path):
     """Each user mistake must end in one `error:` line naming the problem, never a traceback, and
-    leave no --out folder behind (an empty one was left when the mistake showed up after mkdir:
-    a corpus too small, an impossible BPE vocabulary)."""
+    leave no --out folder behind, also when the mistake shows up after the folder is made (a
+    corpus too small, an impossible BPE vocabulary)."""
     (tmp_path / "sub").mkdir()
     (tmp_path / "empty.txt").write_text("", encoding="utf-8")
     (tmp_path / "small.txt").write_text("hello world\n" * 5, encoding="utf-8")
@@ -775,7 +775,8 @@ def test_a_failed_run_keeps_an_out_folder_that_was_already_there(tmp_path):
 
 
 def test_unusable_out_is_one_line_and_touches_nothing(tmp_path):
-    """--out naming a file (or an unset "$DIR") was a FileExistsError traceback / a silent default."""
+    """--out naming a file, or empty (an unset "$DIR"), is one error line (not a FileExistsError
+    traceback, not the default folder), and the file is left alone."""
     (tmp_path / "ok.txt").write_text("hello world\n" * 500, encoding="utf-8")
     taken = tmp_path / "notes.txt"
     taken.write_text("keep me", encoding="utf-8")
