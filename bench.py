@@ -213,6 +213,45 @@ def prepare_throughput(args):
     print(f"  same token count: {'yes' if same else 'NO'} ({n:,})")
 
 
+def write_record_files(src: Path, folder: Path, mb: float, chars: int = 2000) -> dict[str, Path]:
+    """src cut into records of `chars` characters, repeated to about `mb` MB of text, as JSON Lines
+    and as Parquet (row groups of 10,000 rows), each record a document; written a chunk at a time."""
+    text = src.read_text(encoding="utf-8")
+    records = [text[i:i + chars] for i in range(0, len(text), chars)]
+    copies = max(1, math.ceil(mb * 1e6 / len(text.encode())))
+    paths = {"jsonl": folder / "records.jsonl", "parquet": folder / "records.parquet"}
+    with open(paths["jsonl"], "w", encoding="utf-8") as f:
+        for _ in range(copies):
+            f.writelines(json.dumps({"text": r}, ensure_ascii=False) + "\n" for r in records)
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        print("  (Parquet skipped: pip install pyarrow)")
+        del paths["parquet"]
+        return paths
+    with pq.ParquetWriter(paths["parquet"], pa.schema([("text", pa.string())])) as writer:
+        for _ in range(copies):
+            writer.write_table(pa.table({"text": records}), row_group_size=10_000)
+    return paths
+
+
+def records_throughput(args):
+    """prepare.py over the same text as records: MB/s of the file and the peak RSS, which stays near
+    plain text's whatever the file's size (records stream in blocks and record batches)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = write_record_files(args.shakespeare, Path(tmp), args.mb)
+        for kind, path in paths.items():
+            mb = path.stat().st_size / 1e6
+            cmd = [sys.executable, ROOT / "prepare.py", "--input", path, "--tokenizer", "gpt2", "--out",
+                   Path(tmp) / f"out_{kind}", "--workers", args.workers]
+            runs = [run_child(cmd) for _ in range(args.repeats)]
+            seconds, cpu = (statistics.median(r[i] for r in runs) for i in (0, 1))
+            rss = max(r[2] for r in runs)
+            print(f"  {kind + ' records':<19} {mb / seconds:6.1f} MB/s  ({mb:,.1f} MB file, {seconds:.1f} s wall, "
+                  f"{cpu:.1f} s CPU; peak RSS {rss:.0f} MB)")
+
+
 def bpe_training(args):
     """Train on the first 90% of the Korean lines, measure characters per token on the rest."""
     text = args.korean.read_text(encoding="utf-8")[:args.korean_chars]
@@ -235,6 +274,7 @@ def prepare_bench(args):
     if not args.shakespeare.is_file():
         raise UserError(f"{args.shakespeare} not found: pass --shakespeare PATH (tiny shakespeare's input.txt)")
     prepare_throughput(args)
+    records_throughput(args)
     if args.korean.is_file():
         bpe_training(args)
     else:
@@ -480,7 +520,8 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=decode)
 
-    p = modes.add_parser("prepare", help="prepare.py: GPT-2 BPE MB/s vs one tiktoken thread, peak RSS; BPE training")
+    p = modes.add_parser("prepare", help="prepare.py: GPT-2 BPE MB/s vs one tiktoken thread, peak RSS, of text, "
+                                         "JSON Lines and Parquet; BPE training")
     p.add_argument("--mb", type=float, default=200, help="corpus size: tiny shakespeare repeated to this many MB")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="prepare.py --workers")
     p.add_argument("--repeats", type=int, default=3, help="rounds of prepare.py and the single thread, in turns")

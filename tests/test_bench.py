@@ -84,8 +84,8 @@ def test_decode_past_block_size_skips_only_hugging_face(monkeypatch, capsys):
 
 
 def test_prepare_rows_and_the_token_count(monkeypatch, capsys, shakespeare_path, korean_path):
-    """prepare.py's and one tiktoken thread's rates, their ratio, and the BPE's chars/token are
-    printed; the token count both agree on is GPT-2's count of the corpus, counted here."""
+    """prepare.py's and one tiktoken thread's rates, their ratio, the rates and peak RSS of JSON
+    Lines and Parquet inputs, and the BPE's chars/token are printed; the token count both agree on is GPT-2's count of the corpus, counted here."""
     out = bench_output(monkeypatch, capsys, "prepare", "--mb", 1, "--shakespeare", shakespeare_path,
                        "--korean", korean_path, "--korean_chars", 100_000, "--vocab_size", 512, "--repeats", 1)
     whole = re.search(r"^  prepare\.py +([0-9.]+) MB/s  \(([0-9.]+) s wall for the whole run, ([0-9.]+) s CPU; "
@@ -93,6 +93,12 @@ def test_prepare_rows_and_the_token_count(monkeypatch, capsys, shakespeare_path,
     single = re.search(r"^  encode_ordinary x1 +([0-9.]+) MB/s  \(([0-9.]+) s inside tiktoken, one thread\)$", out, re.M)
     ratio = re.search(r"^  prepare\.py / single-thread encode_ordinary: ([0-9.]+)x \(its CPU: ([0-9.]+)x", out, re.M)
     count = re.search(r"^  same token count: (\w+) \(([0-9,]+)\)$", out, re.M)
+    records = re.findall(r"^  (jsonl|parquet) records +([0-9.]+) MB/s  \(([0-9.,]+) MB file, ([0-9.]+) s wall, "
+                         r"([0-9.]+) s CPU; peak RSS ([0-9]+) MB\)$", out, re.M)
+    assert [r[0] for r in records] == ["jsonl", "parquet"], out
+    for _, rate, size, wall, cpu, rss in records:
+        assert_positive(float(rate), number(size), float(rss))
+        assert 0 <= float(wall) < math.inf and 0 <= float(cpu) < math.inf  # printed to 0.1 s
     bpe = re.search(r"^bpe: trained on ([0-9,]+) lines .* vocab_size 512: ([0-9.]+) s$", out, re.M)
     chars = re.search(r"^  chars/token on ([0-9,]+) held-out lines: ([0-9.]+) \(GPT-2 BPE: ([0-9.]+)\)$", out, re.M)
     assert whole and single and ratio and count and bpe and chars, out
