@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 import tokenizer
-from common import ArgumentParser, UserError, autocast_context, maybe_compile, measure_peak_flops, resolve_device, run_main, sync
+from common import (ArgumentParser, UserError, autocast_context, cpu_flags, maybe_compile, measure_peak_flops,
+                    resolve_device, run_main, sync)
 from engine import load_model
 from gpt import GPT, GPTConfig, generate, generate_stream, quantize_int8, save_checkpoint, store_linear_weights_transposed
 
@@ -402,9 +403,10 @@ def start_server(ckpt, device, log):
     return proc, int(m.group(1))
 
 
-def stream_completion(port, prompt, max_tokens, seed):
-    """(seconds to the first text, seconds to the end, completion tokens) of one streamed completion."""
-    body = dict(prompt=prompt, max_tokens=max_tokens, seed=seed, stream=True, stream_options={"include_usage": True})
+def stream_completion(port, prompt, max_tokens, seed, n=1):
+    """(seconds to the first text, seconds to the end, completion tokens of its n choices) of one
+    streamed completion."""
+    body = dict(prompt=prompt, max_tokens=max_tokens, seed=seed, n=n, stream=True, stream_options={"include_usage": True})
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=3600)
     t0 = time.perf_counter()
     conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
@@ -422,13 +424,13 @@ def stream_completion(port, prompt, max_tokens, seed):
     return first, time.perf_counter() - t0, tokens
 
 
-def serve_round(port, clients, prompt, max_tokens):
-    """(median time to first token, aggregate tokens/s, median tokens/s of a client after its
-    first token) of `clients` streaming completions started together."""
+def serve_round(port, clients, prompt, max_tokens, n=1):
+    """(median time to first token, aggregate tokens/s, median tokens/s of a choice after its
+    request's first token) of `clients` streaming completions of n choices each, started together."""
     results = [None] * clients
 
     def client(i):
-        results[i] = stream_completion(port, prompt, max_tokens, seed=i)
+        results[i] = stream_completion(port, prompt, max_tokens, seed=i, n=n)
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
     t0 = time.perf_counter()
     for t in threads:
@@ -437,7 +439,7 @@ def serve_round(port, clients, prompt, max_tokens):
         t.join()
     wall = time.perf_counter() - t0
     return (statistics.median(r[0] for r in results), sum(r[2] for r in results) / wall,
-            statistics.median((r[2] - 1) / (r[1] - r[0]) for r in results))
+            statistics.median((r[2] / n - 1) / (r[1] - r[0]) for r in results))
 
 
 def engine_alone(ckpt, ids, new_tokens, device, repeats):
@@ -483,10 +485,12 @@ def serve_bench(args):
             try:
                 stream_completion(port, prompt, args.new_tokens, seed=0)
                 print(f"    {'clients':>7} {'first token':>12} {'tokens/s, all':>14} {'tokens/s, each':>15}")
-                for clients in args.clients:
-                    rounds = [serve_round(port, clients, prompt, args.new_tokens) for _ in range(args.repeats)]
+                # Last, one request of n choices: n rows of one forward, what batching gives.
+                for clients, n in [(clients, 1) for clients in args.clients] + [(1, max(args.clients))]:
+                    rounds = [serve_round(port, clients, prompt, args.new_tokens, n) for _ in range(args.repeats)]
                     ttft, total, each = (statistics.median(r[i] for r in rounds) for i in range(3))
-                    print(f"    {clients:>7} {ttft * 1000:>9,.0f} ms {total:>14,.0f} {each:>15,.0f}")
+                    label = str(clients) if n == 1 else f"1, n={n}"
+                    print(f"    {label:>7} {ttft * 1000:>9,.0f} ms {total:>14,.0f} {each:>15,.0f}")
             finally:
                 proc.terminate()
                 proc.wait()
@@ -496,8 +500,9 @@ def machine():
     """The CPU's model and ISA, threads and torch version: what a figure needs beside it."""
     model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                   if line.startswith("model name")), "unknown CPU") if Path("/proc/cpuinfo").exists() else "unknown CPU"
-    return (f"{model}, {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads, "
-            f"torch {torch.__version__}")
+    isa = torch.backends.cpu.get_cpu_capability() + "".join(
+        f" + {name}" for flag, name in (("avx512_bf16", "AVX512-BF16"), ("amx_bf16", "AMX")) if flag in cpu_flags())
+    return f"{model}, {isa}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
 def main():

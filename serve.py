@@ -20,9 +20,12 @@ Design choices:
   (from "seed"): what a request gets never depends on what else is running.
 - The event loop never waits on the model: the worker hands each job's text to its queue with
   call_soon_threadsafe. A client that disconnects cancels its jobs, and the worker drops them
-  before their next token.
-- Every bad request is a 4xx with OpenAI's error object, never a 500: the request models are
-  strict (no "1" for 1), FastAPI's 422 becomes OpenAI's 400, and a catch-all hides tracebacks.
+  before their next token. Ctrl-C or SIGTERM ends every job at once (its client gets a 503).
+- A prompt longer than the context keeps its end; usage.prompt_tokens counts the tokens used.
+  A chat-tuned model's reply ends at <|end|>, a base model's where the plain template's next
+  "User:" turn would begin (tokenizer.PLAIN_STOP).
+- A bad request is a 4xx with OpenAI's error object, never a 500: the request models are strict
+  (no "1" for 1), FastAPI's 422 becomes OpenAI's 400, and a catch-all hides tracebacks.
 """
 import argparse
 import asyncio

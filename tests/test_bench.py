@@ -149,11 +149,12 @@ def test_train_rows_and_their_agreement(monkeypatch, capsys):
 
 
 def test_serve_smoke(monkeypatch, capsys):
-    """The serving benchmark starts serve.py, streams from 1 and 2 concurrent clients and prints
-    one row each: time to first token, tokens/s of all clients together and of each."""
+    """The serving benchmark starts serve.py, streams from 1 and 2 concurrent clients, then one
+    request of n=2 choices, and prints one row each: time to first token, tokens/s of all
+    clients together and of each choice."""
     out = bench_output(monkeypatch, capsys, "serve", "--shapes", "tiny", "--clients", 1, 2, "--new_tokens", 4,
                        "--repeats", 1)
-    rows = re.findall(r"^ +(\d+) +([0-9,]+) ms +([0-9,]+) +([0-9,]+)$", out, re.M)
-    assert [row[0] for row in rows] == ["1", "2"], out
+    rows = re.findall(r"^ +(\d+|1, n=2) +([0-9,]+) ms +([0-9,]+) +([0-9,]+)$", out, re.M)
+    assert [row[0] for row in rows] == ["1", "2", "1, n=2"], out
     for _, first, total, each in rows:
         assert_positive(number(first) + 1, number(total), number(each))  # a first token may take < 0.5 ms
