@@ -1,10 +1,11 @@
-# GPT-2 small (124M parameters) on a GPT-2-BPE dataset, for one node of 8 GPUs:
-#   python prepare.py --input YOUR_CORPUS --tokenizer gpt2 --out data/openwebtext
+# GPT-2 small (124M parameters) on FineWeb-Edu's 10B-token sample, for one node of 8 GPUs:
+#   python prepare.py --input hf://datasets/HuggingFaceFW/fineweb-edu --hf_config sample-10BT \
+#       --tokenizer gpt2 --val_fraction 0.005 --out data/fineweb-edu-10BT   # ~10B tokens, ~20 GB of uint16
 #   torchrun --standalone --nproc_per_node=8 train.py config/default.py
 # Fewer GPUs work too: gradient_accumulation_steps is the total over all processes,
 # so the tokens per step stay the same (it must be a multiple of the process count).
 out_dir = "out-gpt2"
-dataset = "openwebtext"
+dataset = "fineweb-edu-10BT"
 
 # 12 batch * 1024 block * 40 accumulation steps = 491,520 tokens per step (~0.5M, as GPT-2/3 small)
 # with 8 GPUs: 5 micro-steps each
@@ -18,10 +19,10 @@ n_embd = 768
 dropout = 0.0
 bias = True
 
-# 600,000 steps * 491,520 tokens = ~295B tokens
+# 20,000 steps * 491,520 tokens = ~9.8B tokens: about one pass over the sample
 learning_rate = 6e-4
-max_iters = 600_000
-lr_decay_iters = 600_000
+max_iters = 20_000
+lr_decay_iters = 20_000
 min_lr = 6e-5
 warmup_iters = 2000
 weight_decay = 0.1
