@@ -1,11 +1,11 @@
 # GPT-2 small (124M parameters) on FineWeb-Edu's 10B-token sample, for one node of 8 GPUs:
 #   python prepare.py --input hf://datasets/HuggingFaceFW/fineweb-edu --hf_config sample-10BT \
-#       --tokenizer gpt2 --val_fraction 0.005 --out data/fineweb-edu-10BT   # ~10B tokens, ~20 GB of uint16
+#       --tokenizer gpt2 --val_fraction 0.005   # -> data/fineweb-edu: ~10B tokens, ~20 GB of uint16
 #   torchrun --standalone --nproc_per_node=8 train.py config/default.py
 # Fewer GPUs work too: gradient_accumulation_steps is the total over all processes,
 # so the tokens per step stay the same (it must be a multiple of the process count).
 out_dir = "out-gpt2"
-dataset = "fineweb-edu-10BT"
+dataset = "fineweb-edu"
 
 # 12 batch * 1024 block * 40 accumulation steps = 491,520 tokens per step (~0.5M, as GPT-2/3 small)
 # with 8 GPUs: 5 micro-steps each
