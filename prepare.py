@@ -891,7 +891,8 @@ def check_chat_args(args):
     if args.tokenizer in ("char", "bpe"):
         raise UserError(f"--format chat encodes with a base model's tokenizer, not a new {args.tokenizer} one: "
                         "pass --tokenizer PATH (the base checkpoint or its dataset) or --tokenizer gpt2")
-    for flag, given in (("--split_docs", args.split_docs is not None), ("--clean", args.clean)):
+    for flag, given in (("--split_docs", args.split_docs is not None), ("--clean", args.clean),
+                        ("--skip_bad_records", args.skip_bad_records), ("--text_field", args.text_field != "text")):
         if given:
             raise UserError(f"{flag} applies to --format text; a chat file is one conversation per line")
 

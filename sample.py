@@ -110,7 +110,7 @@ MODE_NAMES = {"generate": "plain generation", "chat": "--chat", "analyze": "--an
 def parse_args(argv):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out_dir", help="use best.pt (else ckpt.pt) of this training run")
-    p.add_argument("--ckpt", help="use this checkpoint file")
+    p.add_argument("--ckpt", help="use this checkpoint file, a Hugging Face GPT-2 folder or Hub id (gpt2, OWNER/NAME)")
     p.add_argument("--start", default="", metavar="TEXT",
                    help="the prompt, or FILE:path to read it from a file (default empty: start from "
                    "end-of-text; a char model starts from a newline, and one whose characters "

@@ -585,7 +585,7 @@ class BodyLimit:
 def parse_args(argv):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out_dir", help="use best.pt (else ckpt.pt) of this training run")
-    p.add_argument("--ckpt", help="use this checkpoint file, or a Hugging Face GPT-2 folder")
+    p.add_argument("--ckpt", help="use this checkpoint file, a Hugging Face GPT-2 folder or Hub id (gpt2, OWNER/NAME)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default auto)")
     p.add_argument("--dtype", default="auto", help="auto (bf16 where native; fp32 on a CPU) | float32 | "
                    "bfloat16 | float16 (default auto)")

@@ -59,7 +59,8 @@ class Settings:
     # I/O
     out_dir: str = setting("out", "where ckpt.pt, best.pt, metrics.jsonl and config.json go")
     dataset: str = setting("shakespeare_char", "a folder under data/ written by prepare.py (or a path to one)")
-    init_from: str = setting("scratch", "'scratch' | 'resume' (out_dir/ckpt.pt) | a checkpoint path | a HF GPT-2 dir")
+    init_from: str = setting("scratch", "'scratch' | 'resume' (out_dir/ckpt.pt) | a checkpoint path | a HF GPT-2 "
+                                        "dir or Hub id (gpt2, OWNER/NAME)")
     eval_interval: int = setting(250, "iterations between evaluations (and checkpoints)")
     eval_iters: int = setting(50, "batches per split per evaluation")
     log_interval: int = setting(10, "iterations between log lines (and, under DDP, checks for a stop signal)")
