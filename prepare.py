@@ -4,6 +4,7 @@
     python prepare.py --input books/ --tokenizer gpt2 --out data/books
     python prepare.py --input reviews_ko.txt --split_docs '\\n' --tokenizer bpe --vocab_size 8192
     python prepare.py --input chats.jsonl --format chat --tokenizer out-small/ckpt.pt --out data/chat
+    python prepare.py --input hf://datasets/HuggingFaceFW/fineweb-edu --hf_config sample-10BT --tokenizer gpt2
 
 Design choices:
 - The tokenizers are tokenizer.py's: `char`, `gpt2` (tiktoken) and `bpe`, which is trained here on
@@ -14,8 +15,14 @@ Design choices:
 - Files are read as UTF-8 with CRLF and lone CR turned into LF (Python's universal newlines), so
   a file saved on Windows gives the same tokens as on Linux: no '\\r' in a char vocabulary, no
   CR tokens in a BPE.
-- Each file is a document (--split_docs cuts files further). Documents in one split are separated by
-  <|endoftext|> (gpt2, bpe) or, for char, by the --split_docs separator or else a blank line
+- Records: a .jsonl/.json file (JSON Lines, the text in --text_field) or a .parquet file (that
+  column, read a record batch at a time with pyarrow) holds one document per record; .gz and .zst
+  files are decompressed as they are read. A record without a string text field is an error naming
+  the file and record (--skip_bad_records counts it). hf://datasets/OWNER/NAME is the Parquet and
+  JSON Lines files of a Hugging Face dataset's config and split, fetched by huggingface_hub into its
+  cache (HF_HUB_OFFLINE=1 reads them from there).
+- Each text file is a document (--split_docs cuts files further). Documents in one split are
+  separated by <|endoftext|> (gpt2, bpe) or, for char, by the --split_docs separator or else a blank line
   ("\\n\\n"); a char vocabulary has no end-of-text id. train/val is split by whole documents, picked
   by a seeded shuffle, when three or more of them can hold about --val_fraction of the text (0.5x
   to 1.5x of it). Otherwise (a single document, one file per language, a few large ones) the last
@@ -33,7 +40,8 @@ Outputs in --out: train.bin and val.bin hold the token ids back to back as raw l
 uint16 (vocab_size <= 65,536) or uint32; meta.json (JSON) describes them: format_version,
 tokenizer, vocab_size, eot_id, dtype, tokens and documents per split, doc_separator (the ids
 written between documents), split ("by_document" | "document_tails" | "single_document_tail"),
-val_fraction, seed, inputs (path or url, bytes, sha256) and the reading options. Its tokenizer
+val_fraction, seed, inputs (path or url, bytes, sha256), the reading options and
+skipped_records. Its tokenizer
 entry is Tokenizer.to_dict() (tokenizer.py), except that a bpe entry names its ranks file
 ("ranks_file": "tokenizer.bpe", written beside the bins) instead of embedding "ranks".
 
