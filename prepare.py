@@ -41,9 +41,9 @@ uint16 (vocab_size <= 65,536) or uint32; meta.json (JSON) describes them: format
 tokenizer, vocab_size, eot_id, dtype, tokens and documents per split, doc_separator (the ids
 written between documents), split ("by_document" | "document_tails" | "single_document_tail"),
 val_fraction, seed, inputs (path or url, bytes, sha256), the reading options and
-skipped_records. Its tokenizer
-entry is Tokenizer.to_dict() (tokenizer.py), except that a bpe entry names its ranks file
-("ranks_file": "tokenizer.bpe", written beside the bins) instead of embedding "ranks".
+skipped_records. Its tokenizer entry is Tokenizer.to_dict() (tokenizer.py), except that a bpe
+entry names its ranks file ("ranks_file": "tokenizer.bpe", written beside the bins) instead of
+embedding "ranks".
 
 --format chat reads JSON Lines, one conversation a line: {"messages": [{"role": "system" | "user" |
 "assistant", "content": "..."}, ...]} ending with an assistant turn, or {"prompt": "...",
