@@ -331,9 +331,39 @@ def open_bytes(path: Path, on_bytes):
         if compression == "gz":
             f = gzip.GzipFile(fileobj=f)
         elif compression == "zst":
-            zstd = optional_module("zstandard", "zstandard", path)
-            f = zstd.ZstdDecompressor().stream_reader(f, read_across_frames=True)
+            f = io.BufferedReader(_Zstd(f, optional_module("zstandard", "zstandard", path)), BLOCK_BYTES)
         yield f
+
+
+class _Zstd(io.RawIOBase):
+    """The decompressed bytes of a .zst stream of one or more frames. Unlike zstandard's
+    stream_reader, a file cut short inside a frame is an error, not a silently shorter text."""
+
+    def __init__(self, f, zstd):
+        self.f, self.zstd, self.pending = f, zstd, b""
+        self.d = zstd.ZstdDecompressor().decompressobj()
+        self.started = False  # has a frame begun (an empty file is an empty text)
+
+    def readable(self):
+        return True
+
+    def readinto(self, buf):
+        while not self.pending:
+            data = self.f.read(BLOCK_BYTES)
+            if not data:
+                if self.started and not self.d.eof:
+                    raise EOFError("the file ends inside a zstd frame: it is cut short")
+                return 0
+            while data:
+                self.started = True
+                self.pending += self.d.decompress(data)
+                data = b""
+                if self.d.eof:  # the next frame, if any, starts in what this one left over
+                    data, self.d = self.d.unused_data, self.zstd.ZstdDecompressor().decompressobj()
+                    self.started = bool(data)
+        n = min(len(buf), len(self.pending))
+        buf[:n], self.pending = self.pending[:n], self.pending[n:]
+        return n
 
 
 def read_failed(path: Path, e: Exception):

@@ -93,6 +93,23 @@ def test_compressed_text_and_a_folder_of_mixed_formats(records, gpt2, tmp_path):
     assert Counter(map(tuple, docs)) == Counter(map(tuple, expected))
 
 
+def test_a_cut_short_archive_is_an_error_and_zstd_frames_concatenate(records, gpt2, tmp_path):
+    """A .gz or .zst file cut short is one error naming it, never a silently shorter corpus; a .zst
+    of several frames (as `cat a.zst b.zst` makes) reads as their texts in order."""
+    for name in ("r.jsonl.gz", "r.jsonl.zst"):
+        whole = write_records(tmp_path / name, records).read_bytes()
+        cut = tmp_path / f"cut-{name}"
+        cut.write_bytes(whole[:len(whole) // 2])
+        result = run_script("prepare.py", "--input", cut, "--tokenizer", "gpt2", "--out", tmp_path / "out", timeout=120)
+        assert_one_line_error(result, str(cut), "cannot read it")
+    lines = [json.dumps({"text": t}) + "\n" for t in records]
+    frames = [zstandard.ZstdCompressor().compress("".join(part).encode()) for part in (lines[:25], lines[25:])]
+    (tmp_path / "frames.jsonl.zst").write_bytes(b"".join(frames))
+    prepare.main(["--input", str(tmp_path / "frames.jsonl.zst"), "--tokenizer", "gpt2", "--out", str(tmp_path / "o")])
+    _, docs = read_split_docs(tmp_path / "o")
+    assert Counter(map(tuple, docs)) == Counter(tuple(gpt2.encode_ordinary(t.replace("\r\n", "\n"))) for t in records)
+
+
 BAD = [  # (line, what the error says)
     ('{"id": 1}', "record 2 (line 2): no 'text' field"),
     ('{"text": 5}', "record 2 (line 2): 'text' is int, not a string"),
