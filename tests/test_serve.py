@@ -367,12 +367,25 @@ def test_a_chat_tuned_model_ends_its_turn_at_end_token(chat_ckpt, tmp_path):
         assert server.stop() in (0, -signal.SIGTERM)
 
 
-def test_a_base_models_chat_reply_ends_before_the_next_turn(ckpt, tokenizer):
-    """The plain template's reply ends where the model starts "User:" (PLAIN_STOP) : the server's
-    stop for a base model. Checked on the engine's TextStream with that stop."""
+def test_a_base_models_chat_is_the_plain_template_continued_until_the_next_turn(client, tokenizer):
+    """Two routes to one reply: a chat completion, and a completion of render_chat's plain text
+    with the next turn's "User:" (PLAIN_STOP) as its stop string; and that stop cuts a reply."""
+    messages = [{"role": "user", "content": "Hi"}]
+    chat = client.chat.completions.create(model="m", messages=messages, seed=4, max_tokens=30)
+    prompt = tokenizer.decode(render_chat(tokenizer, messages, add_generation_prompt=True)[0])
+    assert prompt == "User: Hi\nAssistant:"
+    plain = completion(client, prompt=prompt, seed=4, max_tokens=30, stop=[PLAIN_STOP])
+    assert chat.choices[0].message.content == plain.choices[0].text
     text = engine.TextStream(tokenizer, [PLAIN_STOP])
     shown = "".join(text.add(t) for t in tokenizer.encode(" Fine, thanks.\nUser: and") if not text.stopped)
     assert shown + text.finish() == " Fine, thanks." and text.stopped
+
+
+def test_a_port_in_use_is_one_line(ckpt, monkeypatch, capsys):
+    import serve
+    with serve.socket.create_server(("127.0.0.1", 0)) as taken:
+        status, err = serve_main(monkeypatch, capsys, "--ckpt", ckpt, "--port", taken.getsockname()[1])
+    assert status == 1 and err.startswith("error: cannot listen on 127.0.0.1:") and len(err.splitlines()) == 1, err
 
 
 @pytest.mark.parametrize("signum, status", [(signal.SIGTERM, -signal.SIGTERM), (signal.SIGINT, 130)])
