@@ -272,11 +272,12 @@ GPT2_MODEL_IDS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # OpenAI's, o
 
 def is_hub_model_id(name) -> bool:
     """A Hugging Face model id rather than a path: GPT-2's own names, or OWNER/NAME, when no such path
-    exists (a local folder of the same name wins) and it does not name a checkpoint file."""
+    exists (a local folder of the same name wins), OWNER is no local folder (out-small/best is a
+    mistyped path) and it does not name a checkpoint file."""
     name = str(name)
-    if Path(name).exists() or name.endswith((".pt", ".bin", ".safetensors", "/")):
-        return False
     owner, _, repo = name.partition("/")
+    if Path(name).exists() or (repo and Path(owner).exists()) or name.endswith((".pt", ".bin", ".safetensors", "/")):
+        return False
     word = re.compile(r"[A-Za-z0-9][\w.-]*")
     return name in GPT2_MODEL_IDS or bool(repo and word.fullmatch(owner) and word.fullmatch(repo))
 
@@ -303,7 +304,7 @@ def hub_model_dir(repo: str) -> Path:
         raise ValueError(f"{repo}: {e}") from None
     except Exception as e:  # the Hub's HTTP errors, a missing cache entry offline, the network library's own
         first = (str(e) or type(e).__name__).splitlines()[0]
-        raise ValueError(f"{repo}: cannot fetch it from the Hugging Face Hub ({first})") from None
+        raise ValueError(f"{repo}: no such file or folder, and not on the Hugging Face Hub ({first})") from None
 
 
 def hf_config(config):
