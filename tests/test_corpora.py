@@ -138,6 +138,26 @@ def test_a_bad_record_is_one_error_line_and_parquet_counts_rows(records, tmp_pat
     assert_one_line_error(result, f"{path}, record 10: 'text' is null, not a string")
 
 
+def test_a_run_stopped_half_way_leaves_the_previous_dataset_whole(records, tmp_path, monkeypatch):
+    """Ctrl-C while encoding (2 encoding processes, train.bin half written) leaves the dataset
+    already in --out as it was, and no temp files: nothing half-written looks complete."""
+    out = tmp_path / "out"
+    prepare.main(["--input", str(write_records(tmp_path / "good.jsonl", records)), "--tokenizer", "gpt2",
+                  "--out", str(out)])
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def interrupt(self, n):
+        if self.tokens > 20_000:
+            raise KeyboardInterrupt
+        self.tokens += n
+
+    monkeypatch.setattr(prepare.Progress, "add_tokens", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        prepare.main(["--input", str(write_records(tmp_path / "more.jsonl", records * 20)), "--tokenizer", "gpt2",
+                      "--out", str(out), "--workers", "2"])
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
 def test_skip_bad_records_counts_them(records, gpt2, tmp_path, capsys):
     """--skip_bad_records drops the bad records, counts them in the summary line and meta.json."""
     path = tmp_path / "r.jsonl"
