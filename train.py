@@ -528,7 +528,7 @@ def restore(ckpt, optimizer, scaler, batch_rng, rt, seed):
 def evaluate(model, batches, cfg, rt):
     """Loss, perplexity and next-token accuracy on eval_iters batches per split, split over ranks.
 
-    Every evaluation scores the same windows (fixed by the seed setting), so successive val losses differ
+    Every evaluation scores the same windows (fixed by the `seed` setting), so successive val losses differ
     only by the model, and evaluating never moves the training batch stream.
     """
     model.eval()
