@@ -390,28 +390,26 @@ def record_text(record, field: str) -> str:
 
 def jsonl_records(path: Path, errors: str, on_bytes):
     """(record number, where, record or the exception that spoils it) for each non-blank line of a
-    JSON Lines file, read in blocks: memory holds a block and the longest line, never the file."""
-    n = line = 0
-    carry = b""
+    JSON Lines file, read a line at a time through a buffer of a block: memory holds a block and the
+    longest line, never the file."""
+    n = 0
     with open_bytes(path, on_bytes) as f:
+        lines = enumerate(f, 1)
         while True:
             try:
-                data = f.read(BLOCK_BYTES)
+                line, raw = next(lines, (0, None))
             except archive_errors() as e:
                 read_failed(path, e)
-            *lines, carry = (carry + data).split(b"\n") if data else (carry, b"")
-            for raw in lines:
-                line += 1
-                if not raw.strip():
-                    continue
-                n += 1
-                try:
-                    text = raw.decode("utf-8", errors)
-                    yield n, f"record {n} (line {line})", json.loads(text.removeprefix("\ufeff") if line == 1 else text)
-                except ValueError as e:  # not UTF-8, not JSON
-                    yield n, f"record {n} (line {line})", e
-            if not data:
+            if raw is None:
                 return
+            if not raw.strip():
+                continue
+            n += 1
+            try:
+                text = raw.decode("utf-8", errors)
+                yield n, f"record {n} (line {line})", json.loads(text.removeprefix("\ufeff") if line == 1 else text)
+            except ValueError as e:  # not UTF-8, not JSON
+                yield n, f"record {n} (line {line})", e
 
 
 def parquet_records(path: Path, field: str, on_bytes):
