@@ -281,7 +281,6 @@ def read_blocks(path: Path, errors: str, on_bytes):
                 return
 
 
-RECORD_SUFFIXES = (".jsonl", ".json", ".parquet")  # one record (document) per JSON line / Parquet row
 COMPRESSED = (".gz", ".zst")
 
 
@@ -415,18 +414,25 @@ def jsonl_records(path: Path, errors: str, on_bytes):
 def parquet_records(path: Path, field: str, on_bytes):
     """(record number, where, {field: value}) for each row of a Parquet file, read a record batch
     at a time (only the one column). on_bytes sees the file's bytes as its row groups are done."""
+    pa = optional_module("pyarrow", "pyarrow", path)
     pq = optional_module("pyarrow.parquet", "pyarrow", path)
     try:
         pf = pq.ParquetFile(path)
-    except Exception as e:  # pyarrow.ArrowInvalid: not a Parquet file
+    except (pa.ArrowException, OSError) as e:  # ArrowInvalid: not a Parquet file
         raise UserError(f"{path}: not a Parquet file ({e})") from None
     has_field = field in pf.schema_arrow.names
-    n = 0
+    groups, n = pf.metadata.num_row_groups, 0
     with open(path, "rb") as raw:  # hashing and progress, a row group's share at a time
-        for group in range(pf.metadata.num_row_groups):
+        for group in range(groups):
             if has_field:
                 batches = pf.iter_batches(batch_size=1024, row_groups=[group], columns=[field])
-                for batch in batches:
+                while True:
+                    try:
+                        batch = next(batches, None)
+                    except (pa.ArrowException, OSError) as e:  # a damaged row group
+                        raise UserError(f"{path}: cannot read row group {group} ({e})") from None
+                    if batch is None:
+                        break
                     for value in batch.column(0).to_pylist():
                         n += 1
                         yield n, f"record {n}", {field: value}
@@ -434,9 +440,11 @@ def parquet_records(path: Path, field: str, on_bytes):
                 for _ in range(pf.metadata.row_group(group).num_rows):
                     n += 1
                     yield n, f"record {n}", {}
-            end = raw.tell() + (path.stat().st_size - raw.tell()) // (pf.metadata.num_row_groups - group)
+            end = raw.tell() + (path.stat().st_size - raw.tell()) // (groups - group)
             while raw.tell() < end and (data := raw.read(min(BLOCK_BYTES, end - raw.tell()))):
                 on_bytes(data)
+        while data := raw.read(BLOCK_BYTES):  # a file of no row groups
+            on_bytes(data)
 
 
 def record_documents(path: Path, field: str, errors: str, on_bytes, bad: dict):
