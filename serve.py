@@ -395,8 +395,9 @@ def build_app(model, tokenizer, device, ctx, name, api_key=None, max_tokens=1024
             raise APIError(f"{len(prompts)} prompts x n={req.n} choices is more than {MAX_CHOICES}", param="n")
         limit, settings, seed, more_stops = sampling(req)
         events = asyncio.Queue()
-        jobs = [Job(ids[-block_size:], i * req.n, req.n, limit, settings, seed, stops + more_stops, events)
-                for i, ids in enumerate(prompts)]  # a prompt longer than the context keeps its end
+        # A prompt longer than the context keeps its end; prompt i draws from seed + i.
+        jobs = [Job(ids[-block_size:], i * req.n, req.n, limit, settings, (seed + i) % 2**64, stops + more_stops, events)
+                for i, ids in enumerate(prompts)]
         for job in jobs:
             worker.submit(job)
         return jobs, events, sum(len(job.ids) for job in jobs)

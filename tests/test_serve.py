@@ -192,6 +192,7 @@ def test_streamed_text_equals_unstreamed_text(client):
 
 
 def test_seed_repeats_the_text_and_n_gives_distinct_choices(client):
+    """The same seed gives the same choices; another seed, other ones; n choices differ."""
     first = completion(client, seed=7, n=2)
     again = completion(client, seed=7, n=2)
     other = completion(client, seed=8, n=2)
@@ -200,6 +201,9 @@ def test_seed_repeats_the_text_and_n_gives_distinct_choices(client):
     assert [c.text for c in first.choices] != [c.text for c in other.choices]
     assert first.choices[0].text != first.choices[1].text
     assert first.usage.completion_tokens == 48
+    # A list of prompts: prompt i draws from seed + i, as a request of its own would.
+    listed = completion(client, prompt=[PROMPT, PROMPT], seed=7)
+    assert [c.text for c in listed.choices] == [completion(client, seed=s).choices[0].text for s in (7, 8)]
 
 
 def test_stop_strings_end_the_text_before_them(client):
@@ -233,6 +237,8 @@ def test_penalties_reach_the_engine(client, ckpt, tokenizer):
 
 
 def test_a_prompt_longer_than_the_context_keeps_its_end(client, ckpt, tokenizer):
+    """A prompt longer than block_size is cropped to its end, usage counts the tokens used, and
+    the text is what the model gives for those tokens."""
     prompt = "To be, or not to be, that is the question: whether 'tis nobler in the mind"
     c = completion(client, prompt=prompt, temperature=0, max_tokens=8)
     assert c.usage.prompt_tokens == 32  # block_size
@@ -241,6 +247,8 @@ def test_a_prompt_longer_than_the_context_keeps_its_end(client, ckpt, tokenizer)
 
 
 def test_openapi_describes_the_requests_and_responses(server):
+    """/openapi.json is generated from the request and response models the server validates with,
+    so it names every field a client may send and the shapes it gets back."""
     status, spec = request(server, "GET", "/openapi.json")
     assert status == 200
     schemas = spec["components"]["schemas"]
@@ -296,6 +304,8 @@ def test_a_bad_request_is_a_4xx_with_openais_error_object(server, path, body, st
 
 
 def test_the_api_key_is_required(server):
+    """With --api_key, /v1 needs `Authorization: Bearer KEY` (401 and OpenAI's error otherwise);
+    /health stays open for a load balancer."""
     for headers in ({"Authorization": ""}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {KEY}"}):
         status, answer = request(server, "POST", "/v1/completions", GOOD, headers=headers)
         assert status == 401 and answer["error"]["code"] == "invalid_api_key"
@@ -382,6 +392,7 @@ def test_a_base_models_chat_is_the_plain_template_continued_until_the_next_turn(
 
 
 def test_a_port_in_use_is_one_line(ckpt, monkeypatch, capsys):
+    """A port another program holds is one error line naming the address, not a traceback."""
     import serve
     with serve.socket.create_server(("127.0.0.1", 0)) as taken:
         status, err = serve_main(monkeypatch, capsys, "--ckpt", ckpt, "--port", taken.getsockname()[1])
@@ -423,6 +434,8 @@ def serve_main(monkeypatch, capsys, *argv):
 
 
 def test_listening_beyond_this_machine_warns(ckpt, monkeypatch, capsys):
+    """--host 0.0.0.0 warns that other machines can use the model (and names --api_key); the
+    loopback default does not."""
     import serve
     monkeypatch.setattr(serve, "listen", lambda host, port: serve.socket.create_server(("127.0.0.1", 0)))
     status, err = serve_main(monkeypatch, capsys, "--ckpt", ckpt, "--host", "0.0.0.0", "--port", 0)
@@ -438,15 +451,20 @@ def test_listening_beyond_this_machine_warns(ckpt, monkeypatch, capsys):
     (["--api-key", "x"], "Did you mean --api_key?"),
 ])
 def test_command_line_mistakes_are_one_line(ckpt, monkeypatch, capsys, argv, words):
+    """A bad checkpoint, flag value or misspelt flag is one `error:` line and exit status 1."""
     status, err = serve_main(monkeypatch, capsys, *(["--ckpt", ckpt] if "--ckpt" not in argv else []), *argv)
     assert status == 1 and err.startswith("error:") and words in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_without_fastapi_one_line_names_the_install():
+    """FastAPI and uvicorn are optional dependencies: without them serve.py says how to install
+    them in one line, and no other script needs them."""
     code = f"import sys; sys.modules['fastapi'] = None; sys.argv = ['serve.py']; exec(open({str(ROOT / 'serve.py')!r}).read())"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert result.returncode == 1
     assert result.stderr.strip() == "error: serve.py needs fastapi: pip install fastapi uvicorn"
+    for name in ("gpt", "engine", "tokenizer", "common", "prepare", "train", "sample", "bench"):
+        assert not re.search(r"^\s*(import|from) (fastapi|uvicorn)", (ROOT / f"{name}.py").read_text(), re.M), name
 
 
 def test_a_hugging_face_folder_loads_with_gpt2s_tokenizer(shared_dir, tmp_path):
