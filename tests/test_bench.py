@@ -33,11 +33,16 @@ def assert_positive(*figures):
     assert all(0 < f < math.inf for f in figures), figures
 
 
+def assert_rounds(printed, step, low, high):
+    """`printed`, rounded to `step`, is the rounding of a value between low and high."""
+    assert low - step / 2 - 1e-9 <= printed <= high + step / 2 + 1e-9, (printed, low, high)
+
+
 def assert_ratio(printed, a, b, step_a, step_b):
-    """printed (to 0.01) is a / b, where a and b were printed to step_a and step_b: each off by
-    up to half its step, which moves a / b by up to (step_a / 2a + step_b / 2b) of it."""
-    exact = a / b
-    assert abs(printed - exact) <= 0.005 + exact * (step_a / (2 * a) + step_b / (2 * b)) + 1e-9, (printed, a, b)
+    """printed (to 0.01) is a / b, where a and b were printed to step_a and step_b (each is off
+    by up to half its step)."""
+    half_a, half_b = step_a / 2, step_b / 2
+    assert_rounds(printed, 0.01, (a - half_a) / (b + half_b), (a + half_a) / (b - half_b))
 
 
 def decode_rows(out):
@@ -47,8 +52,7 @@ def decode_rows(out):
     assert len(table) == len(rows), out
     for name, (rate, ms) in table.items():
         assert_positive(rate, ms)
-        # ms/token is 1000 / tokens/s: printed to 0.01 and 0.1
-        assert abs(ms - 1000 / rate) <= 0.005 + 1000 * 0.05 / rate**2 + 1e-9, (name, rate, ms)
+        assert_rounds(ms, 0.01, 1000 / (rate + 0.05), 1000 / (rate - 0.05))  # 1000 / tokens/s
     return table
 
 
@@ -142,11 +146,9 @@ def test_train_rows_and_their_agreement(monkeypatch, capsys):
         step, tok_s, mfu, ratio = float(step), number(tok_s), float(mfu), float(ratio)
         assert_positive(step, tok_s, mfu, ratio)
         assert dtype == ("bfloat16" if name.startswith("bf16") else "float32")
-        exact = tokens / (step / 1000)
-        assert abs(tok_s - exact) <= 0.5 + exact * 0.05 / step, (name, tok_s, exact)  # step printed to 0.1 ms
-        model_flops = flops["nanoGPT" if name == "nanoGPT" else "ours"]
-        exact_mfu = model_flops * tok_s / peaks[getattr(torch, dtype)] * 100
-        assert abs(mfu - exact_mfu) <= 0.05 + exact_mfu * 0.5 / tok_s, (name, mfu, exact_mfu)  # tok/s to 1
+        assert_rounds(tok_s, 1, tokens * 1000 / (step + 0.05), tokens * 1000 / (step - 0.05))
+        per_tok_s = flops["nanoGPT" if name == "nanoGPT" else "ours"] / peaks[getattr(torch, dtype)] * 100
+        assert_rounds(mfu, 0.1, per_tok_s * (tok_s - 0.5), per_tok_s * (tok_s + 0.5))
         assert_ratio(ratio, ms["nanoGPT"], step, 0.1, 0.1)
 
 
