@@ -214,6 +214,20 @@ def sync(device):
         torch.mps.synchronize()
 
 
+def peak_memory_mb(device):
+    """The most memory this process has held, in MiB: on CUDA what torch allocated on `device`;
+    elsewhere the process's peak resident set (ru_maxrss: KiB on Linux, bytes on macOS), which
+    includes Python, torch and the data's pages."""
+    import resource
+
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
 # Dense bf16/fp16 tensor-core peaks (FLOP/s) of common cards, from their data sheets; MFU on CUDA
 # is reported against these (a matmul probe reaches only 60-80% of them).
 GPU_PEAK_FLOPS = {"H200": 989e12, "H100 SXM": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 756e12,

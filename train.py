@@ -6,6 +6,7 @@
     torchrun --nproc_per_node=2 train.py config/small.py --device=cpu --gradient_accumulation_steps=2
     torchrun --nproc_per_node=8 train.py config/default.py                 # DDP over NCCL
     python train.py --plot out                             # out/metrics.jsonl -> out/loss.png
+    python train.py config/small.py --lr_find              # LR range test -> a learning_rate, lr_find.png
 
 Design choices:
 - Settings (below) is the only list of settings, each with its type, default and meaning. A config
@@ -22,6 +23,10 @@ Design choices:
   takes the same wall time on any machine; the decision is stored, and a resume keeps it.
 - Ctrl-C or SIGTERM ends a run at a step boundary with ckpt.pt saved (under DDP at the next log
   step, which all ranks agree on) and exit status 128 + the signal's number.
+- The samples printed at evaluations (eval_sample_tokens) draw from a generator of their own, so
+  a run with them trains exactly as one without.
+- --lr_find (the LR range test) is the same setup and the same train_step with an exponentially
+  rising LR instead of the schedule; it writes nothing but out_dir/lr_find.png.
 """
 import ast
 import difflib
@@ -39,9 +44,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import (UserError, atomic_write_text, autocast_context, maybe_compile, measure_peak_flops, print0,
-                    resolve_device, resolve_dtype, run_main, sync)
-from gpt import GPT, GPTConfig, is_hub_model_id, load_checkpoint, model_from_checkpoint, save_checkpoint
+from common import (UserError, atomic_write_text, autocast_context, maybe_compile, measure_peak_flops,
+                    peak_memory_mb, print0, pyplot, resolve_device, resolve_dtype, run_main, save_figure, sync)
+from gpt import GPT, GPTConfig, generate, is_hub_model_id, load_checkpoint, model_from_checkpoint, save_checkpoint
 from tokenizer import load_tokenizer
 
 PROCESS_START = time.time()  # time_budget_s counts from here (importing torch before it takes ~2 s)
@@ -102,6 +107,18 @@ class Settings:
     wandb_log: bool = setting(False, "also log to Weights & Biases (pip install wandb)")
     wandb_project: str = setting("gpt", "W&B project")
     wandb_run_name: str = setting("run", "W&B run name")
+    eval_sample_tokens: int = setting(0, "at each evaluation, sample this many tokens after eval_sample_prompt, "
+                                         "print them and log them (`sample`); 0 = off")
+    eval_sample_prompt: str = setting("", "the prompt of those samples; '' = end-of-text (a newline for a "
+                                          "char model)")
+    # the learning-rate range test: --lr_find instead of training
+    lr_find: bool = setting(False, "instead of training: from the initial weights, raise the LR exponentially "
+                                   "from lr_find_min to lr_find_max, print the suggested learning_rate, draw "
+                                   "out_dir/lr_find.png; writes no checkpoint")
+    lr_find_min: float = setting(1e-7, "the range test's first learning rate")
+    lr_find_max: float = setting(1.0, "the range test's last learning rate")
+    lr_find_iters: int = setting(200, "the range test's steps; it stops early once the smoothed loss passes "
+                                      "4x its minimum")
 
 
 DEFAULTS = {f.name: f.default for f in fields(Settings)}
@@ -110,7 +127,8 @@ LR_KEYS = ("learning_rate", "min_lr", "warmup_iters", "lr_decay_iters", "decay_l
 # What a resumed run may change (one line says so); anything else would make it another run.
 CHANGEABLE_ON_RESUME = ("eval_interval", "eval_iters", "log_interval", "patience", "always_save_checkpoint",
                         "dropout", "grad_clip", "device", "dtype", "compile", "backend",
-                        "tensorboard_log", "wandb_log", "wandb_project", "wandb_run_name")
+                        "tensorboard_log", "wandb_log", "wandb_project", "wandb_run_name",
+                        "eval_sample_tokens", "eval_sample_prompt")
 
 
 def parse_value(key, text, default):
@@ -191,6 +209,9 @@ def load_config(argv):
     """The run's settings: DEFAULTS overridden by what argv gives, or, with init_from=resume, the
     stored run's settings with the changes a resume allows."""
     given = given_settings(argv)
+    if given.get("lr_find") and given.get("init_from") == "resume":
+        raise UserError("--lr_find starts from a run's initial weights and continues no run: drop "
+                        "--init_from=resume (--init_from=OUT/ckpt.pt tests learning rates to fine-tune its weights)")
     cfg = resumed_settings(given) if given.get("init_from") == "resume" else DEFAULTS | given
     check_ranges(cfg)
     return cfg
@@ -209,7 +230,7 @@ def check_ranges(cfg):
     at_least = dict(eval_interval=1, eval_iters=1, log_interval=1, patience=0, batch_size=1, block_size=1,
                     gradient_accumulation_steps=1, n_layer=1, n_head=1, n_embd=1, learning_rate=0.0,
                     max_iters=0, weight_decay=0.0, grad_clip=0.0, warmup_iters=0, lr_decay_iters=0,
-                    min_lr=0.0, time_budget_s=0.0, seed=0)
+                    min_lr=0.0, time_budget_s=0.0, seed=0, eval_sample_tokens=0, lr_find_iters=2)
     for key, low in at_least.items():
         if not cfg[key] >= low:  # `not >=` also catches nan
             raise UserError(f"{key} must be >= {low}, got {cfg[key]}")
@@ -227,6 +248,9 @@ def check_ranges(cfg):
                         f"would rise, not decay; lower min_lr (learning_rate / 10 is usual) or --decay_lr=False")
     if cfg["n_embd"] % cfg["n_head"]:
         raise UserError(f"n_embd={cfg['n_embd']} must be a multiple of n_head={cfg['n_head']}")
+    if not 0 < cfg["lr_find_min"] < cfg["lr_find_max"]:
+        raise UserError(f"the LR range test needs 0 < lr_find_min < lr_find_max, got lr_find_min="
+                        f"{cfg['lr_find_min']} and lr_find_max={cfg['lr_find_max']}")
     if cfg["backend"] not in ("auto", "nccl", "gloo"):
         raise UserError(f"unknown backend '{cfg['backend']}' (use auto, nccl or gloo)")
 
@@ -553,6 +577,35 @@ def evaluate(model, batches, cfg, rt):
     return dict(train_loss=train_loss, val_loss=val_loss, val_ppl=math.exp(min(val_loss, 700)), val_acc=val_acc)
 
 
+def eval_sample_prompt(cfg, tokenizer, block_size):
+    """The tokens the evaluation samples continue: eval_sample_prompt's (its last block_size), or
+    end-of-text (a newline for a char model)."""
+    if not cfg["eval_sample_tokens"]:
+        return None
+    try:
+        ids = tokenizer.encode(cfg["eval_sample_prompt"]) or tokenizer.start_ids()
+    except UserError as e:  # a character outside a char vocabulary
+        raise UserError(f"eval_sample_prompt: {e}") from None
+    if not ids:
+        raise UserError("eval_sample_prompt is empty, so samples would start from a newline, and this dataset's "
+                        "characters include none: set eval_sample_prompt to some text")
+    return ids[-block_size:]
+
+
+def eval_sample(model, tokenizer, prompt, cfg, it, rt):
+    """The prompt's text and eval_sample_tokens tokens sampled after it (temperature 1, until
+    end-of-text). The draws come from a generator of their own, seeded by cfg["seed"] and the
+    iteration, and dropout is off: the training's random numbers are untouched, so a run with
+    samples trains exactly as one without."""
+    seed = int(np.random.SeedSequence([cfg["seed"], it]).generate_state(1)[0])
+    generator = torch.Generator(device=rt.device).manual_seed(seed)
+    idx = torch.tensor([prompt], dtype=torch.long, device=rt.device)
+    stop = () if tokenizer.eot_id is None else (tokenizer.eot_id,)
+    with rt.ctx:
+        new = generate(model, idx, cfg["eval_sample_tokens"], stop_tokens=stop, generator=generator)[0]
+    return cfg["eval_sample_prompt"] + tokenizer.decode(new)
+
+
 class StopSignals:
     """SIGTERM (a scheduler's pre-emption) and Ctrl-C end the run at a step boundary with ckpt.pt
     saved and exit status 128 + the signal's number (143, 130). A second Ctrl-C stops at once (the
@@ -688,6 +741,41 @@ def decide_budget(cfg, it, step_s, eval_s, rt):
 # -----------------------------------------------------------------------------
 # Training
 
+def step_model(raw_model, cfg, rt, batches):
+    """The model the training steps call: compiled if cfg says so, in DDP under torchrun."""
+    model = maybe_compile(raw_model, rt.device, rt.ctx, batches.B, batches.T) if cfg["compile"] else raw_model
+    if rt.ddp:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
+    return model
+
+
+def train_step(model, optimizer, batches, batch_rng, cfg, rt):
+    """One optimizer step on the next global batch that batch_rng draws, this rank running its share
+    of the micro-steps. Returns the step's loss on this rank (on the device: no host sync)."""
+    accum = cfg["gradient_accumulation_steps"] // rt.world_size  # micro-steps of this process
+    starts = batches.draw("train", batch_rng, batches.B * cfg["gradient_accumulation_steps"])
+    my_starts = starts.reshape(-1, batches.B)[rt.rank * accum:(rt.rank + 1) * accum]
+    step_loss = torch.zeros((), device=rt.device)
+    for micro_step, micro_starts in enumerate(my_starts):
+        x, y = batches.get("train", micro_starts)
+        if rt.ddp:
+            # Synchronise gradients only on the last micro-step; must be set before its forward.
+            model.require_backward_grad_sync = micro_step == accum - 1
+        with rt.ctx:
+            _, loss = model(x, y)
+            loss = loss / accum  # the step's gradient is the mean over its micro-batches
+        step_loss += loss.detach()
+        rt.scaler.scale(loss).backward()
+    if cfg["grad_clip"]:
+        rt.scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+    rt.scaler.step(optimizer)
+    rt.scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return step_loss
+
+
 def train(cfg):
     check_logging_packages(cfg)
     out_dir = Path(cfg["out_dir"])
@@ -712,10 +800,8 @@ def train(cfg):
         print0(f"resuming from {out_dir / 'ckpt.pt'} at iter {progress.iter_num} "
                f"(best val loss {progress.best_val_loss:.4f})")
     del ckpt  # free its copy of the weights and optimizer state
-    model = maybe_compile(raw_model, rt.device, rt.ctx, batches.B, batches.T) if cfg["compile"] else raw_model
-    if rt.ddp:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
+    model = step_model(raw_model, cfg, rt, batches)
+    sample_prompt = eval_sample_prompt(cfg, batches.tokenizer, raw_model.config.block_size)
     log = start_outputs(cfg, rt, raw_model, resume_iter) if rt.master else None
     signals = StopSignals()
     accum = cfg["gradient_accumulation_steps"] // rt.world_size  # micro-steps of this process
@@ -758,6 +844,9 @@ def train(cfg):
         if (it % cfg["eval_interval"] == 0 or last_iter) and it != resume_iter:
             t_eval = time.time()
             metrics = evaluate(model, batches, cfg, rt)
+            if cfg["eval_sample_tokens"] and rt.master:
+                metrics["sample"] = eval_sample(raw_model, batches.tokenizer, sample_prompt, cfg, it, rt)
+            metrics["peak_mem_mb"] = peak_memory_mb(rt.device)
             if not math.isfinite(metrics["val_loss"]):
                 raise UserError(f"val loss is {metrics['val_loss']} at iter {it}; stopping (the last good "
                                 f"checkpoint in {out_dir} is kept). Try a lower learning_rate.")
@@ -767,8 +856,10 @@ def train(cfg):
             else:
                 progress.evals_since_best += 1
             print0(f"iter {it}: train loss {metrics['train_loss']:.4f}, val loss {metrics['val_loss']:.4f}, "
-                   f"val ppl {metrics['val_ppl']:.2f}, val acc {metrics['val_acc']:.3f}"
-                   + (" (best)" if improved else ""))
+                   f"val ppl {metrics['val_ppl']:.2f}, val acc {metrics['val_acc']:.3f}, "
+                   f"peak mem {metrics['peak_mem_mb']:,.0f} MB" + (" (best)" if improved else ""))
+            if "sample" in metrics:
+                print0(f"sample at iter {it}: {metrics['sample']!r}")
             if cfg["patience"] and progress.evals_since_best >= cfg["patience"]:
                 print0(f"early stop: no val improvement in {cfg['patience']} evaluations")
                 done = True
@@ -785,25 +876,7 @@ def train(cfg):
         if done:
             break
 
-        # One optimizer step: accum micro-steps on this rank's share of the global batch.
-        starts = batches.draw("train", batch_rng, batches.B * cfg["gradient_accumulation_steps"])
-        my_starts = starts.reshape(-1, batches.B)[rt.rank * accum:(rt.rank + 1) * accum]
-        for micro_step, micro_starts in enumerate(my_starts):
-            x, y = batches.get("train", micro_starts)
-            if rt.ddp:
-                # Synchronise gradients only on the last micro-step; must be set before its forward.
-                model.require_backward_grad_sync = micro_step == accum - 1
-            with rt.ctx:
-                _, loss = model(x, y)
-                loss = loss / accum  # the step's gradient is the mean over its micro-batches
-            loss_sum += loss.detach()
-            rt.scaler.scale(loss).backward()
-        if cfg["grad_clip"]:
-            rt.scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
-        rt.scaler.step(optimizer)
-        rt.scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        loss_sum += train_step(model, optimizer, batches, batch_rng, cfg, rt)
         progress.iter_num += 1
         iters_since_log += 1
 
@@ -828,11 +901,13 @@ def train(cfg):
                                 f"checkpoint in {out_dir} is kept). Try a lower learning_rate.")
             dt = (time.time() - t_last) / iters_since_log
             mfu = min(flops_per_iter / dt / peak_flops, 1.0)  # a step can beat the probe: never > 100%
+            mem = peak_memory_mb(rt.device)
             print0(f"iter {progress.iter_num}: loss {loss:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/iter, "
-                   f"{tokens_per_iter / dt:,.0f} tok/s, mfu {mfu * 100:.1f}%")
+                   f"{tokens_per_iter / dt:,.0f} tok/s, mfu {mfu * 100:.1f}%, peak mem {mem:,.0f} MB")
             if rt.master:
                 log.write(iter=progress.iter_num, elapsed_s=progress.elapsed_s + time.time() - t_start, lr=lr,
-                          loss=loss, ms_per_iter=dt * 1000, tokens_per_s=tokens_per_iter / dt, mfu=mfu)
+                          loss=loss, ms_per_iter=dt * 1000, tokens_per_s=tokens_per_iter / dt, mfu=mfu,
+                          peak_mem_mb=mem)
             loss_sum.zero_()
             t_last, iters_since_log = time.time(), 0
 
@@ -850,6 +925,100 @@ def train(cfg):
         del model  # DDP's reducer holds the process group: release it before the group goes
         torch.distributed.destroy_process_group()
     return stop
+
+
+# -----------------------------------------------------------------------------
+# The learning-rate range test
+
+LR_FIND_SMOOTHING = 0.95  # the loss's moving average keeps 95% of itself per step (~20 steps of memory)
+LR_FIND_DIVERGED = 4.0  # the test stops once the smoothed loss exceeds this multiple of its minimum
+
+
+def lr_find(cfg):
+    """The learning-rate range test (L. Smith, "Cyclical Learning Rates for Training Neural
+    Networks", 2017, section 3.3): train from the initial weights while the LR rises exponentially
+    from lr_find_min to lr_find_max, one step each, and follow the smoothed loss. The suggestion is
+    the LR where it falls fastest; the minimum-loss LR / 10 is printed for reference. Writes only
+    out_dir/lr_find.png: a run in out_dir stays as it is. Returns the curve and the suggestions."""
+    rt = setup_runtime(cfg)
+    batches = make_batches(cfg, rt.device)
+    torch.manual_seed(cfg["seed"])  # the initial weights train() starts from
+    raw_model, _ = build_model(cfg, batches.meta["vocab_size"], batches.tokenizer, rt.device)
+    optimizer = raw_model.configure_optimizers(cfg["weight_decay"], cfg["lr_find_min"],
+                                               (cfg["beta1"], cfg["beta2"]), rt.device_type)
+    batch_rng = np.random.default_rng(cfg["seed"])  # the same stream on every rank
+    torch.manual_seed(cfg["seed"] + rt.rank)
+    model = step_model(raw_model, cfg, rt, batches)
+    n, lo, hi = cfg["lr_find_iters"], cfg["lr_find_min"], cfg["lr_find_max"]
+    print0(f"LR range test: {n} steps, the learning rate rising from {lo:g} to {hi:g}; "
+           f"{raw_model.num_params() / 1e6:.2f}M parameters, {rt.world_size} process(es) on {rt.device}")
+    lrs, losses, average, ended = [], [], 0.0, "at lr_find_max"
+    for i in range(n):
+        lr = lo * (hi / lo) ** (i / (n - 1))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss = train_step(model, optimizer, batches, batch_rng, cfg, rt)
+        if rt.ddp:
+            torch.distributed.all_reduce(loss, op=torch.distributed.ReduceOp.AVG)  # every rank decides alike
+        average = LR_FIND_SMOOTHING * average + (1 - LR_FIND_SMOOTHING) * loss.item()
+        smoothed = average / (1 - LR_FIND_SMOOTHING ** (i + 1))  # bias correction: the average began at 0
+        if not math.isfinite(smoothed):
+            ended = f"at step {i}, lr {lr:.2e}: the loss is {loss.item()}"
+            break
+        lrs.append(lr)
+        losses.append(smoothed)
+        if i % max(1, n // 10) == 0:
+            print0(f"step {i}: lr {lr:.2e}, smoothed loss {smoothed:.4f}")
+        if smoothed > LR_FIND_DIVERGED * min(losses):
+            ended = f"at step {i}, lr {lr:.2e}: the smoothed loss passed {LR_FIND_DIVERGED:g}x its minimum"
+            break
+    if not losses:
+        raise UserError(f"the LR range test's first loss is not finite ({ended}); lower lr_find_min")
+    steepest, lowest = lr_suggestions(lrs, losses)
+    print0(f"stopped {ended}; minimum smoothed loss {min(losses):.4f} at lr {lowest:.2e}")
+    print0(f"suggested learning_rate: {steepest:.2e} (where the smoothed loss falls fastest); "
+           f"for reference, the minimum-loss lr / 10: {lowest / 10:.2e}")
+    if rt.master:
+        plot_lr_find(cfg, lrs, losses, steepest, lowest)
+    if rt.ddp:
+        torch.distributed.barrier()
+        del model  # DDP's reducer holds the process group: release it before the group goes
+        torch.distributed.destroy_process_group()
+    return dict(lrs=lrs, losses=losses, steepest=steepest, lowest=lowest)
+
+
+def lr_suggestions(lrs, losses):
+    """(the LR where the smoothed loss falls fastest per unit of log LR, before its minimum; the
+    LR of its minimum)."""
+    lowest = int(np.argmin(losses))
+    if lowest < 2:  # no descent to measure: the loss only rose
+        return lrs[lowest], lrs[lowest]
+    slopes = np.gradient(np.array(losses[:lowest + 1]), np.log(lrs[:lowest + 1]))
+    return lrs[int(np.argmin(slopes))], lrs[lowest]
+
+
+def plot_lr_find(cfg, lrs, losses, steepest, lowest):
+    """The smoothed loss against the LR (log scale), the suggestions marked, into out_dir/lr_find.png."""
+    path = Path(cfg["out_dir"]) / "lr_find.png"
+    try:
+        plt = pyplot()
+    except UserError as e:
+        print0(f"{path} not drawn: {e}")
+        return
+    fig, ax = plt.subplots(figsize=(8, 5))
+    ax.semilogx(lrs, losses, label="smoothed training loss")
+    for lr, style, what in ((steepest, "r--", "steepest descent (suggested)"), (lowest / 10, "g:", "minimum / 10")):
+        ax.axvline(lr, color=style[0], linestyle=style[1:], label=f"{what}: {lr:.2e}")
+    ax.set_ylim(min(losses) - 0.05 * (losses[0] - min(losses)), losses[0] * 1.15)  # the divergence: cut off
+    ax.set(xlabel="learning rate", ylabel="loss", title=f"LR range test: {cfg['dataset']}")
+    ax.legend()
+    ax.grid(alpha=0.3, which="both")
+    try:
+        Path(cfg["out_dir"]).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot write to out_dir {cfg['out_dir']}: {e.strerror or e}") from None
+    save_figure(fig, path)
+    print0(f"wrote {path}")
 
 
 def start_outputs(cfg, rt, raw_model, resume_iter):
@@ -889,6 +1058,7 @@ class MetricsLog:
         atomic_write_text(path, "".join(kept))
         self.file = open(path, "a", encoding="utf-8")
         self.tensorboard = self.wandb = None
+        self.samples = []  # W&B: (iter, text) of every sample logged
         if cfg["tensorboard_log"]:
             from torch.utils.tensorboard import SummaryWriter  # checked by check_logging_packages
             self.tensorboard = SummaryWriter(Path(cfg["out_dir"]) / "tensorboard")
@@ -902,8 +1072,15 @@ class MetricsLog:
         values = {k: v for k, v in record.items() if k not in ("iter", "elapsed_s")}
         if self.tensorboard:
             for k, v in values.items():
-                self.tensorboard.add_scalar(k, v, record["iter"])
+                if isinstance(v, str):  # a sample of the model's text
+                    self.tensorboard.add_text(k, v, record["iter"])
+                else:
+                    self.tensorboard.add_scalar(k, v, record["iter"])
         if self.wandb:
+            if "sample" in values:  # one table of every sample so far, a row per evaluation
+                import wandb
+                self.samples.append([record["iter"], values["sample"]])
+                values = values | {"sample": wandb.Table(columns=["iter", "sample"], data=self.samples)}
             self.wandb.log(values, step=record["iter"])
 
     def close(self):
@@ -919,12 +1096,7 @@ def plot(out_dir):
     path = Path(out_dir) / "metrics.jsonl"
     if not path.is_file():
         raise UserError(f"{path} not found: train first, or pass the out_dir of a run")
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise UserError("plotting needs matplotlib: pip install matplotlib") from None
+    plt = pyplot()
     records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
     logs = [r for r in records if "loss" in r]
     evals = [r for r in records if "val_loss" in r]
@@ -954,7 +1126,11 @@ def main():
         if len(dirs) > 1:
             raise UserError(f"--plot takes one out_dir, got {len(dirs)}: {' '.join(dirs)}")
         return plot(dirs[0] if dirs else "out")
-    stop = train(load_config(argv))
+    cfg = load_config(argv)
+    if cfg["lr_find"]:
+        lr_find(cfg)
+        return
+    stop = train(cfg)
     if stop:  # stopped by a signal, after saving: the status a shell gives a process it killed
         sys.exit(128 + stop)
 

@@ -34,3 +34,4 @@ dtype = "auto"
 eval_interval = 250
 eval_iters = 20  # 2 x 20 batches per evaluation, every 250 steps
 log_interval = 100
+eval_sample_tokens = 100  # each evaluation prints (and logs) 100 characters the model writes

@@ -1,20 +1,27 @@
-"""Looking inside a model: attention maps (sample.py --attention).
+"""Looking inside a model: attention maps (sample.py --attention), the learning-rate range test
+(train.py --lr_find), and what a run shows as it goes (samples at evaluations, peak memory).
 
 Models are tiny and char-level; the pictures are rendered and read back as pixels.
 """
 import argparse
 import ast
+import json
+import math
 import re
+import subprocess
 import sys
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 import torch
 
+import common
 import gpt
 import sample
+import train
 from common import UserError
-from conftest import assert_one_line_error, run_script
+from conftest import ROOT, assert_one_line_error, run_script
 from gpt import GPT, GPTConfig
 from tokenizer import load_tokenizer
 
@@ -138,6 +145,7 @@ def test_attention_text_names_the_token_each_token_attends_to_most(ckpt, tokeniz
 
 
 def test_attention_keeps_the_end_of_a_text_longer_than_block_size(ckpt, tokenizer, capsys):
+    """A text longer than block_size keeps its last block_size tokens, with a notice, as elsewhere."""
     text = "First Citizen:\nBefore we proceed any further"  # 44 characters, block_size 32
     sample.show_attention(load_model(ckpt), tokenizer, tokenizer.encode(text), attention_args(layer=1, head=0))
     out, err = capsys.readouterr()
@@ -171,6 +179,7 @@ def test_attention_shows_a_token_that_splits_a_character_as_its_bytes(shared_dir
     (["--attention", "hi", "--head=-1"], "head must be an integer >= 0"),
 ])
 def test_flags_that_do_not_apply_to_attention_maps_are_errors(argv, needle):
+    """A flag of another mode is an error with --attention, and --plot/--layer/--head elsewhere."""
     with pytest.raises(UserError, match=re.escape(needle)):
         sample.parse_args(argv)
 
@@ -180,10 +189,12 @@ def test_flags_that_do_not_apply_to_attention_maps_are_errors(argv, needle):
     (["--head=5"], "--head 5 does not exist: this model has 2 heads"),
 ])
 def test_a_layer_or_head_the_model_lacks_is_one_line(ckpt, argv, needle):
+    """--layer and --head count from 0 below the model's n_layer and n_head; beyond is one line."""
     assert_one_line_error(run_script("sample.py", "--ckpt", ckpt, "--attention", "hi", *argv), needle)
 
 
 def test_attention_of_no_text_is_one_line(ckpt):
+    """There are no maps of no tokens: an empty --attention is one error line."""
     assert_one_line_error(run_script("sample.py", "--ckpt", ckpt, "--attention", ""), "--attention needs some text")
 
 
@@ -216,10 +227,13 @@ def test_attention_maps_are_drawn_as_a_grid_and_as_one_large_map(ckpt, tmp_path)
 
 
 def test_korean_tokens_are_drawn_with_a_hangul_font_or_one_line_says_there_is_none(tmp_path, monkeypatch, capsys):
+    """Hangul labels are drawn in an installed font that has Hangul (never matplotlib's Last Resort,
+    which has a box for every character); without one, one line on stderr says so."""
     pytest.importorskip("matplotlib")
     labels = [repr(c) for c in "한국어 모델"]
     weights = torch.rand(1, 1, len(labels), len(labels)).tril().softmax(-1)
     installed = sample.font_with_hangul()
+    assert installed is None or not installed.startswith("Last Resort")
     sample.plot_attention(weights, labels, [0], [0], tmp_path / "ko.png")
     err = capsys.readouterr().err
     if installed is None:
@@ -235,7 +249,177 @@ def test_korean_tokens_are_drawn_with_a_hangul_font_or_one_line_says_there_is_no
 
 
 def test_a_plot_that_cannot_be_written_is_one_line(ckpt, tmp_path):
+    """An image path in a missing folder is an error naming the path, not a traceback."""
     pytest.importorskip("matplotlib")
     result = run_script("sample.py", "--ckpt", ckpt, "--attention", "hi", "--plot", tmp_path / "no" / "a.png")
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: cannot write {tmp_path / 'no' / 'a.png'}")
+
+
+# --- train.py --lr_find -------------------------------------------------------------------------
+
+def suggested_lr(stdout):
+    return float(re.search(r"suggested learning_rate: ([0-9.e+-]+)", stdout).group(1))
+
+
+def final_val_loss(out_dir):
+    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["val_loss"] for r in records if "val_loss" in r][-1]
+
+
+@pytest.mark.slow
+def test_lr_find_suggests_a_rate_that_trains_better_than_30x_lower_or_higher(char_data, tmp_path):
+    """The range test's suggestion is a good learning rate: a short run at it ends at a lower val
+    loss than runs at 1/30 and 30 times it (same seed, data order and steps, fp32). It draws the
+    loss against the LR into out_dir/lr_find.png."""
+    result = run_script("train.py", *TINY, f"--dataset={char_data}", f"--out_dir={tmp_path / 'find'}", "--lr_find")
+    assert result.returncode == 0, result.stderr[-3000:]
+    lr = suggested_lr(result.stdout)
+    assert "for reference, the minimum-loss lr / 10" in result.stdout
+    assert 1e-7 < lr < 1
+    assert sorted(p.name for p in (tmp_path / "find").iterdir()) == ["lr_find.png"]  # no run written
+    h, w, coloured, var = read_png(tmp_path / "find" / "lr_find.png")
+    assert h > 300 and w > 500 and var > 0 and coloured > 0.002  # the curve and the marks
+    finals = {}
+    for factor in (1 / 30, 1, 30):
+        out = tmp_path / f"x{factor:g}"
+        run = run_script("train.py", *TINY, f"--dataset={char_data}", f"--out_dir={out}", "--decay_lr=False",
+                         f"--learning_rate={lr * factor}", "--max_iters=150", "--eval_interval=150", "--eval_iters=20")
+        assert run.returncode == 0, run.stderr[-3000:]
+        finals[factor] = final_val_loss(out)
+    assert finals[1] < finals[1 / 30] and finals[1] < finals[30], finals
+
+
+def test_lr_find_leaves_a_run_in_out_dir_as_it_is(char_data, tmp_path):
+    """--lr_find in the out_dir of a run writes only lr_find.png: ckpt.pt, best.pt, metrics.jsonl
+    and config.json keep their bytes."""
+    out = tmp_path / "out"
+    result = run_script("train.py", *TINY, f"--dataset={char_data}", f"--out_dir={out}", "--max_iters=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert "ckpt.pt" in before
+    result = run_script("train.py", *TINY, f"--dataset={char_data}", f"--out_dir={out}", "--lr_find",
+                        "--lr_find_iters=10")
+    assert result.returncode == 0, result.stderr[-3000:]
+    after = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert after.keys() - before.keys() <= {"lr_find.png"}
+    assert {name: after[name] for name in before} == before
+
+
+@pytest.mark.slow
+def test_lr_find_under_torchrun_matches_one_process(char_data, tmp_path):
+    """2 gloo ranks share the batch stream as in training: the range test's losses and suggestion
+    are those of 1 process with the same global batch, printed once. (Past lr ~0.1 this tiny
+    model's training is chaotic: there rounding differences grow, so the curves are compared below.)"""
+    settings = [*TINY, f"--dataset={char_data}", "--lr_find", "--lr_find_iters=40", "--gradient_accumulation_steps=2"]
+    one = run_script("train.py", *settings, f"--out_dir={tmp_path / 'one'}")
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(ROOT / "train.py"), *settings, f"--out_dir={tmp_path / 'two'}"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("suggested learning_rate") == 1  # rank 0 prints
+    curve = lambda out: {float(lr): float(loss)
+                         for lr, loss in re.findall(r"lr ([0-9.e+-]+), smoothed loss ([0-9.]+)", out)}
+    below = {lr: loss for lr, loss in curve(one.stdout).items() if lr < 0.1}
+    assert len(below) >= 8 and {lr: curve(two.stdout)[lr] for lr in below} == pytest.approx(below, abs=2e-4)
+    step = math.log(1e7) / 39  # one step of the LR grid, in log units
+    assert abs(math.log(suggested_lr(two.stdout) / suggested_lr(one.stdout))) <= 1.01 * step
+    assert (tmp_path / "two" / "lr_find.png").is_file()
+
+
+def test_lr_find_without_matplotlib_prints_its_result_and_how_to_draw_it(monkeypatch, tmp_path, capsys):
+    """Without matplotlib the range test still prints its suggestion; one line says how to draw it."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    train.plot_lr_find({"out_dir": str(tmp_path), "dataset": "d"}, [1e-3, 1e-2], [2.0, 1.0], 1e-3, 1e-2)
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and "lr_find.png not drawn" in out[0] and "pip install matplotlib" in out[0]
+    assert not (tmp_path / "lr_find.png").exists()
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--lr_find", "--init_from=resume"], "--lr_find starts from a run's initial weights"),
+    (["--lr_find_min=0.1", "--lr_find_max=0.01"], "0 < lr_find_min < lr_find_max"),
+    (["--lr_find_iters=1"], "lr_find_iters must be >= 2"),
+])
+def test_lr_find_settings_that_make_no_sense_are_errors(argv, needle):
+    """The range test starts no resume and needs a rising range of at least two steps."""
+    with pytest.raises(UserError, match=re.escape(needle)):
+        train.load_config(argv)
+
+
+def test_the_suggestion_is_the_steepest_descent_before_the_minimum():
+    """The suggested LR is where the smoothed loss falls fastest per log-LR, not past its minimum."""
+    lrs = [10.0 ** (k / 2) for k in range(-10, 1)]  # 1e-5 .. 1
+    losses = [4.0, 4.0, 3.9, 3.5, 2.5, 2.2, 2.0, 2.1, 3.0, 9.0, 20.0]  # steepest 3.5 -> 2.5, lowest at 2.0
+    steepest, lowest = train.lr_suggestions(lrs, losses)
+    assert steepest in (lrs[3], lrs[4]) and lowest == lrs[6]
+
+
+# --- samples at evaluations, peak memory --------------------------------------------------------
+
+def metrics(out_dir):
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_samples_at_evaluations_leave_the_training_exactly_as_without(char_data, tmp_path):
+    """eval_sample_tokens draws from a generator of its own with dropout off: a run with samples
+    logs exactly the losses of one without. Each evaluation prints its sample and records it;
+    every record and log line carries peak_mem_mb."""
+    common_args = [*TINY, f"--dataset={char_data}", "--max_iters=12", "--eval_interval=4", "--log_interval=1",
+                   "--dropout=0.1"]
+    runs = {}
+    for name, extra in (("off", []), ("on", ["--eval_sample_tokens=20", "--eval_sample_prompt=ROMEO:"])):
+        result = run_script("train.py", *common_args, f"--out_dir={tmp_path / name}", *extra)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[name] = result.stdout
+    logged = {name: {r["iter"]: r["loss"] for r in metrics(tmp_path / name) if "loss" in r} for name in runs}
+    assert sorted(logged["on"]) == list(range(1, 13)) and logged["on"] == logged["off"]  # exactly
+    evals = [r for r in metrics(tmp_path / "on") if "val_loss" in r]
+    assert [r["iter"] for r in evals] == [0, 4, 8, 12]
+    for r in evals:
+        assert r["sample"].startswith("ROMEO:") and len(r["sample"]) > len("ROMEO:")
+        assert f"sample at iter {r['iter']}: {r['sample']!r}" in runs["on"]
+    assert "sample at" not in runs["off"] and not any("sample" in r for r in metrics(tmp_path / "off"))
+    for r in metrics(tmp_path / "on"):
+        assert r["peak_mem_mb"] > 10
+    lines = [line for line in runs["on"].splitlines() if line.startswith("iter ")]
+    assert len(lines) == 12 + 4 and all(re.search(r"peak mem [0-9,]+ MB", line) for line in lines)
+
+
+def test_an_empty_sample_prompt_starts_from_end_of_text_or_a_newline(tokenizer):
+    """Samples continue eval_sample_prompt (its last block_size tokens) or, when it is empty, what
+    sample.py starts from (a newline for a char model); a prompt the vocabulary lacks is an error."""
+    cfg = train.DEFAULTS | {"eval_sample_tokens": 10}
+    assert train.eval_sample_prompt(cfg, tokenizer, 32) == tokenizer.encode("\n")
+    assert train.eval_sample_prompt(cfg | {"eval_sample_prompt": "x" * 40}, tokenizer, 32) == tokenizer.encode("x" * 32)
+    assert train.eval_sample_prompt(train.DEFAULTS, tokenizer, 32) is None  # samples off
+    with pytest.raises(UserError, match="eval_sample_prompt: character '∆'"):
+        train.eval_sample_prompt(cfg | {"eval_sample_prompt": "∆"}, tokenizer, 32)
+
+
+def test_a_sample_reaches_tensorboard_as_text_and_numbers_as_scalars(tmp_path):
+    """TensorBoard gets a sample with add_text (add_scalar would fail on it), numbers as scalars."""
+    calls = []
+
+    class Writer:
+        def add_scalar(self, key, value, step):
+            calls.append(("scalar", key, step))
+
+        def add_text(self, key, value, step):
+            calls.append(("text", key, step))
+
+    log = train.MetricsLog(tmp_path / "metrics.jsonl", train.DEFAULTS | {"out_dir": str(tmp_path)})
+    log.tensorboard = Writer()
+    log.write(iter=5, elapsed_s=1.0, val_loss=2.0, peak_mem_mb=300.0, sample="ROMEO: hi")
+    assert calls == [("scalar", "val_loss", 5), ("scalar", "peak_mem_mb", 5), ("text", "sample", 5)]
+    log.tensorboard = None
+    log.close()
+    assert json.loads((tmp_path / "metrics.jsonl").read_text())["sample"] == "ROMEO: hi"
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the peak RSS from /proc")
+def test_peak_memory_on_a_cpu_is_the_processes_peak_resident_set():
+    """On a CPU, peak_mem_mb is the process's high-water mark of resident memory (VmHWM), in MiB."""
+    hwm_kb = int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1))
+    assert common.peak_memory_mb("cpu") == pytest.approx(hwm_kb / 1024, rel=0.05)
