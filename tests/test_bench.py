@@ -89,7 +89,8 @@ def test_decode_past_block_size_skips_only_hugging_face(monkeypatch, capsys):
 
 def test_prepare_rows_and_the_token_count(monkeypatch, capsys, shakespeare_path, korean_path):
     """prepare.py's and one tiktoken thread's rates, their ratio, the rates and peak RSS of JSON
-    Lines and Parquet inputs, and the BPE's chars/token are printed; the token count both agree on is GPT-2's count of the corpus, counted here."""
+    Lines and Parquet inputs, and the BPE's chars/token are printed; the token count both agree
+    on is GPT-2's count of the corpus, counted here."""
     out = bench_output(monkeypatch, capsys, "prepare", "--mb", 1, "--shakespeare", shakespeare_path,
                        "--korean", korean_path, "--korean_chars", 100_000, "--vocab_size", 512, "--repeats", 1)
     whole = re.search(r"^  prepare\.py +([0-9.]+) MB/s  \(([0-9.]+) s wall for the whole run, ([0-9.]+) s CPU; "
