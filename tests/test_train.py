@@ -436,7 +436,9 @@ def test_sigterm_to_one_ddp_rank_stops_every_rank_and_resumes_exactly(char_data,
     stopped_at = gpt.load_checkpoint(killed / "ckpt.pt")["iter_num"]
     assert stopped_at % 3 == 0 and 6 <= stopped_at < 1000, stdout + stderr[-3000:]
     assert f"stopped by SIGTERM at iter {stopped_at}" in stdout
-    assert stderr.count("exitcode  : 143") == 2, stderr[-3000:]  # torchrun's report of both ranks
+    # torchrun's report of both ranks: 143, or -15 for a rank that torchrun itself terminated
+    # (with SIGTERM) as it was exiting after the other rank's 143
+    assert sorted(re.findall(r"exitcode  : (-?\d+)", stderr)) in (["143", "143"], ["-15", "143"]), stderr[-3000:]
 
     end = f"--max_iters={stopped_at + 6}"
     result = subprocess.run(torchrun(char_data, killed, *settings, end, "--init_from=resume"),
@@ -810,18 +812,18 @@ def test_mfu_is_never_above_100_percent(char_data, tmp_path, monkeypatch, in_pro
 
 def test_evaluation_time_is_not_counted_as_training_time(char_data, tmp_path, monkeypatch, in_process):
     """ms/iter after an evaluation that falls between two log lines counts only the steps."""
-    evaluate = train.evaluate
+    evaluate, clock, skipped = train.evaluate, time.time, [0.0]
+    monkeypatch.setattr(time, "time", lambda: clock() + skipped[0])  # a clock an evaluation moves on
 
     def slow_evaluate(*args):
-        time.sleep(3.0)
+        skipped[0] += 1000.0  # each evaluation "takes" 1000 s more
         return evaluate(*args)
 
     monkeypatch.setattr(train, "evaluate", slow_evaluate)
     in_process(train.load_config([*TINY, f"--dataset={char_data}", f"--out_dir={tmp_path / 'out'}",
                                   "--max_iters=10", "--log_interval=10", "--eval_interval=5"]))
     logs = {r["iter"]: r for r in metrics(tmp_path / "out") if "ms_per_iter" in r}
-    # Iterations 1-10 include a 3 s evaluation (at 5): counted, that would be >= 300 ms/iter; the
-    # steps of this model take a few ms.
+    # Iterations 1-10 include the evaluation at 5: counted, that would be >= 100 s per iteration.
     assert logs.keys() == {10}
-    assert all(r["ms_per_iter"] < 150 for r in logs.values()), logs
+    assert all(r["ms_per_iter"] < 50_000 for r in logs.values()), logs
     assert all(r["tokens_per_s"] == pytest.approx(8 * 32 * 1000 / r["ms_per_iter"]) for r in logs.values())
