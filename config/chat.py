@@ -13,8 +13,8 @@ time_budget_s = 0.0  # the data, not the clock, sets a fine-tune's length: a fix
 # One conversation per row, padded at its end: block_size needs only to hold the longest
 # conversation (prepare.py prints it: 26 tokens here), and more is padding that costs compute.
 block_size = 32
-batch_size = 32  # conversations per step: 32 x 32 = 1,024 token slots, 32 x 26 = 832 of them
-                 # tokens, 32 x 2 = 64 of them learned (the reply's vowel and its <|end|>)
+batch_size = 32  # conversations per step: 32 x 32 = 1,024 token slots, 32 x 25 = 800 of them filled
+                 # (26 tokens are 25 input -> target pairs), 32 x 2 = 64 learned (the vowel, <|end|>)
 # 4,500 train conversations / 32 per step = ~140 steps an epoch: 600 steps are ~4 epochs
 max_iters = 600
 lr_decay_iters = 600  # = max_iters: decay all the way to min_lr
