@@ -639,7 +639,7 @@ def test_fine_tuning_teaches_a_rule_that_held_out_questions_follow(tmp_path, mon
 
     tuned = tmp_path / "chat" / "ckpt.pt"
     before, after = accuracy(base, held_out), accuracy(tuned, held_out)
-    with capsys.disabled():  # shown with pytest -s (BENCHMARKS.md quotes it)
+    with capsys.disabled():  # printed past the capture: BENCHMARKS.md quotes it
         print(f"\nheld-out accuracy on {len(held_out)} words: {before:.0%} before, {after:.0%} after")
     assert before <= 0.1 and after >= 0.9, (before, after)
 
