@@ -708,7 +708,14 @@ def check_compatible(cfg, ckpt, vocab_size, tokenizer, path, resume):
 # The time budget: the run's length from the measured speed of its first steps
 
 BUDGET_SKIP_ITERS = 2  # steps not timed: the first ones allocate and pick kernels
-BUDGET_TIMED_ITERS = 20  # steps timed to decide; the decision is made inside a warmup of >= 22 steps
+BUDGET_MIN_TIMED_ITERS = 20
+BUDGET_SHARE = 0.95  # of the time left that the decision plans for: step times drift over a run
+
+
+def budget_decision_iter(cfg, start):
+    """The step after which the budget decides: the end of warmup, so the decision never changes
+    a learning rate already used, and at least BUDGET_MIN_TIMED_ITERS timed steps after `start`."""
+    return max(start + BUDGET_SKIP_ITERS + BUDGET_MIN_TIMED_ITERS, cfg["warmup_iters"])
 
 
 def iters_within_budget(seconds_left, it, step_s, eval_s, eval_interval):
@@ -731,7 +738,7 @@ def decide_budget(cfg, it, step_s, eval_s, rt):
         torch.distributed.all_reduce(timings, op=torch.distributed.ReduceOp.MAX)
         step_s, eval_s = timings.tolist()
     seconds_left = cfg["time_budget_s"] - (time.time() - PROCESS_START)
-    n = iters_within_budget(seconds_left, it, step_s, eval_s, cfg["eval_interval"])
+    n = iters_within_budget(seconds_left * BUDGET_SHARE, it, step_s, eval_s, cfg["eval_interval"])
     print0(f"time budget {cfg['time_budget_s']:g} s: {step_s * 1000:.1f} ms/iter and {eval_s:.2f} s per "
            f"evaluation measured, {seconds_left:.0f} s left -> max_iters = lr_decay_iters = {n}")
     return dict(max_iters=n, lr_decay_iters=n, ms_per_iter=step_s * 1000, eval_s=eval_s,
@@ -824,6 +831,8 @@ def train(cfg):
         save_checkpoint(state, out_dir / name)
 
     timing_budget = cfg["time_budget_s"] > 0 and budget is None
+    budget_start = resume_iter or 0
+    budget_at = budget_decision_iter(cfg, budget_start)
     t_last, iters_since_log, eval_s, t_budget = time.time(), 0, None, None
     loss_sum = torch.zeros((), device=rt.device)  # summed on device: no host sync between logs
     stop = 0
@@ -880,13 +889,12 @@ def train(cfg):
         progress.iter_num += 1
         iters_since_log += 1
 
-        if timing_budget and progress.iter_num - (resume_iter or 0) in (BUDGET_SKIP_ITERS,
-                                                                         BUDGET_SKIP_ITERS + BUDGET_TIMED_ITERS):
+        if timing_budget and progress.iter_num in (budget_start + BUDGET_SKIP_ITERS, budget_at):
             sync(rt.device)  # time the work, not its launch (only at these two steps)
             if t_budget is None:
                 t_budget = time.time()
             else:
-                step_s = (time.time() - t_budget) / BUDGET_TIMED_ITERS
+                step_s = (time.time() - t_budget) / (budget_at - budget_start - BUDGET_SKIP_ITERS)
                 eval_estimate = eval_s if eval_s is not None else step_s * cfg["eval_iters"] * 2 / 3 / accum
                 budget = decide_budget(cfg, progress.iter_num, step_s, eval_estimate, rt)
                 cfg = cfg | {k: budget[k] for k in ("max_iters", "lr_decay_iters")}

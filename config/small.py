@@ -23,7 +23,7 @@ lr_decay_iters = 9000  # = max_iters: decay all the way to min_lr
 # A higher peak LR than nanoGPT's baby GPT (1e-3): at this size 2.5e-3 learns faster and stays stable.
 learning_rate = 2.5e-3
 min_lr = 2.5e-4  # learning_rate / 10
-warmup_iters = 50  # > the 22 steps the time budget times, so its decision never changes a past LR
+warmup_iters = 200  # the time budget times these steps and decides at their end (~8 s)
 beta2 = 0.99  # few tokens per step: a longer average of squared gradients
 
 # "auto": bf16 autocast on CPUs with AVX512-BF16/AMX (faster steps than fp32 with the same loss per
@@ -31,7 +31,7 @@ beta2 = 0.99  # few tokens per step: a longer average of squared gradients
 # see gpt.attention), fp32 on other CPUs.
 dtype = "auto"
 
-eval_interval = 250
-eval_iters = 20  # 2 x 20 batches per evaluation, every 250 steps
+eval_interval = 500
+eval_iters = 20  # 2 x 20 batches per evaluation, every 500 steps
 log_interval = 100
 eval_sample_tokens = 100  # each evaluation prints (and logs) 100 characters the model writes
