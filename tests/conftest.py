@@ -5,7 +5,9 @@ Tests read corpora and the GPT-2 BPE files from ../shared (beside the project ro
 the network. On CI its absence is a failure; elsewhere the tests that need it are skipped.
 """
 import getpass
+import io
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -33,6 +35,11 @@ if any(CPU_LIMITS) and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
 
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+# A shell that starts a job in the background (`cmd &`) ignores SIGINT in it, and an ignored signal
+# stays ignored in every process it starts: the tests that press Ctrl-C need it delivered.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
@@ -68,6 +75,15 @@ def tiny_corpus(shakespeare_path, tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def char_data(tiny_corpus, tmp_path_factory) -> Path:
+    """A char-level dataset made by prepare.py from the tiny corpus."""
+    out = tmp_path_factory.mktemp("data") / "tiny_char"
+    result = run_script("prepare.py", "--input", tiny_corpus, "--out", out, "--tokenizer", "char")
+    assert result.returncode == 0, result.stderr
+    return out
+
+
 @pytest.fixture
 def out_dir(tmp_path) -> Path:
     """A fresh output directory (not yet created, as a user's out_dir would be)."""
@@ -81,6 +97,23 @@ def run_script(script: str, *args, input: str | None = None, timeout: float = 30
         [sys.executable, str(ROOT / script), *map(str, args)],
         cwd=ROOT, input=input, capture_output=True, text=True, timeout=timeout, env=full_env,
     )
+
+
+def main_in_process(monkeypatch, capsys, script_main, argv, input=None):
+    """A script's command line inside this process, as run_main runs it (without the ~2.5 s of
+    starting Python and importing torch): a CompletedProcess with its exit status and output."""
+    import common
+
+    monkeypatch.setattr(sys, "argv", ["script.py", *map(str, argv)])
+    monkeypatch.setattr(sys, "stdin", io.StringIO(input or ""))
+    capsys.readouterr()  # earlier output is not this run's
+    try:
+        common.run_main(script_main)
+        status = 0
+    except SystemExit as e:
+        status = e.code
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(sys.argv, status, out, err)
 
 
 def assert_one_line_error(result, *needles):

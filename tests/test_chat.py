@@ -2,11 +2,9 @@
 and ChatBatches of train.py, exact resume and 2 ranks on a chat dataset, and sample.py --chat on a
 chat-tuned model. Every corpus and conversation is generated here, so nothing external is needed
 (only the gpt2 cases read GPT-2's BPE files from ../shared)."""
-import io
 import json
 import random
 import subprocess
-import sys
 from contextlib import nullcontext
 from dataclasses import asdict
 
@@ -15,13 +13,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import common
 import gpt
 import prepare
 import sample
 import train
 from common import UserError
-from conftest import ROOT, assert_one_line_error, run_script
+from conftest import ROOT, assert_one_line_error, main_in_process, run_script
 from gpt import GPT, GPTConfig, generate
 from test_train import losses, metrics, torchrun, train_run
 from tokenizer import CHAT_SPECIALS, END, Tokenizer, load_tokenizer, render_chat
@@ -509,17 +506,9 @@ def test_two_ranks_on_a_chat_dataset_match_one(chat_data, base_ckpt, tmp_path):
 
 def chat_in_process(monkeypatch, capsys, ckpt, lines, *flags):
     """sample.py --chat inside this process: (exit status, stdout, stderr)."""
-    argv = ["sample.py", "--ckpt", str(ckpt), "--device=cpu", "--dtype=float32", "--chat", *flags]
-    monkeypatch.setattr(sys, "argv", argv)
-    monkeypatch.setattr(sys, "stdin", io.StringIO("".join(line + "\n" for line in lines)))
-    capsys.readouterr()
-    try:
-        common.run_main(sample.main)
-        status = 0
-    except SystemExit as e:
-        status = e.code
-    out, err = capsys.readouterr()
-    return status, out, err
+    result = main_in_process(monkeypatch, capsys, sample.main, ["--ckpt", ckpt, "--device=cpu", "--dtype=float32",
+                                                                "--chat", *flags], "".join(line + "\n" for line in lines))
+    return result.returncode, result.stdout, result.stderr
 
 
 def scripted_replies(monkeypatch, replies):

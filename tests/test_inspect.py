@@ -31,15 +31,6 @@ TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_
 
 
 @pytest.fixture(scope="session")
-def char_data(tiny_corpus, tmp_path_factory):
-    """A char-level dataset made by prepare.py from the tiny corpus."""
-    out = tmp_path_factory.mktemp("data") / "inspect_char"
-    result = run_script("prepare.py", "--input", tiny_corpus, "--out", out, "--tokenizer", "char")
-    assert result.returncode == 0, result.stderr
-    return out
-
-
-@pytest.fixture(scope="session")
 def tokenizer(char_data):
     return load_tokenizer(char_data)
 

@@ -25,7 +25,7 @@ import common
 import engine
 import gpt
 import sample
-from conftest import ROOT, assert_one_line_error, run_script
+from conftest import ROOT, assert_one_line_error, main_in_process, run_script
 from gpt import GPT, GPTConfig, beam_search, generate, quantize_int8
 from common import UserError
 from tokenizer import load_tokenizer
@@ -92,27 +92,12 @@ def run(ckpt, *args, input=None):
     return run_script("sample.py", "--ckpt", ckpt, "--device=cpu", "--dtype=float32", *args, input=input)
 
 
-def main_in_process(monkeypatch, capsys, argv, input=None):
-    """sample.py's command line inside this process, as run_main runs it (without the ~2.5 s of
-    starting Python and importing torch): a CompletedProcess with its exit status and output."""
-    monkeypatch.setattr(sys, "argv", ["sample.py", *map(str, argv)])
-    monkeypatch.setattr(sys, "stdin", io.StringIO(input or ""))
-    capsys.readouterr()  # earlier output is not this run's
-    try:
-        common.run_main(sample.main)
-        status = 0
-    except SystemExit as e:
-        status = e.code
-    out, err = capsys.readouterr()
-    return subprocess.CompletedProcess(sys.argv, status, out, err)
-
-
 @pytest.fixture
 def cli(monkeypatch, capsys):
     """`run`, inside this process: cli(ckpt, *args, input=None)."""
     def run_cli(ckpt, *args, input=None):
         argv = ["--ckpt", ckpt, "--device=cpu", "--dtype=float32", *args]
-        return main_in_process(monkeypatch, capsys, argv, input)
+        return main_in_process(monkeypatch, capsys, sample.main, argv, input)
     return run_cli
 
 
@@ -156,7 +141,7 @@ def test_auto_dtype_on_a_cpu_generates_in_fp32_and_scores_in_bf16_where_native(
     text.write_text(PROMPT * 3, encoding="utf-8")
 
     def dtype_used(*args):
-        result = ok(main_in_process(monkeypatch, capsys, ["--ckpt", random_ckpt, "--device=cpu", *args]))
+        result = ok(main_in_process(monkeypatch, capsys, sample.main, ["--ckpt", random_ckpt, "--device=cpu", *args]))
         return re.search(r" on cpu, (\w+)", result.stderr).group(1)
 
     assert dtype_used("--max_new_tokens=3") == "float32"
@@ -193,7 +178,7 @@ def test_int8_greedy_is_generate_of_the_quantized_model(random_ckpt, tokenizer, 
     """--int8 must reach the engine as gpt.quantize_int8's model (not be ignored, not quantize
     something else), and the loaded line must say so. Both routes run the same int8 kernels on
     the same inputs, so their tokens are equal by construction."""
-    result = ok(main_in_process(monkeypatch, capsys, ["--ckpt", random_ckpt, "--device=cpu", "--start", PROMPT,
+    result = ok(main_in_process(monkeypatch, capsys, sample.main, ["--ckpt", random_ckpt, "--device=cpu", "--start", PROMPT,
                                                       "--max_new_tokens=30", "--temperature=0", "--int8"]))
     assert "int8 weights" in result.stderr
     idx = torch.tensor([tokenizer.encode(PROMPT)])

@@ -28,15 +28,6 @@ TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_
         "--warmup_iters=5", "--lr_decay_iters=40", "--min_lr=3e-4"]
 
 
-@pytest.fixture(scope="session")
-def char_data(tiny_corpus, tmp_path_factory):
-    """A char-level dataset made by prepare.py from the tiny corpus."""
-    out = tmp_path_factory.mktemp("data") / "tiny_char"
-    result = run_script("prepare.py", "--input", tiny_corpus, "--out", out, "--tokenizer", "char")
-    assert result.returncode == 0, result.stderr
-    return out
-
-
 def train_run(data, out_dir, *args, check=True):
     result = run_script("train.py", *TINY, f"--dataset={data}", f"--out_dir={out_dir}", *args)
     if check:
