@@ -314,6 +314,38 @@ def bytes_to_unicode() -> dict[int, str]:
     return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
 
 
+def byte_level_vocab(tok: Tokenizer) -> tuple[dict[str, int], list[str]]:
+    """A gpt2/bpe tokenizer as GPT-2's vocab.json and merges.txt (what Hugging Face and llama.cpp
+    read): every token spelt through bytes_to_unicode -> its id (specials included), and the merges
+    in priority order, one "left right" line each. tiktoken keeps only ranks; a token's merge is
+    the pair that BPE with the lower ranks alone leaves of its bytes."""
+    if tok.kind == "char":
+        raise UserError("a char tokenizer has no byte-level vocabulary")
+    enc, spell = tok.enc, bytes_to_unicode()
+    ranks = {enc.decode_single_token_bytes(i): i for i in range(tok.base_vocab_size) if i != tok.eot_id}
+    text = lambda token: "".join(spell[b] for b in token)
+    vocab = {text(token): i for token, i in ranks.items()}
+    vocab |= {EOT: tok.eot_id, **tok.specials}
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        if len(token) > 1:
+            left, right = _bpe_parts(ranks, token, rank)
+            merges.append(f"{text(left)} {text(right)}")
+    return vocab, merges
+
+
+def _bpe_parts(ranks: dict[bytes, int], token: bytes, max_rank: int) -> list[bytes]:
+    """BPE of `token`'s bytes using only merges ranked below max_rank (for a token of rank
+    max_rank: the two parts its own merge joins)."""
+    parts = [bytes([b]) for b in token]
+    while True:
+        pairs = [(ranks.get(a + b, max_rank), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
+        rank, i = min(pairs, default=(max_rank, -1))
+        if rank >= max_rank:
+            return parts
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+
+
 def bpe_tokenizer(ranks: dict[bytes, int]) -> Tokenizer:
     """A Tokenizer for freshly trained merge ranks (GPT-2 pre-tokenisation)."""
     text = ranks_to_text(ranks)
