@@ -124,3 +124,49 @@ def assert_one_line_error(result, *needles):
     assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
     for needle in needles:
         assert needle in lines[0], lines[0]
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(tiny_corpus, tmp_path_factory):
+    """trained_checkpoint(kind) -> best.pt of a tiny GPT (2 layers, n_embd 32, block 32) trained
+    with AdamW on the tiny corpus with a `kind` tokenizer: "char", "bpe" (a 384-token byte-level
+    BPE trained by prepare.py) or "gpt2" (fewer, smaller steps: its 50,257-way head dominates). Trained, not random, so that greedy decoding
+    meets few near-ties; made once per kind and shared by every test that exports or runs one."""
+    import torch
+    from dataclasses import asdict
+
+    import gpt
+    from tokenizer import load_tokenizer
+
+    made = {}
+
+    def make(kind):
+        if kind in made:
+            return made[kind]
+        folder = tmp_path_factory.mktemp(f"trained_{kind}")
+        flags = ["--vocab_size", "384"] if kind == "bpe" else []
+        result = run_script("prepare.py", "--input", tiny_corpus, "--out", folder / "data", "--tokenizer", kind, *flags)
+        assert result.returncode == 0, result.stderr
+        tokenizer = load_tokenizer(folder / "data")
+        data = torch.tensor(tokenizer.encode(tiny_corpus.read_text(encoding="utf-8")))
+        torch.manual_seed(0)
+        config = gpt.GPTConfig(block_size=32, vocab_size=tokenizer.vocab_size, n_layer=2, n_head=2, n_embd=32)
+        model = gpt.GPT(config)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+        generator = torch.Generator().manual_seed(0)
+        steps, batch = (20, 8) if kind == "gpt2" else (60, 16)
+        for _ in range(steps):
+            starts = torch.randint(len(data) - 33, (batch,), generator=generator)
+            x = torch.stack([data[i:i + 32] for i in starts])
+            y = torch.stack([data[i + 1:i + 33] for i in starts])
+            _, loss = model(x, y)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        path = folder / "best.pt"
+        gpt.save_checkpoint(dict(model=model.state_dict(), model_args=asdict(config), tokenizer=tokenizer.to_dict(),
+                                 config={}, iter_num=steps, best_val_loss=loss.item()), path)
+        made[kind] = path
+        return path
+
+    return make
