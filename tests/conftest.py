@@ -4,6 +4,7 @@ torch.compile cache of its own for each setting of the variables that limit the 
 Tests read corpora and the GPT-2 BPE files from ../shared (beside the project root), never from
 the network. On CI its absence is a failure; elsewhere the tests that need it are skipped.
 """
+import contextlib
 import getpass
 import io
 import os
@@ -99,21 +100,32 @@ def run_script(script: str, *args, input: str | None = None, timeout: float = 30
     )
 
 
-def main_in_process(monkeypatch, capsys, script_main, argv, input=None):
+def run_in_process(script_main, *args, input: str | None = None):
     """A script's command line inside this process, as run_main runs it (without the ~2.5 s of
-    starting Python and importing torch): a CompletedProcess with its exit status and output."""
+    starting Python and importing torch): a CompletedProcess with its exit status and output.
+    sys.argv, stdin and the signal handlers a script installs are put back afterwards."""
     import common
 
-    monkeypatch.setattr(sys, "argv", ["script.py", *map(str, argv)])
-    monkeypatch.setattr(sys, "stdin", io.StringIO(input or ""))
-    capsys.readouterr()  # earlier output is not this run's
+    saved = sys.argv, sys.stdin, {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    sys.argv, sys.stdin = ["script.py", *map(str, args)], io.StringIO(input or "")
+    out, err = io.StringIO(), io.StringIO()
     try:
-        common.run_main(script_main)
-        status = 0
-    except SystemExit as e:
-        status = e.code
-    out, err = capsys.readouterr()
-    return subprocess.CompletedProcess(sys.argv, status, out, err)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                common.run_main(script_main)
+                status = 0
+            except SystemExit as e:
+                status = e.code
+    finally:
+        sys.argv, sys.stdin, handlers = saved
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    return subprocess.CompletedProcess(["script.py", *map(str, args)], status, out.getvalue(), err.getvalue())
+
+
+def main_in_process(monkeypatch, capsys, script_main, argv, input=None):
+    """run_in_process for tests that hold pytest's monkeypatch and capsys."""
+    return run_in_process(script_main, *argv, input=input)
 
 
 def assert_one_line_error(result, *needles):

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, assert_one_line_error, run_script
+from conftest import ROOT, assert_one_line_error, run_in_process, run_script
 import common
 import gpt
 import train
@@ -29,7 +29,9 @@ TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_
 
 
 def train_run(data, out_dir, *args, check=True):
-    result = run_script("train.py", *TINY, f"--dataset={data}", f"--out_dir={out_dir}", *args)
+    """train.py with the tiny settings, run in this process (train.py as a process of its own is
+    tested where the process matters: signals, exit status, torchrun)."""
+    result = run_in_process(train.main, *TINY, f"--dataset={data}", f"--out_dir={out_dir}", *args)
     if check:
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return result
