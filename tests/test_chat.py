@@ -18,7 +18,7 @@ import prepare
 import sample
 import train
 from common import UserError
-from conftest import ROOT, assert_one_line_error, main_in_process, run_script
+from conftest import ROOT, assert_one_line_error, main_in_process, run_in_process, run_script
 from gpt import GPT, GPTConfig, generate
 from test_train import losses, metrics, torchrun, train_run
 from tokenizer import CHAT_SPECIALS, END, Tokenizer, load_tokenizer, render_chat
@@ -475,7 +475,7 @@ def test_a_chat_run_resumes_exactly(chat_data, base_ckpt, tmp_path):
     start = [f"--init_from={base_ckpt}", *CHAT_RUN, "--dropout=0.1"]
     train_run(data, tmp_path / "straight", *start, "--max_iters=10")
     train_run(data, tmp_path / "run", *start, "--max_iters=5")
-    result = run_script("train.py", "--init_from=resume", f"--out_dir={tmp_path / 'run'}", "--max_iters=10")
+    result = run_in_process(train.main, "--init_from=resume", f"--out_dir={tmp_path / 'run'}", "--max_iters=10")
     assert result.returncode == 0, result.stderr[-2000:]
     straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "run")
     assert sorted(resumed) == list(range(1, 11))

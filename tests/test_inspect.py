@@ -21,7 +21,7 @@ import gpt
 import sample
 import train
 from common import UserError
-from conftest import ROOT, assert_one_line_error, run_script
+from conftest import ROOT, assert_one_line_error, run_in_process, run_script
 from gpt import GPT, GPTConfig
 from tokenizer import load_tokenizer
 
@@ -120,7 +120,7 @@ def test_attention_text_names_the_token_each_token_attends_to_most(ckpt, tokeniz
     """Without --plot, every layer and head lists, for each token after the first, the token it
     attends to most (itself or an earlier one) and that weight: the argmax of attention_weights."""
     text = "ROMEO: hi"
-    result = run_script("sample.py", "--ckpt", ckpt, "--attention", text)
+    result = run_in_process(sample.main, "--ckpt", ckpt, "--attention", text)
     assert result.returncode == 0, result.stderr
     blocks = result.stdout.split("\n\n")[1:]
     ids = tokenizer.encode(text)
@@ -181,12 +181,12 @@ def test_flags_that_do_not_apply_to_attention_maps_are_errors(argv, needle):
 ])
 def test_a_layer_or_head_the_model_lacks_is_one_line(ckpt, argv, needle):
     """--layer and --head count from 0 below the model's n_layer and n_head; beyond is one line."""
-    assert_one_line_error(run_script("sample.py", "--ckpt", ckpt, "--attention", "hi", *argv), needle)
+    assert_one_line_error(run_in_process(sample.main, "--ckpt", ckpt, "--attention", "hi", *argv), needle)
 
 
 def test_attention_of_no_text_is_one_line(ckpt):
     """There are no maps of no tokens: an empty --attention is one error line."""
-    assert_one_line_error(run_script("sample.py", "--ckpt", ckpt, "--attention", ""), "--attention needs some text")
+    assert_one_line_error(run_in_process(sample.main, "--ckpt", ckpt, "--attention", ""), "--attention needs some text")
 
 
 def test_attention_plot_without_matplotlib_names_the_install_command(monkeypatch, tmp_path):
@@ -206,7 +206,7 @@ def test_attention_maps_are_drawn_as_a_grid_and_as_one_large_map(ckpt, tmp_path)
     text = "To be, or not to be"
     grid, one = tmp_path / "grid.png", tmp_path / "one.png"
     for args in (["--plot", grid], ["--plot", one, "--layer", "1", "--head", "0"]):
-        result = run_script("sample.py", "--ckpt", ckpt, "--attention", text, *args)
+        result = run_in_process(sample.main, "--ckpt", ckpt, "--attention", text, *args)
         assert result.returncode == 0, result.stderr
         assert result.stdout == "" and f"wrote {args[1]}" in result.stderr
     grid_h, grid_w, grid_coloured, grid_var = read_png(grid)
@@ -242,7 +242,7 @@ def test_korean_tokens_are_drawn_with_a_hangul_font_or_one_line_says_there_is_no
 def test_a_plot_that_cannot_be_written_is_one_line(ckpt, tmp_path):
     """An image path in a missing folder is an error naming the path, not a traceback."""
     pytest.importorskip("matplotlib")
-    result = run_script("sample.py", "--ckpt", ckpt, "--attention", "hi", "--plot", tmp_path / "no" / "a.png")
+    result = run_in_process(sample.main, "--ckpt", ckpt, "--attention", "hi", "--plot", tmp_path / "no" / "a.png")
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: cannot write {tmp_path / 'no' / 'a.png'}")
 
@@ -263,7 +263,7 @@ def test_lr_find_suggests_a_rate_that_trains_better_than_30x_lower_or_higher(cha
     """The range test's suggestion is a good learning rate: a short run at it ends at a lower val
     loss than runs at 1/30 and 30 times it (same seed, data order and steps, fp32). It draws the
     loss against the LR into out_dir/lr_find.png."""
-    result = run_script("train.py", *TINY, f"--dataset={char_data}", f"--out_dir={tmp_path / 'find'}", "--lr_find")
+    result = run_in_process(train.main, *TINY, f"--dataset={char_data}", f"--out_dir={tmp_path / 'find'}", "--lr_find")
     assert result.returncode == 0, result.stderr[-3000:]
     lr = suggested_lr(result.stdout)
     assert "for reference, the minimum-loss lr / 10" in result.stdout
@@ -274,7 +274,7 @@ def test_lr_find_suggests_a_rate_that_trains_better_than_30x_lower_or_higher(cha
     finals = {}
     for factor in (1 / 30, 1, 30):
         out = tmp_path / f"x{factor:g}"
-        run = run_script("train.py", *TINY, f"--dataset={char_data}", f"--out_dir={out}", "--decay_lr=False",
+        run = run_in_process(train.main, *TINY, f"--dataset={char_data}", f"--out_dir={out}", "--decay_lr=False",
                          f"--learning_rate={lr * factor}", "--max_iters=150", "--eval_interval=150", "--eval_iters=20")
         assert run.returncode == 0, run.stderr[-3000:]
         finals[factor] = final_val_loss(out)
@@ -285,11 +285,11 @@ def test_lr_find_leaves_a_run_in_out_dir_as_it_is(char_data, tmp_path):
     """--lr_find in the out_dir of a run writes only lr_find.png: ckpt.pt, best.pt, metrics.jsonl
     and config.json keep their bytes."""
     out = tmp_path / "out"
-    result = run_script("train.py", *TINY, f"--dataset={char_data}", f"--out_dir={out}", "--max_iters=2")
+    result = run_in_process(train.main, *TINY, f"--dataset={char_data}", f"--out_dir={out}", "--max_iters=2")
     assert result.returncode == 0, result.stderr[-3000:]
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     assert "ckpt.pt" in before
-    result = run_script("train.py", *TINY, f"--dataset={char_data}", f"--out_dir={out}", "--lr_find",
+    result = run_in_process(train.main, *TINY, f"--dataset={char_data}", f"--out_dir={out}", "--lr_find",
                         "--lr_find_iters=10")
     assert result.returncode == 0, result.stderr[-3000:]
     after = {p.name: p.read_bytes() for p in out.iterdir()}
@@ -303,7 +303,7 @@ def test_lr_find_under_torchrun_matches_one_process(char_data, tmp_path):
     are those of 1 process with the same global batch, printed once. (Past lr ~0.1 this tiny
     model's training is chaotic: there rounding differences grow, so the curves are compared below.)"""
     settings = [*TINY, f"--dataset={char_data}", "--lr_find", "--lr_find_iters=40", "--gradient_accumulation_steps=2"]
-    one = run_script("train.py", *settings, f"--out_dir={tmp_path / 'one'}")
+    one = run_in_process(train.main, *settings, f"--out_dir={tmp_path / 'one'}")
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           str(ROOT / "train.py"), *settings, f"--out_dir={tmp_path / 'two'}"],
@@ -361,7 +361,7 @@ def test_samples_at_evaluations_leave_the_training_exactly_as_without(char_data,
                    "--dropout=0.1"]
     runs = {}
     for name, extra in (("off", []), ("on", ["--eval_sample_tokens=20", "--eval_sample_prompt=ROMEO:"])):
-        result = run_script("train.py", *common_args, f"--out_dir={tmp_path / name}", *extra)
+        result = run_in_process(train.main, *common_args, f"--out_dir={tmp_path / name}", *extra)
         assert result.returncode == 0, result.stderr[-3000:]
         runs[name] = result.stdout
     logged = {name: {r["iter"]: r["loss"] for r in metrics(tmp_path / name) if "loss" in r} for name in runs}
