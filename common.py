@@ -11,6 +11,7 @@ file writes, and the choice of device and precision.
 """
 import argparse
 import difflib
+import functools
 import os
 import sys
 import time
@@ -237,8 +238,15 @@ GPU_PEAK_FLOPS = {"H200": 989e12, "H100 SXM": 989e12, "H100 NVL": 835e12, "H100 
 
 def measure_peak_flops(device, dtype):
     """The denominator of MFU: a known card's dense peak on CUDA (bf16/fp16), else the best of a
-    few square matmuls in `dtype` with this process's threads, measured. train.py also never
-    reports MFU above 100% (a step can beat a small probe on a CPU)."""
+    few square matmuls in `dtype` with this process's threads, measured (once per process and
+    setting). train.py also never reports MFU above 100% (a step can beat a small probe on a CPU)."""
+    import torch
+
+    return _peak_flops(device, dtype, torch.get_num_threads())
+
+
+@functools.lru_cache(maxsize=8)
+def _peak_flops(device, dtype, threads):
     import torch
 
     if device.startswith("cuda") and dtype != torch.float32:

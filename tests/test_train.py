@@ -485,8 +485,8 @@ def test_what_resuming_needs_is_checked_in_one_line(char_data, tmp_path):
     that is not a checkpoint are each one line that says what to do instead."""
     run = tmp_path / "run"
     train_run(char_data, run, "--max_iters=4", "--eval_interval=2")
-    result = run_script("train.py", *TINY, f"--dataset={char_data}", f"--out_dir={run}", "--init_from=resume",
-                        "--max_iters=2", timeout=60)
+    result = run_in_process(train.main, *TINY, f"--dataset={char_data}", f"--out_dir={run}", "--init_from=resume",
+                        "--max_iters=2")
     assert_one_line_error(result, "iter 4", "max_iters=2")
     weights_only = tmp_path / "weights_only"
     weights_only.mkdir()
@@ -647,7 +647,7 @@ def test_fine_tune_a_hugging_face_directory(verdict_path, tmp_path):
     result = run_script("prepare.py", "--input", verdict_path, "--tokenizer", "gpt2", "--out", data)
     assert result.returncode == 0, result.stderr
     out = tmp_path / "out"
-    result = run_script("train.py", f"--init_from={hf_dir}", f"--dataset={data}", f"--out_dir={out}",
+    result = run_in_process(train.main, f"--init_from={hf_dir}", f"--dataset={data}", f"--out_dir={out}",
                         "--block_size=32", "--batch_size=4", "--eval_iters=2", "--max_iters=4",
                         "--eval_interval=4", "--device=cpu", "--dtype=float32", "--n_layer=9")
     assert result.returncode == 0, result.stderr[-2000:]
@@ -692,7 +692,7 @@ def test_resume_needs_only_the_out_dir_and_continues_the_stored_run(tmp_path, ch
     train_run(char_data, tmp_path / "straight", *common, "--max_iters=12")
     run = tmp_path / "run"
     train_run(char_data, run, *common, "--max_iters=8")
-    result = run_script("train.py", "--init_from=resume", f"--out_dir={run}", "--max_iters=12")
+    result = run_in_process(train.main, "--init_from=resume", f"--out_dir={run}", "--max_iters=12")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "resume: max_iters 8 -> 12" in result.stdout
     straight, resumed = losses(tmp_path / "straight"), losses(run)
@@ -776,7 +776,7 @@ def test_a_budgeted_run_fixes_its_length_and_resumes_exactly(char_data, tmp_path
     assert f"max_iters = lr_decay_iters = {n}" in stdout
     assert ckpt["config"]["max_iters"] == ckpt["config"]["lr_decay_iters"] == n
     assert stopped_at < n, "the budget ended the run before the signal: raise time_budget_s"
-    resumed = run_script("train.py", "--init_from=resume", f"--out_dir={killed}", f"--max_iters={stopped_at + 6}")
+    resumed = run_in_process(train.main, "--init_from=resume", f"--out_dir={killed}", f"--max_iters={stopped_at + 6}")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     train_run(char_data, tmp_path / "straight", *settings, f"--lr_decay_iters={n}", f"--max_iters={stopped_at + 6}")
     straight, after = losses(tmp_path / "straight"), losses(killed)
