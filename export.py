@@ -1,7 +1,7 @@
 """Export a trained model to the tools people deploy with: Hugging Face, ONNX Runtime, llama.cpp.
 
     python export.py out-small --to hf --out gpt-hf          # a transformers folder, tokenizer included
-    python export.py out-small --to onnx --out gpt-onnx      # model.onnx + decoder.onnx (KV cache) + tokenizer
+    python export.py out-small --to onnx --out gpt-onnx      # model.onnx (KV cache in and out) + tokenizer
     python export.py out-small/best.pt --to gguf --out gpt.gguf --quant q8_0   # one file for llama.cpp
 
 CKPT is a checkpoint or a training run's folder (its best.pt, else ckpt.pt), as in sample.py.
@@ -9,14 +9,22 @@ The tokenizer always travels with the weights. Every output is written under a t
 and renamed when complete: an interrupted export leaves nothing half-written at --out.
 """
 import argparse
+import copy
+import json
+import logging
 import os
 import shutil
 import sys
+import warnings
 from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
 
 from common import ArgumentParser, UserError, run_main
 from engine import find_checkpoint, is_hf_folder
-from gpt import load_checkpoint, model_from_checkpoint
+from gpt import load_checkpoint, model_from_checkpoint, split_heads
 from tokenizer import load_tokenizer
 
 FORMATS = ("hf", "onnx", "gguf")
@@ -86,10 +94,97 @@ def export_hf(model, tokenizer, out, dtype):
 # ONNX
 
 
+class OnnxGPT(nn.Module):
+    """GPT's forward as the one graph model.onnx, its KV cache as inputs and outputs:
+    (input_ids (B, T), past keys, values (B, nh, P, hs) per layer) -> (logits (B, T, V), present
+    keys, values (B, nh, P + T, hs) per layer). P = 0 is a prefill, T = 1 a decoding step, any
+    other P and T a chunk after a cache. The model's own modules and weights; attention is
+    CausalSelfAttention's with the cache joined by torch.cat and one mask that holds for every P,
+    0 included, so that a single graph serves prompt and steps."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, past):
+        t = self.model.transformer
+        B, T = input_ids.shape
+        P = past[0].size(2)  # tokens already cached
+        x = t.wte(input_ids) + t.wpe(torch.arange(P, P + T, device=input_ids.device))  # (B, T, C)
+        # new token i sits at position P + i: it sees the whole cache and the new tokens up to itself
+        mask = torch.ones(T, P + T, dtype=torch.bool, device=input_ids.device).tril(diagonal=P)
+        present = []
+        for block, past_k, past_v in zip(t.h, past[0::2], past[1::2]):
+            attn = block.attn
+            q, k, v = split_heads(attn.c_attn(block.ln_1(x)), attn.n_head)  # each (B, nh, T, hs)
+            k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)  # (B, nh, P + T, hs)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            x = x + attn.c_proj(y.transpose(1, 2).reshape(B, T, -1))
+            x = x + block.mlp(block.ln_2(x))
+            present += [k, v]
+        return self.model.lm_head(t.ln_f(x)), *present
+
+
 def export_onnx(model, tokenizer, out, dtype):
-    """model.onnx (logits of whole sequences), decoder.onnx (one step with the KV cache as inputs
-    and outputs) and the tokenizer, in the folder `out`. Returns the line that says how to run it."""
-    raise UserError("--to onnx is not built yet")
+    """model.onnx (+ model.onnx.data, its weights), export.json and the tokenizer, in the folder
+    `out`. Returns the line that says how to run it.
+
+    One graph (OnnxGPT) for prompt and steps, where two (a prefill and a decoder) would hold the
+    weights twice, on disk and in memory:
+      inputs   input_ids (batch, sequence) int64,
+               past_key_values.{i}.key, .value (batch, n_head, past, head_size), past >= 0
+      outputs  logits (batch, sequence, vocab), present.{i}.key, .value (batch, n_head, past + sequence, head_size)
+    Generating: run it on the prompt with empty pasts (past = 0), then on each new token with the
+    presents as the pasts. Positions are absolute (past + sequence <= block_size), so when the cache
+    is full the window slides: the last block_size tokens again with empty pasts, as gpt.py does.
+    float16 holds weights and activations in fp16; onnxruntime's CPU provider runs it too.
+    export.json names the inputs, outputs and shapes for a user's loop.
+    """
+    try:
+        import onnx  # noqa: F401  torch.onnx's exporter writes its graphs with these two
+        import onnxscript  # noqa: F401
+    except ImportError:
+        raise UserError("--to onnx needs the ONNX exporter's packages: pip install onnx onnxscript") from None
+    out = Path(out)
+    out.mkdir(parents=True)
+    cfg = model.config
+    if dtype == "float16":
+        model = copy.deepcopy(model).half()  # the caller's model stays fp32
+    hs = cfg.n_embd // cfg.n_head
+    kv = [f"{i}.{kind}" for i in range(cfg.n_layer) for kind in ("key", "value")]
+    inputs = ["input_ids", *[f"past_key_values.{name}" for name in kv]]
+    outputs = ["logits", *[f"present.{name}" for name in kv]]
+    # Example sizes of 2 and 3: torch.export fixes a dimension whose example is 0 or 1.
+    B, P, T = 2, 2, min(3, cfg.block_size - 2)
+    example = (torch.zeros(B, T, dtype=torch.long),
+               [torch.zeros(B, cfg.n_head, P, hs, dtype=model.lm_head.weight.dtype) for _ in kv])
+    batch = torch.export.Dim("batch")
+    sequence = torch.export.Dim("sequence", min=1, max=cfg.block_size)
+    past = torch.export.Dim("past", min=0, max=cfg.block_size - 1)
+    print("exporting model.onnx ...", file=sys.stderr, flush=True)  # minutes for a large model
+    log = logging.getLogger("torch.onnx")
+    level = log.level
+    log.setLevel(logging.ERROR)  # its "torchvision is not installed" warnings concern vision models only
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the exporter's notes on renamed axes and its own deprecations
+            torch.onnx.export(OnnxGPT(model).eval(), example, out / "model.onnx", dynamo=True, verbose=False,
+                              input_names=inputs, output_names=outputs,
+                              dynamic_shapes=({0: batch, 1: sequence}, [{0: batch, 2: past}] * len(kv)))
+    finally:
+        log.setLevel(level)
+    description = {"tokenizer": tokenizer.to_dict()}  # as a dataset's meta.json: load_tokenizer reads it
+    (out / "tokenizer_meta.json").write_text(json.dumps(description, ensure_ascii=False) + "\n", encoding="utf-8")
+    how_to_run = {
+        "model": "model.onnx", "dtype": dtype, "inputs": inputs, "outputs": outputs,
+        "kv_shape": ["batch", "n_head", "past", "head_size"],
+        "n_layer": cfg.n_layer, "n_head": cfg.n_head, "head_size": hs, "n_embd": cfg.n_embd,
+        "vocab_size": cfg.vocab_size, "block_size": cfg.block_size, "eot_id": tokenizer.eot_id,
+        "tokenizer": "tokenizer_meta.json",
+    }
+    (out / "export.json").write_text(json.dumps(how_to_run, indent=2) + "\n", encoding="utf-8")
+    return ("onnxruntime: model.onnx on the prompt with empty pasts, then on each new token with the "
+            "presents as its pasts (export.json names them)")
 
 
 # -----------------------------------------------------------------------------
