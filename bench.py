@@ -4,11 +4,15 @@
     python bench.py prepare   # prepare.py MB/s vs one tiktoken thread, peak RSS; Korean BPE training
     python bench.py train     # training tokens/s and MFU: fp32 / bf16 / compile vs nanoGPT
     python bench.py serve     # serve.py: time to first token, tokens/s for 1, 4, 16 streaming clients
+    python bench.py memory    # bytes per GPU of GPT-2 small..XL: DDP / FSDP, with or without checkpointing
+    python bench.py gpu       # on one CUDA GPU: bf16/fp16 training, FSDP, checkpointing, KV-cache decoding
 
-Every figure is the median of --repeats timed runs after one untimed warm-up run; the methods
+Every timed figure is the median of --repeats timed runs after one untimed warm-up run; the methods
 compared take turns (one run of each per round), so a load change on a shared machine hits all alike.
+`memory` computes (it times nothing); `gpu` runs train.py itself, as a user does, and reads its log.
 """
 import argparse
+import copy
 import http.client
 import json
 import math
@@ -23,11 +27,12 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import tokenizer
-from common import (ArgumentParser, UserError, autocast_context, cpu_flags, maybe_compile, measure_peak_flops,
-                    resolve_device, run_main, sync)
+from common import (DTYPE_NAMES, ArgumentParser, UserError, autocast_context, cpu_flags, maybe_compile,
+                    measure_peak_flops, resolve_device, run_main, sync)
 from engine import load_model
 from gpt import GPT, GPTConfig, generate, generate_stream, quantize_int8, save_checkpoint, store_linear_weights_transposed
 
@@ -505,6 +510,307 @@ def machine():
     return f"{model}, {isa}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
+# ----------------------------------------------------------------------------------------------
+# memory
+
+GPT2_SIZES = {  # (n_layer, n_head, n_embd) of OpenAI's four GPT-2s
+    "small": (12, 12, 768), "medium": (24, 16, 1024), "large": (36, 20, 1280), "XL": (48, 25, 1600),
+}
+STRATEGIES = {  # name: (fsdp, grad_checkpoint), train.py's two settings
+    "DDP": (False, False), "DDP + ckpt": (False, True), "FSDP": (True, False), "FSDP + ckpt": (True, True),
+}
+GB = 1e9
+USABLE_SHARE = 0.9  # of a GPU's memory: the CUDA context, NCCL's buffers and the allocator's fragmentation take the rest
+
+
+def dtype_bytes(dtype):
+    return {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
+
+
+def block_saved_bytes(config, T, dtype, device):
+    """Bytes per token that autograd saves inside one Block for its backward, in eager PyTorch:
+    each LayerNorm's input in fp32 (autocast runs LayerNorm in fp32) and its mean and 1/std; the
+    LayerNorms' outputs as the matmuls take them (autocast's copies in `dtype`); attention's q,
+    k, v (views of c_attn's output), its output (also c_proj's input) and log-sum-exp; the MLP's
+    GELU input and output; a mask per dropout. Fused attention (CUDA's kernels, and a CPU's
+    without dropout) saves no (T, T) matrix; a CPU with dropout takes SDPA's math path, which
+    saves q and k scaled, a copy of v, the softmax, its dropout mask and the dropped weights.
+    On a CPU only fp32 is modelled (gpt.attention changes bf16's precision there)."""
+    if device == "cpu" and dtype != "float32":
+        raise ValueError("the planner models a CPU in float32 only")
+    C, nh, a = config.n_embd, config.n_head, dtype_bytes(dtype)
+    mask = 1 if device == "cuda" else a  # CUDA's dropout keeps a bool mask, a CPU's one in the input's dtype
+    layer_norms = 2 * (4 * C + 8)
+    matmul_inputs = 2 * a * C  # ln_1's and ln_2's outputs, into c_attn and c_fc
+    if device == "cuda" or config.dropout == 0:
+        attention = 3 * a * C + a * C + 4 * nh  # q, k, v; the output (= c_proj's input); log-sum-exp
+    else:
+        attention = 4 * a * C + (2 * a + mask) * nh * T  # q, k scaled, v, c_proj's input; softmax, mask, dropped
+    mlp = 4 * a * C + 4 * a * C  # GELU's input and output (c_fc's output, c_proj's input)
+    dropout_masks = 2 * mask * C if config.dropout > 0 else 0  # after attention's and the MLP's c_proj
+    return layer_norms + matmul_inputs + attention + mlp + dropout_masks
+
+
+def head_saved_bytes(config, dtype, device):
+    """Bytes per token saved outside the blocks: the token ids (the embedding's backward), the
+    embedding dropout's mask, ln_f's fp32 input and statistics, lm_head's input, the log-probs
+    (cross-entropy runs in fp32, autocast or not: 4 bytes x vocab, the largest item) and the
+    targets."""
+    C, a = config.n_embd, dtype_bytes(dtype)
+    mask = 1 if device == "cuda" else a
+    embedding_mask = mask * C if config.dropout > 0 else 0
+    return 8 + embedding_mask + (4 * C + 8) + a * C + 4 * config.vocab_size + 8
+
+
+def saved_activation_bytes(config, B, T, dtype="bfloat16", device="cuda", grad_checkpoint=False, residual_bytes=4):
+    """Bytes autograd holds from the end of a forward of (B, T) tokens to its backward. With
+    grad_checkpoint each Block keeps only its input (the residual stream, in residual_bytes: fp32
+    under DDP, the parameters' dtype under FSDP) and recomputes the rest in the backward."""
+    per_block = residual_bytes * config.n_embd if grad_checkpoint else block_saved_bytes(config, T, dtype, device)
+    return B * T * (config.n_layer * per_block + head_saved_bytes(config, dtype, device))
+
+
+def transient_activation_bytes(config, B, T, dtype, grad_checkpoint):
+    """The most the backward holds beyond the saved bytes: at its start, two fp32 gradients the
+    size of the logits beside the saved log-probs; with grad_checkpoint, later, one Block's saved
+    bytes while it is recomputed (the logits' gradients are gone by then)."""
+    head = 2 * 4 * config.vocab_size
+    return B * T * max(head, block_saved_bytes(config, T, dtype, "cuda") if grad_checkpoint else 0)
+
+
+def param_counts(config):
+    """(all parameters, the root's: the embeddings and ln_f, one Block's, those of every Linear
+    with the tied embedding as lm_head), by GPT-2's arithmetic."""
+    C, bias = config.n_embd, config.bias
+    linear = 12 * C * C + (9 * C if bias else 0)  # c_attn (3C x C), c_proj, c_fc (4C x C), c_proj; biases
+    block = linear + (4 if bias else 2) * C  # and two LayerNorms
+    root = (config.vocab_size + config.block_size) * C + (2 if bias else 1) * C  # wte, wpe, ln_f
+    return root + config.n_layer * block, root, block, config.n_layer * linear + config.vocab_size * C
+
+
+def memory_plan(config, B, T, dtype, gpus, fsdp, grad_checkpoint):
+    """Bytes per GPU of one training step of train.py at micro-batch B, by what holds them.
+
+    DDP: fp32 parameters (the master weights: autocast computes in `dtype` from them), fp32
+    gradients and DDP's bucket copy of them (gpus > 1), AdamW's two fp32 moments, and autocast's
+    `dtype` copies of every matmul weight, saved for the backward. FSDP: parameters, gradients
+    and moments divided by the GPUs; in flight, the root's parameters (the embeddings and ln_f,
+    which FSDP keeps unsharded from the forward to the backward) and two blocks' (the one
+    computing and the one prefetched) in `dtype`, and one block's and the root's gradients in
+    fp32 for the reduce-scatter."""
+    P, root, block, linear = param_counts(config)
+    a = dtype_bytes(dtype)
+    shards = gpus if fsdp else 1
+    plan = dict(params=4 * P / shards, grads=4 * P / shards, adamw=8 * P / shards)
+    if fsdp:
+        plan["weights"] = a * (root + 2 * block) + 4 * (root + block)
+    else:
+        plan["grads"] += 4 * P if gpus > 1 else 0
+        plan["weights"] = a * linear if dtype != "float32" else 0
+    residual = a if fsdp else 4
+    plan["activations"] = (saved_activation_bytes(config, B, T, dtype, "cuda", grad_checkpoint, residual)
+                           + transient_activation_bytes(config, B, T, dtype, grad_checkpoint))
+    plan["total"] = sum(plan.values())
+    return plan
+
+
+def max_micro_batch(config, T, dtype, gpus, fsdp, grad_checkpoint, usable):
+    """The largest micro-batch whose plan fits `usable` bytes (0: not even one sequence). A plan
+    is linear in B (activations grow with it, the rest does not), so two plans give the answer."""
+    fixed = memory_plan(config, 0, T, dtype, gpus, fsdp, grad_checkpoint)["total"]
+    per_sequence = memory_plan(config, 1, T, dtype, gpus, fsdp, grad_checkpoint)["total"] - fixed
+    return max(0, math.floor((usable - fixed) / per_sequence))
+
+
+def memory(args):
+    usable = USABLE_SHARE * args.gpu_memory_gb * GB
+    print(f"memory: GB (1e9 bytes) per GPU at the peak of a train.py step, micro-batch {args.batch_size} x "
+          f"{args.block_size} tokens, {args.dtype}, {args.gpus} GPUs of {args.gpu_memory_gb:g} GB, vocab "
+          f"{args.vocab_size:,}")
+    print(f"eager PyTorch (torch.compile saves less); max micro-batch: the largest whose total fits "
+          f"{USABLE_SHARE:.0%} of a GPU's memory")
+    for name, (n_layer, n_head, n_embd) in GPT2_SIZES.items():
+        config = GPTConfig(block_size=args.block_size, vocab_size=args.vocab_size, n_layer=n_layer,
+                           n_head=n_head, n_embd=n_embd)
+        P = param_counts(config)[0]
+        print(f"  GPT-2 {name} ({P / 1e6:,.0f}M params: {n_layer} layers, {n_head} heads, {n_embd} embd)")
+        print(f"    {'':<12} {'params':>7} {'grads':>7} {'AdamW':>7} {'in-flight':>9} {'activ.':>7} {'total':>7}"
+              f"  max micro-batch")
+        for strategy, (fsdp, ckpt) in STRATEGIES.items():
+            plan = memory_plan(config, args.batch_size, args.block_size, args.dtype, args.gpus, fsdp, ckpt)
+            fits = max_micro_batch(config, args.block_size, args.dtype, args.gpus, fsdp, ckpt, usable)
+            print(f"    {strategy:<12} " + " ".join(f"{plan[k] / GB:{9 if k == 'weights' else 7}.2f}" for k in
+                                                    ("params", "grads", "adamw", "weights", "activations", "total"))
+                  + f"  {fits:>15}")
+
+
+# ----------------------------------------------------------------------------------------------
+# gpu
+
+GPU_MODEL = dict(n_layer=12, n_head=12, n_embd=768, block_size=1024)  # GPT-2 small
+GPU_RUNS = {  # a row's name: (train.py settings, under torchrun, a long run)
+    "bf16 + compile": (dict(dtype="bfloat16", compile=True), False, True),
+    "fp16 + compile + GradScaler": (dict(dtype="float16", compile=True), False, True),
+    "bf16 FSDP, 1 GPU": (dict(dtype="bfloat16", fsdp=True), True, False),
+    "bf16 grad_checkpoint": (dict(dtype="bfloat16", grad_checkpoint=True), False, False),
+}
+GPT2_VOCAB = {"kind": "gpt2", "vocab_size": 50257, "eot_id": 50256}  # meta.json's entry for GPT-2's BPE
+RANDOM_IDS = 1024  # random tokens are ids below this: the loss can fall from ln(50257) = 10.8 to ln(1024) = 6.9
+GPU_LOG_INTERVAL = 5
+
+
+def random_token_dataset(folder, tokens, seed=0):
+    """A dataset in prepare.py's format (train.bin, val.bin, meta.json) of uniformly random GPT-2
+    ids below RANDOM_IDS: a model learns which ids occur, so its loss falls within a few steps."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", tokens), ("val", tokens // 10)):
+        rng.integers(0, RANDOM_IDS, size=n, dtype=np.uint16).tofile(folder / f"{split}.bin")
+    meta = dict(format_version=1, tokenizer=GPT2_VOCAB, vocab_size=GPT2_VOCAB["vocab_size"],
+                eot_id=GPT2_VOCAB["eot_id"], dtype="uint16")
+    (folder / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+    return folder
+
+
+def training_run(settings, torchrun, data_dir, out_dir, steps, model=GPU_MODEL, batch_size=12, device="cuda"):
+    """train.py for `steps` steps with `settings` on top of a short run's (under torchrun with
+    one process when `torchrun`); returns its metrics.jsonl records and None, or the records it
+    wrote and the line that says what went wrong (its error, or torch.compile's fallback to eager)."""
+    settings = dict(model, dataset=data_dir, out_dir=out_dir, device=device, batch_size=batch_size,
+                    gradient_accumulation_steps=1, max_iters=steps, lr_decay_iters=steps,
+                    warmup_iters=steps // 10, eval_interval=steps, eval_iters=2,
+                    log_interval=GPU_LOG_INTERVAL) | settings  # evaluations at the first and last step
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"] if torchrun else []
+    cmd = [sys.executable, *launcher, ROOT / "train.py", *(f"--{k}={v}" for k, v in settings.items())]
+    result = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
+    metrics = Path(out_dir) / "metrics.jsonl"
+    records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
+    lines = (result.stderr + result.stdout).strip().splitlines() or [f"exit status {result.returncode}"]
+    if result.returncode == 0:  # train.py falls back to eager with a warning: here that is a failure
+        return records, next((line for line in lines if "torch.compile failed" in line), None)
+    error = next((line for line in reversed(lines) if line.startswith("error:")), lines[-1])
+    return records, error[:160]  # one line of the table
+
+
+def training_row(name, records, error, flops_per_token, peak_flops, planned_bytes):
+    """One row of the table from a run's metrics.jsonl records: the median step time and
+    tokens/s over the log lines after the first (which holds the warm-up steps), MFU against
+    peak_flops, the peak memory beside the planner's, the first and last logged loss, and "ok" or
+    why not: an error, a non-finite loss, or a training or validation loss that did not fall."""
+    logs = [r for r in records if "loss" in r]
+    evals = [r for r in records if "val_loss" in r]
+    timed = logs[1:] or logs
+    row = dict(run=name, planned_gb=planned_bytes / GB)
+    if timed:
+        tokens_per_s = statistics.median(r["tokens_per_s"] for r in timed)
+        row |= dict(steps=logs[-1]["iter"], ms=statistics.median(r["ms_per_iter"] for r in timed),
+                    tokens_per_s=tokens_per_s, mfu=tokens_per_s * flops_per_token / peak_flops,
+                    peak_gb=max(r["peak_mem_mb"] for r in records) * 2**20 / GB,
+                    loss=f"{logs[0]['loss']:.2f} -> {logs[-1]['loss']:.2f}")
+    losses = [r["loss"] for r in logs] + [r["val_loss"] for r in evals]
+    if error:
+        row["result"] = f"FAIL: {error}"
+    elif len(logs) < 2 or len(evals) < 2:
+        row["result"] = f"FAIL: {len(logs)} log lines and {len(evals)} evaluations, too few to see the loss fall"
+    elif not all(math.isfinite(loss) for loss in losses):
+        row["result"] = "FAIL: a loss is not finite"
+    elif logs[-1]["loss"] >= logs[0]["loss"] or evals[-1]["val_loss"] >= evals[0]["val_loss"]:
+        row["result"] = (f"FAIL: the loss did not fall (val {evals[0]['val_loss']:.2f} -> "
+                         f"{evals[-1]['val_loss']:.2f})")
+    else:
+        row["result"] = "ok"
+    return row
+
+
+@torch.inference_mode()
+def gpu_decode_rows(model, new_tokens, repeats):
+    """Greedy decoding of an fp32 model on its device: the KV cache against recomputing the
+    context, which must give the same tokens, and the KV cache with bf16 weights."""
+    idx = torch.randint(0, model.config.vocab_size, (1, 16), device=model.lm_head.weight.device)
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    methods = {
+        "decode fp32, KV cache": lambda: generate(model, idx, new_tokens, temperature=0)[0],
+        "decode fp32, recompute": lambda: recompute_decode(model, idx, new_tokens)[0].tolist(),
+        "decode bf16, KV cache": lambda: generate(bf16, idx, new_tokens, temperature=0)[0],
+    }
+    seconds, outputs = median_seconds(methods, repeats)
+    same = outputs["decode fp32, KV cache"] == outputs["decode fp32, recompute"]
+    rows = [dict(run=name, steps=new_tokens, ms=1000 * s / new_tokens, tokens_per_s=new_tokens / s, result="ok")
+            for name, s in seconds.items()]
+    rows[0]["result"] = "ok: = recompute" if same else "FAIL: its tokens differ from recompute's"
+    return rows
+
+
+def matmul_flops(dtype, n=8192):
+    """The best FLOP/s of an n x n x n matmul in `dtype` on the GPU, of 5 after a warm-up: what
+    the card reaches, beside the data sheet's peak that MFU is measured against."""
+    a, b = (torch.randn(n, n, device="cuda", dtype=dtype) for _ in range(2))
+    best = math.inf
+    for i in range(6):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        a @ b
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0) if i else best
+    del a, b
+    torch.cuda.empty_cache()  # the memory goes back to the driver, for the train.py runs
+    return 2 * n**3 / best
+
+
+def gpu_table(rows):
+    """The table's lines: one per row, blank where a figure does not apply (a failed run, decoding)."""
+    def cell(row, key, fmt, width):
+        return format(row[key], fmt).rjust(width) if key in row else " " * width
+    lines = [f"  {'run':<28} {'steps':>5} {'ms/step':>8} {'tokens/s':>10} {'MFU':>6} {'peak GB':>8} "
+             f"{'planned':>8} {'loss':>14}  result"]
+    for row in rows:
+        lines.append(f"  {row['run']:<28} {cell(row, 'steps', 'd', 5)} {cell(row, 'ms', '.1f', 8)} "
+                     f"{cell(row, 'tokens_per_s', ',.0f', 10)} {cell(row, 'mfu', '.1%', 6)} "
+                     f"{cell(row, 'peak_gb', '.1f', 8)} {cell(row, 'planned_gb', '.1f', 8)} "
+                     f"{cell(row, 'loss', 's', 14)}  {row['result']}")
+    return lines
+
+
+def gpu_bench(args):
+    if not torch.cuda.is_available():
+        raise UserError("bench.py gpu needs a CUDA GPU; torch.cuda.is_available() is False here "
+                        f"(torch {torch.__version__})")
+    if (SHARED / "tiktoken").is_dir():  # GPT-2's BPE files without network, as in tests/conftest.py
+        os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken"))
+    props = torch.cuda.get_device_properties(0)
+    config = GPTConfig(vocab_size=GPT2_VOCAB["vocab_size"], **GPU_MODEL)
+    with torch.device("meta"):
+        flops_per_token = GPT(config).flops_per_token()
+    peaks = {dtype: measure_peak_flops("cuda", getattr(torch, dtype)) for dtype in ("bfloat16", "float16")}
+    measured = {dtype: matmul_flops(getattr(torch, dtype)) for dtype in peaks}
+    print(f"gpu: {props.name}, {props.total_memory / GB:.0f} GB, torch {torch.__version__}, CUDA {torch.version.cuda}; "
+          f"GPT-2 small, micro-batch {args.batch_size} x {GPU_MODEL['block_size']}, "
+          + (f"dataset {args.dataset}" if args.dataset else f"random tokens (ids < {RANDOM_IDS})"))
+    print("  MFU against the dense peak: " + ", ".join(
+        f"{dtype} {peaks[dtype] / 1e12:,.0f} TFLOPS (an 8192^3 matmul measures {measured[dtype] / 1e12:,.0f})"
+        for dtype in peaks) + "; planned: `bench.py memory`'s estimate of the eager step")
+    print(f"  decoding: batch 1, a 16-token prompt, {args.new_tokens} greedy tokens (a step is one token), "
+          f"GPT-2 small's shape with random weights")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = args.dataset or random_token_dataset(Path(tmp) / "random", 5_000_000)
+        for name, (settings, torchrun, long_run) in GPU_RUNS.items():
+            print(f"  running {name} ...", file=sys.stderr, flush=True)
+            steps = args.steps if long_run else args.short_steps
+            records, error = training_run(settings, torchrun, data_dir, Path(tmp) / f"out{len(rows)}", steps,
+                                          batch_size=args.batch_size)
+            planned = memory_plan(config, args.batch_size, config.block_size, settings["dtype"], 1,
+                                  settings.get("fsdp", False), settings.get("grad_checkpoint", False))["total"]
+            rows.append(training_row(name, records, error, flops_per_token, peaks[settings["dtype"]], planned))
+    print("  running decode ...", file=sys.stderr, flush=True)
+    torch.manual_seed(0)
+    rows += gpu_decode_rows(GPT(config).to("cuda").eval(), args.new_tokens, args.repeats)
+    print("\n".join(gpu_table(rows)))
+    failed = [row["run"] for row in rows if row["result"].startswith("FAIL")]
+    if failed:
+        raise UserError(f"{len(failed)} of {len(rows)} checks failed: {', '.join(failed)}")
+
+
 def main():
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     modes = parser.add_subparsers(dest="mode", required=True)
@@ -556,6 +862,27 @@ def main():
     p.add_argument("--repeats", type=int, default=3, help="timed rounds per row; the median is shown")
     p.add_argument("--device", default="cpu")
     p.set_defaults(run=serve_bench)
+
+    p = modes.add_parser("memory", help="bytes per GPU of GPT-2 small to XL under DDP / FSDP, with and without "
+                                        "activation checkpointing; the micro-batch that fits")
+    p.add_argument("--batch_size", type=int, default=12, help="micro-batch (sequences per GPU per micro-step)")
+    p.add_argument("--block_size", type=int, default=1024)
+    p.add_argument("--vocab_size", type=int, default=50257,
+                   help="50257: GPT-2's BPE, which train.py takes from the dataset (50304 = padded to 64s)")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default="bfloat16", help="train.py's dtype (autocast)")
+    p.add_argument("--gpus", type=int, default=8, help="data-parallel processes: FSDP shards over them")
+    p.add_argument("--gpu_memory_gb", type=float, default=80, help="memory of one GPU, GB")
+    p.set_defaults(run=memory)
+
+    p = modes.add_parser("gpu", help="one CUDA GPU: GPT-2 small trained in bf16 and fp16 (compiled), with FSDP and "
+                                     "with checkpointing; KV-cache decoding checked against recomputing")
+    p.add_argument("--steps", type=int, default=100, help="steps of the bf16 and fp16 runs")
+    p.add_argument("--short_steps", type=int, default=20, help="steps of the FSDP and checkpointing runs")
+    p.add_argument("--batch_size", type=int, default=12, help="micro-batch of 1024-token sequences")
+    p.add_argument("--dataset", help="train on this prepare.py dataset (GPT-2's BPE) instead of random tokens")
+    p.add_argument("--new_tokens", type=int, default=128, help="greedy tokens per decoding run")
+    p.add_argument("--repeats", type=int, default=3, help="timed decoding runs per method; the median is shown")
+    p.set_defaults(run=gpu_bench)
 
     args = parser.parse_args()
     args.run(args)
