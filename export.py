@@ -24,8 +24,8 @@ from torch.nn import functional as F
 
 from common import ArgumentParser, UserError, run_main
 from engine import find_checkpoint, is_hf_folder
-from gpt import load_checkpoint, model_from_checkpoint, split_heads
-from tokenizer import load_tokenizer
+from gpt import hf_config, load_checkpoint, model_from_checkpoint, split_heads
+from tokenizer import END, EOT, GPT2_PATTERN, byte_level_vocab, load_tokenizer
 
 FORMATS = ("hf", "onnx", "gguf")
 GGUF_QUANTS = ("f32", "f16", "q8_0")
@@ -85,9 +85,93 @@ def write_atomically(out, force, write):
 
 
 def export_hf(model, tokenizer, out, dtype):
-    """A transformers GPT-2 folder at `out`: config.json, model.safetensors and the tokenizer.
-    Returns the line that says how to run it."""
-    raise UserError("--to hf is not built yet")
+    """A transformers GPT-2 folder at `out`: config.json, model.safetensors (fp32, or fp16 with
+    --dtype float16), generation_config.json and the tokenizer (write_hf_tokenizer). Returns the
+    line that says how to run it."""
+    try:
+        import safetensors  # noqa: F401  save_pretrained writes model.safetensors with it
+    except ImportError:
+        raise UserError("--to hf needs the safetensors package: pip install safetensors") from None
+    out = Path(out)
+    cfg = model.config
+    if dtype == "float16":
+        model = copy.deepcopy(model).half()  # the caller's model stays fp32
+    model.save_pretrained(out)
+    # What the weights alone do not say: the end-of-text (a pipeline stops where sample.py stops)
+    # and the precision, by the name transformers 5 reads (dtype) and the one before it (torch_dtype).
+    eot, ends = tokenizer.eot_id, hf_end_ids(tokenizer)
+    config = hf_config(cfg) | {"bos_token_id": eot, "eos_token_id": eot, "dtype": dtype, "torch_dtype": dtype}
+    write_json(out / "config.json", config)
+    write_json(out / "generation_config.json", {"bos_token_id": eot, "eos_token_id": ends or None,
+                                                "pad_token_id": ends[0] if ends else None})
+    write_hf_tokenizer(tokenizer, out, cfg.block_size)
+    return (f'run it with transformers: pipeline("text-generation", model="OUT"); prompt and new tokens '
+            f"together up to {cfg.block_size} "
+            "(block_size: transformers' GPT-2 has no sliding window)")
+
+
+def hf_end_ids(tokenizer):
+    """The ids that end a generation: end-of-text, and a chat model's <|end|> (its reply ends there)."""
+    ends = [] if tokenizer.eot_id is None else [tokenizer.eot_id]
+    return ends + ([tokenizer.specials[END]] if tokenizer.is_chat else [])
+
+
+def write_hf_tokenizer(tokenizer, folder, block_size=None):
+    """The tokenizer as Hugging Face files in `folder`, which AutoTokenizer.from_pretrained loads
+    as one that encodes and decodes as ours (tests check it on real text):
+      tokenizer.json            the `tokenizers` pipeline: byte-level BPE for gpt2/bpe (GPT-2's
+                                regex cuts as GPT2_PATTERN does), one token per character for char
+      tokenizer_config.json, special_tokens_map.json   its class, special tokens and length
+      vocab.json, merges.txt    gpt2/bpe: GPT-2's own files (what older tools read)
+    End-of-text and the chat markers are special tokens; `block_size`, if given, is model_max_length."""
+    try:
+        from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+    except ImportError:
+        raise UserError("a Hugging Face tokenizer needs the tokenizers package: pip install tokenizers") from None
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if tokenizer.kind == "char":
+        check_char_vocab_utf8(tokenizer)
+        hf = HFTokenizer(models.WordLevel({c: i for i, c in enumerate(tokenizer.chars)}, unk_token=None))
+        hf.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), "isolated")  # every character ("." misses "\n")
+        hf.decoder = decoders.Fuse()  # characters joined as they are, no spaces between
+    else:
+        vocab, merges = byte_level_vocab(tokenizer)
+        if tokenizer.enc._pat_str != GPT2_PATTERN:
+            raise UserError("a Hugging Face byte-level tokenizer cuts text with GPT-2's regex only; this BPE's "
+                            f"pattern is {tokenizer.enc._pat_str!r}")
+        hf = HFTokenizer(models.BPE(vocab, [tuple(m.split(" ")) for m in merges]))
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        hf.decoder = decoders.ByteLevel()
+        write_json(folder / "vocab.json", vocab)
+        text = "#version: 0.2\n" + "".join(f"{m}\n" for m in merges)  # GPT-2's merges.txt header
+        (folder / "merges.txt").write_text(text, encoding="utf-8")
+    specials = ([] if tokenizer.eot_id is None else [EOT]) + list(tokenizer.specials)
+    hf.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
+    hf.save(str(folder / "tokenizer.json"))
+    eot = None if tokenizer.eot_id is None else EOT
+    special_map = {"bos_token": eot, "eos_token": eot, "unk_token": eot,
+                   "additional_special_tokens": list(tokenizer.specials)}
+    special_map = {k: v for k, v in special_map.items() if v}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", **special_map,
+              "add_bos_token": False, "add_prefix_space": False, "clean_up_tokenization_spaces": False}
+    if block_size:
+        config["model_max_length"] = block_size
+    write_json(folder / "tokenizer_config.json", config)
+    write_json(folder / "special_tokens_map.json", special_map)
+
+
+def check_char_vocab_utf8(tokenizer):
+    """A UserError for a character without a UTF-8 form (a lone surrogate): text files and the
+    `tokenizers` package hold none."""
+    for c in tokenizer.chars:
+        if "\ud800" <= c <= "\udfff":
+            raise UserError(f"character U+{ord(c):04X} of the char vocabulary has no UTF-8 form (a lone "
+                            "surrogate), which a Hugging Face tokenizer needs")
+
+
+def write_json(path, obj):
+    Path(path).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 # -----------------------------------------------------------------------------
