@@ -210,8 +210,9 @@ class OnnxGPT(nn.Module):
 
 
 def export_onnx(model, tokenizer, out, dtype):
-    """model.onnx (+ model.onnx.data, its weights), export.json and the tokenizer, in the folder
-    `out`. Returns the line that says how to run it.
+    """model.onnx (+ model.onnx.data, its weights), export.json and the tokenizer (Hugging Face's
+    tokenizer.json and ours, tokenizer_meta.json) in the folder `out`. Returns the line that says
+    how to run it.
 
     One graph (OnnxGPT) for prompt and steps, where two (a prefill and a decoder) would hold the
     weights twice, on disk and in memory:
@@ -257,16 +258,15 @@ def export_onnx(model, tokenizer, out, dtype):
                               dynamic_shapes=({0: batch, 1: sequence}, [{0: batch, 2: past}] * len(kv)))
     finally:
         log.setLevel(level)
-    description = {"tokenizer": tokenizer.to_dict()}  # as a dataset's meta.json: load_tokenizer reads it
-    (out / "tokenizer_meta.json").write_text(json.dumps(description, ensure_ascii=False) + "\n", encoding="utf-8")
-    how_to_run = {
+    write_hf_tokenizer(tokenizer, out, cfg.block_size)  # tokenizer.json: for tokenizers, transformers.js
+    write_json(out / "tokenizer_meta.json", {"tokenizer": tokenizer.to_dict()})  # ours: load_tokenizer reads it
+    write_json(out / "export.json", {
         "model": "model.onnx", "dtype": dtype, "inputs": inputs, "outputs": outputs,
         "kv_shape": ["batch", "n_head", "past", "head_size"],
         "n_layer": cfg.n_layer, "n_head": cfg.n_head, "head_size": hs, "n_embd": cfg.n_embd,
         "vocab_size": cfg.vocab_size, "block_size": cfg.block_size, "eot_id": tokenizer.eot_id,
-        "tokenizer": "tokenizer_meta.json",
-    }
-    (out / "export.json").write_text(json.dumps(how_to_run, indent=2) + "\n", encoding="utf-8")
+        "tokenizer": "tokenizer.json", "tokenizer_meta": "tokenizer_meta.json",
+    })
     return ("onnxruntime: model.onnx on the prompt with empty pasts, then on each new token with the "
             "presents as its pasts (export.json names them)")
 

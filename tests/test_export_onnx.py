@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from tokenizers import Tokenizer
 from conftest import assert_one_line_error, main_in_process
 
 import export
@@ -118,8 +119,9 @@ def test_cached_onnx_loop_gives_our_greedy_tokens(exported, kind):
 
 
 def test_export_folder_describes_itself(exported):
-    """export.json names the graph's real inputs and outputs and the model's shape, and
-    tokenizer_meta.json rebuilds the tokenizer (bpe: its merge ranks travel with it)."""
+    """export.json names the graph's real inputs and outputs and the model's shape, and both
+    tokenizer files encode as ours: tokenizer_meta.json through load_tokenizer (bpe: its merge ranks
+    travel with it), tokenizer.json through Hugging Face's tokenizers (what other languages read)."""
     model, tokenizer, folder = exported("bpe")
     meta = json.loads((folder / "export.json").read_text(encoding="utf-8"))
     sess = session(folder)
@@ -133,7 +135,8 @@ def test_export_folder_describes_itself(exported):
     assert sess.get_inputs()[1].shape == ["batch", meta["n_head"], "past", meta["head_size"]]
     assert meta["kv_shape"] == ["batch", "n_head", "past", "head_size"]
     text = "O Romeo, Romeo! wherefore art thou Romeo?"
-    assert load_tokenizer(folder / meta["tokenizer"]).encode(text) == tokenizer.encode(text)
+    assert load_tokenizer(folder / meta["tokenizer_meta"]).encode(text) == tokenizer.encode(text)
+    assert Tokenizer.from_file(str(folder / meta["tokenizer"])).encode(text).ids == tokenizer.encode(text)
 
 
 def test_float16_export_runs_on_the_cpu_provider(trained_checkpoint, tmp_path, monkeypatch, capsys):
