@@ -9,6 +9,9 @@ Design choices:
 - With targets, forward computes logits at every position (training); without, only at the last one.
 - Dropout is functional (F.dropout with config.dropout), not nn.Dropout modules: at inference a
   module call that does nothing still costs Python time, 25 times per generated token.
+- model.grad_checkpoint (activation checkpointing, off by default; train.py's setting) keeps only
+  each Block's input during a training forward and recomputes the rest in the backward: less memory
+  for a second forward of the blocks. Not part of GPTConfig: it changes memory, never results.
 - Inference is beside the model, not inside it: one optional `kv_cache` argument to forward, one
   branch inside attention. The cache is preallocated keys/values plus a position. Sampling is one
   function on (B, V) logits; generation and beam search are plain loops around the model and it.
@@ -32,6 +35,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 from torch.nn import functional as F
 
 from common import UserError, atomic_write
@@ -142,6 +146,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # Weight tying: one matrix embeds tokens and scores them (GPT-2 does; saves 38M params at 124M).
         self.lm_head.weight = self.transformer.wte.weight
+        self.grad_checkpoint = False  # recompute each Block in the backward (see the docstring above)
         self.apply(self._init_weights)
         # GPT-2: scale the projections into the residual stream by 1/sqrt(number of residual adds),
         # so the stream's variance does not grow with depth.
@@ -166,8 +171,12 @@ class GPT(nn.Module):
         tok_emb = self.transformer.wte(idx)  # (B, T, C)
         pos_emb = self.transformer.wpe.weight[pos:pos + T]  # (T, C): positions within the window
         x = F.dropout(tok_emb + pos_emb, self.config.dropout, self.training)
+        recompute = self.grad_checkpoint and kv_cache is None and torch.is_grad_enabled()
         for block in self.transformer.h:
-            x = block(x, kv_cache)
+            if recompute:  # the backward reruns the block on its saved input, with the same dropout masks
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x, kv_cache)
         x = self.transformer.ln_f(x)
         if kv_cache is not None:
             kv_cache.pos += T
