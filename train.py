@@ -5,6 +5,7 @@
     python train.py --init_from=resume --out_dir=out-small # continue a stopped run
     torchrun --nproc_per_node=2 train.py config/small.py --device=cpu --gradient_accumulation_steps=2
     torchrun --nproc_per_node=8 train.py config/default.py                 # DDP over NCCL
+    torchrun --nproc_per_node=8 train.py config/gpt2_xl.py                 # FSDP (fsdp = True)
     python train.py --plot out                             # out/metrics.jsonl -> out/loss.png
     python train.py config/small.py --lr_find              # LR range test -> a learning_rate, lr_find.png
 
@@ -12,8 +13,12 @@ Design choices:
 - Settings (below) is the only list of settings, each with its type, default and meaning. A config
   file (plain Python assignments) and then `--key=value` arguments override it; unknown keys and
   wrongly typed values are errors. A resumed run takes its settings from its checkpoint.
-- Every device / precision / DDP decision is made once, in setup_runtime(); the loop only uses
-  `rt.ctx` (autocast), `rt.scaler` (a no-op unless fp16) and `rt.ddp`.
+- Every device / precision / DDP / FSDP decision is made once, in setup_runtime() and
+  step_model(); the loop only uses `rt.ctx` (autocast), `rt.scaler` (a no-op unless fp16) and
+  `rt.distributed`.
+- fsdp shards the weights, gradients and AdamW state over the ranks (FSDP2: a unit per Block,
+  the root unit holding the tied wte / lm_head). Its checkpoints are gathered to rank 0 in one
+  process's format: sample.py reads them, and a run resumes with FSDP or without.
 - Batches are random windows of the memory-mapped bins. Each step's *global* set of windows comes
   from one seeded generator shared by all ranks, and rank r takes its share: 2 ranks with
   accumulation k see exactly the examples of 1 rank with 2k.
@@ -21,8 +26,8 @@ Design choices:
   the model args and the tokenizer, so sample.py needs nothing else. Resuming is exact.
 - time_budget_s fixes the run's length from the measured speed of its first steps, so a recipe
   takes the same wall time on any machine; the decision is stored, and a resume keeps it.
-- Ctrl-C or SIGTERM ends a run at a step boundary with ckpt.pt saved (under DDP at the next log
-  step, which all ranks agree on) and exit status 128 + the signal's number.
+- Ctrl-C or SIGTERM ends a run at a step boundary with ckpt.pt saved (under torchrun at the next
+  log step, which all ranks agree on) and exit status 128 + the signal's number.
 - The samples printed at evaluations (eval_sample_tokens) draw from a generator of their own, so
   a run with them trains exactly as one without.
 - --lr_find (the LR range test) is the same setup and the same train_step with an exponentially
@@ -68,7 +73,7 @@ class Settings:
                                         "dir or Hub id (gpt2, OWNER/NAME)")
     eval_interval: int = setting(250, "iterations between evaluations (and checkpoints)")
     eval_iters: int = setting(50, "batches per split per evaluation")
-    log_interval: int = setting(10, "iterations between log lines (and, under DDP, checks for a stop signal)")
+    log_interval: int = setting(10, "iterations between log lines (and, under torchrun, checks for a stop signal)")
     always_save_checkpoint: bool = setting(True, "False: evaluations write ckpt.pt only if val improved "
                                                  "(a run's end always)")
     patience: int = setting(0, "stop after this many evaluations without a val improvement; 0 = never")
@@ -100,7 +105,13 @@ class Settings:
     dtype: str = setting("auto", "'auto' (bf16 where native, fp16 on older GPUs, else fp32) | 'float32' "
                                  "| 'bfloat16' | 'float16'")
     compile: bool = setting(False, "torch.compile the model (falls back with a warning where it fails)")
-    backend: str = setting("auto", "DDP backend: 'auto' (nccl on CUDA, gloo otherwise) | 'nccl' | 'gloo'")
+    backend: str = setting("auto", "DDP/FSDP backend: 'auto' (nccl on CUDA, gloo otherwise) | 'nccl' | 'gloo'")
+    fsdp: bool = setting(False, "under torchrun: shard the weights, gradients and AdamW state over the processes "
+                                "(FSDP2, a unit per Block) instead of a full copy each (DDP); for models "
+                                "whose training state does not fit one device")
+    grad_checkpoint: bool = setting(False, "activation checkpointing: keep only each Block's input in the forward "
+                                           "and recompute the rest in the backward (less memory, ~1/3 more "
+                                           "compute)")
     seed: int = setting(1337, "seeds the weights, the batch stream, dropout and the evaluation windows")
     # logging
     tensorboard_log: bool = setting(False, "also log to out_dir/tensorboard (pip install tensorboard)")
@@ -126,7 +137,7 @@ MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias")
 LR_KEYS = ("learning_rate", "min_lr", "warmup_iters", "lr_decay_iters", "decay_lr", "max_iters")
 # What a resumed run may change (one line says so); anything else would make it another run.
 CHANGEABLE_ON_RESUME = ("eval_interval", "eval_iters", "log_interval", "patience", "always_save_checkpoint",
-                        "dropout", "grad_clip", "device", "dtype", "compile", "backend",
+                        "dropout", "grad_clip", "device", "dtype", "compile", "backend", "fsdp", "grad_checkpoint",
                         "tensorboard_log", "wandb_log", "wandb_project", "wandb_run_name",
                         "eval_sample_tokens", "eval_sample_prompt")
 
@@ -378,14 +389,22 @@ class Runtime:
     dtype: torch.dtype
     ctx: object  # autocast, or a no-op in fp32
     scaler: torch.amp.GradScaler  # a no-op unless fp16
+    fsdp: bool = False  # the model is sharded over the ranks (shard_model), not copied to each (DDP)
 
     @property
-    def ddp(self):
+    def distributed(self):
+        """More than one process (DDP or FSDP): losses, signals and timings are agreed by collectives."""
         return self.world_size > 1
 
     @property
     def master(self):
         return self.rank == 0
+
+    @property
+    def build_device(self):
+        """Where the whole model is built (and a checkpoint read): under FSDP the CPU, since
+        shard_model moves only this rank's shards to the device."""
+        return "cpu" if self.fsdp else self.device
 
     @property
     def device_type(self):
@@ -395,6 +414,9 @@ class Runtime:
 def setup_distributed(cfg):
     """Join the torchrun process group if there is one; returns (rank, local_rank, world_size, device)."""
     if "RANK" not in os.environ:
+        if cfg["fsdp"]:
+            raise UserError("fsdp=True shards the model over torchrun's processes: run "
+                            "`torchrun --nproc_per_node=N train.py ...`, or pass --fsdp=False for one process")
         return 0, 0, 1, cfg["device"]
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     world_size = int(os.environ["WORLD_SIZE"])
@@ -420,8 +442,11 @@ def setup_runtime(cfg):
     rank, local_rank, world_size, device = setup_distributed(cfg)
     device = resolve_device(device)
     dtype = resolve_dtype(cfg["dtype"], device)
+    if cfg["fsdp"] and dtype == torch.float16:  # GradScaler's skipped steps would have to agree across shards
+        raise UserError("fsdp trains in bfloat16 or float32, not float16: pass --dtype=bfloat16 (or float32)")
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=(dtype == torch.float16))
-    return Runtime(rank, local_rank, world_size, device, dtype, autocast_context(device, dtype), scaler)
+    return Runtime(rank, local_rank, world_size, device, dtype, autocast_context(device, dtype), scaler,
+                   fsdp=cfg["fsdp"])
 
 
 class Batches:
@@ -534,9 +559,9 @@ def check_logging_packages(cfg):
             raise UserError(f"{key}=True needs {package}: pip install {package}")
 
 
-def restore(ckpt, optimizer, scaler, batch_rng, rt, seed):
+def restore(ckpt, raw_model, optimizer, scaler, batch_rng, rt, seed):
     """Continue exactly where a checkpoint left off: optimizer, scaler, batch stream, RNG."""
-    optimizer.load_state_dict(ckpt["optimizer"])
+    load_optimizer_state(raw_model, optimizer, ckpt["optimizer"], rt)
     scaler.load_state_dict(ckpt["scaler"])
     batch_rng.bit_generator.state = ckpt["rng"]["batches"]
     if ckpt["rng"]["world_size"] == rt.world_size == 1:
@@ -553,22 +578,27 @@ def evaluate(model, batches, cfg, rt):
     """Loss, perplexity and next-token accuracy on eval_iters batches per split, split over ranks.
 
     Every evaluation scores the same windows (fixed by the `seed` setting), so successive val losses differ
-    only by the model, and evaluating never moves the training batch stream.
+    only by the model, and evaluating never moves the training batch stream. Every rank runs the same
+    number of forwards (under FSDP each one gathers weights from all ranks): where eval_iters does not
+    divide by the ranks, those short of a batch score the first one again, with weight 0.
     """
     model.eval()
     results = {}
+    rounds = math.ceil(cfg["eval_iters"] / rt.world_size)
     for split_id, split in enumerate(("train", "val")):
         rng = np.random.default_rng([cfg["seed"], split_id])
         starts = batches.draw(split, rng, cfg["eval_iters"] * batches.B).reshape(cfg["eval_iters"], batches.B)
+        mine = starts[rt.rank::rt.world_size]
         sums = torch.zeros(3, device=rt.device, dtype=torch.float64)  # loss sum, correct, count
-        for batch_starts in starts[rt.rank::rt.world_size]:
-            x, y = batches.get(split, batch_starts)
+        for i in range(rounds):
+            counted = i < len(mine)
+            x, y = batches.get(split, mine[i] if counted else starts[0])
             with rt.ctx:
                 logits, loss = model(x, y)
-            valid = y != -1  # all of a text batch; a chat batch's reply tokens only
+            valid = (y != -1) & counted  # all of a text batch; a chat batch's reply tokens only
             n = valid.sum().double()
             sums += torch.stack([loss.double() * n, ((logits.argmax(-1) == y) & valid).sum().double(), n])
-        if rt.ddp:
+        if rt.distributed:
             torch.distributed.all_reduce(sums)
         loss_sum, correct, count = sums.tolist()
         results[split] = (loss_sum / count, correct / count)
@@ -596,13 +626,15 @@ def eval_sample(model, tokenizer, prompt, cfg, it, rt):
     """The prompt's text and eval_sample_tokens tokens sampled after it (temperature 1, until
     end-of-text). The draws come from a generator of their own, seeded by cfg["seed"] and the
     iteration, and dropout is off: the training's random numbers are untouched, so a run with
-    samples trains exactly as one without."""
+    samples trains exactly as one without. Every rank samples, all eval_sample_tokens of them (the
+    text is cut at end-of-text after): under FSDP each forward gathers weights from all ranks."""
     seed = int(np.random.SeedSequence([cfg["seed"], it]).generate_state(1)[0])
     generator = torch.Generator(device=rt.device).manual_seed(seed)
     idx = torch.tensor([prompt], dtype=torch.long, device=rt.device)
-    stop = () if tokenizer.eot_id is None else (tokenizer.eot_id,)
     with rt.ctx:
-        new = generate(model, idx, cfg["eval_sample_tokens"], stop_tokens=stop, generator=generator)[0]
+        new = generate(model, idx, cfg["eval_sample_tokens"], generator=generator)[0]
+    if tokenizer.eot_id in new:
+        new = new[:new.index(tokenizer.eot_id)]
     return cfg["eval_sample_prompt"] + tokenizer.decode(new)
 
 
@@ -611,7 +643,7 @@ class StopSignals:
     saved and exit status 128 + the signal's number (143, 130). A second Ctrl-C stops at once (the
     last checkpoint on disk stays intact); a second SIGTERM changes nothing, as a scheduler may
     signal torchrun's workers as well as torchrun, which forwards its own. torchrun sends SIGKILL
-    30 s after forwarding (--shutdown_timeout): under DDP, log_interval steps and one checkpoint
+    30 s after forwarding (--shutdown_timeout), so log_interval steps and one checkpoint
     write must fit in that."""
 
     def __init__(self):
@@ -625,10 +657,10 @@ class StopSignals:
         self.received.append(signum)
 
     def agreed(self, rt):
-        """The signal to stop on, 0 for none. Every rank must stop at the same step: under DDP the
+        """The signal to stop on, 0 for none. Every rank must stop at the same step: under torchrun the
         ranks take the largest signal any of them received, which waits for all of them."""
         signum = self.received[0] if self.received else 0
-        if rt.ddp:
+        if rt.distributed:
             signum = torch.tensor(signum, device=rt.device)
             torch.distributed.all_reduce(signum, op=torch.distributed.ReduceOp.MAX)
             signum = int(signum.item())
@@ -733,7 +765,7 @@ def iters_within_budget(seconds_left, it, step_s, eval_s, eval_interval):
 def decide_budget(cfg, it, step_s, eval_s, rt):
     """max_iters and lr_decay_iters that end the run within time_budget_s (from the process start),
     agreed by all ranks (each takes the slowest rank's timings)."""
-    if rt.ddp:
+    if rt.distributed:
         timings = torch.tensor([step_s, eval_s], device=rt.device, dtype=torch.float64)
         torch.distributed.all_reduce(timings, op=torch.distributed.ReduceOp.MAX)
         step_s, eval_s = timings.tolist()
@@ -749,12 +781,87 @@ def decide_budget(cfg, it, step_s, eval_s, rt):
 # Training
 
 def step_model(raw_model, cfg, rt, batches):
-    """The model the training steps call: compiled if cfg says so, in DDP under torchrun."""
+    """The model the training steps call: compiled if cfg says so, in DDP under torchrun; with fsdp,
+    raw_model itself, sharded in place (so the optimizer is made after this, on the shards)."""
+    raw_model.grad_checkpoint = cfg["grad_checkpoint"]
+    if rt.fsdp:
+        return shard_model(raw_model, cfg, rt)
     model = maybe_compile(raw_model, rt.device, rt.ctx, batches.B, batches.T) if cfg["compile"] else raw_model
-    if rt.ddp:
+    if rt.distributed:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
     return model
+
+
+def shard_model(model, cfg, rt):
+    """FSDP2, in place. Each Block is a unit: its weights are gathered from all ranks just before its
+    forward and again for its backward, and freed after each. The root unit holds the rest: wte with
+    lm_head (one tied matrix, so one unit owns both), wpe and ln_f. Where the run computes in bf16,
+    the gathered weights are bf16 copies of fp32 shards and gradients are reduced in fp32; autocast
+    stays on, so the loss is still computed in fp32. With compile, each Block is compiled before it
+    is sharded (FSDP's gathers stay outside the compiled code)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(rt.device_type, (rt.world_size,))
+    policy = MixedPrecisionPolicy(param_dtype=rt.dtype, reduce_dtype=torch.float32)
+    for block in model.transformer.h:
+        if cfg["compile"]:
+            block.compile()
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    return model
+
+
+def full_model_state(model, rt):
+    """The model's state_dict as one process holds it, on rank 0 (None elsewhere). Under FSDP every
+    rank must call it: the shards are gathered a tensor at a time into rank 0's CPU memory."""
+    if not rt.fsdp:
+        return model.state_dict() if rt.master else None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not rt.master:
+        return None
+    state["lm_head.weight"] = state["transformer.wte.weight"]  # tied: one tensor in the file, as one process saves
+    return state
+
+
+def full_optimizer_state(model, optimizer, rt):
+    """optimizer.state_dict() as one process holds it, on rank 0 (None elsewhere); under FSDP every
+    rank must call it. get_optimizer_state_dict names each parameter's state by the parameter's
+    name; it is keyed here by the parameter's index, as optimizer.state_dict() keys it, so that a
+    checkpoint resumes with FSDP or without, on any number of processes."""
+    # Before the first step the state is empty, and get_optimizer_state_dict would fill it by a
+    # step with lr 0, which AdamW counts (its bias correction would be off by a step).
+    if not rt.fsdp or not optimizer.state:
+        return optimizer.state_dict() if rt.master else None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    state = get_optimizer_state_dict(model, optimizer,
+                                     options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not rt.master:
+        return None
+    index = {name: i for i, name in enumerate(name for group in state["param_groups"] for name in group["params"])}
+    return dict(state={index[name]: s for name, s in state["state"].items()},
+                param_groups=[group | {"params": [index[name] for name in group["params"]]}
+                              for group in state["param_groups"]])
+
+
+def load_optimizer_state(model, optimizer, state, rt):
+    """optimizer.load_state_dict(state) for a state of full_optimizer_state's form; under FSDP each
+    rank keeps its shards of it (every rank has read the checkpoint)."""
+    if not rt.fsdp or not state["state"]:  # nothing to shard (and no lr-0 step: full_optimizer_state says why)
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = {param: name for name, param in model.named_parameters()}
+    name = [names[param] for group in optimizer.param_groups for param in group["params"]]  # by index
+    by_name = dict(state={name[i]: s for i, s in state["state"].items()},
+                   param_groups=[group | {"params": [name[i] for i in group["params"]]}
+                                 for group in state["param_groups"]])
+    set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
 
 
 def train_step(model, optimizer, batches, batch_rng, cfg, rt):
@@ -766,8 +873,9 @@ def train_step(model, optimizer, batches, batch_rng, cfg, rt):
     step_loss = torch.zeros((), device=rt.device)
     for micro_step, micro_starts in enumerate(my_starts):
         x, y = batches.get("train", micro_starts)
-        if rt.ddp:
-            # Synchronise gradients only on the last micro-step; must be set before its forward.
+        if rt.distributed and not rt.fsdp:
+            # DDP: all-reduce gradients only on the last micro-step; must be set before its forward.
+            # (FSDP reduce-scatters every micro-step's: its gradients stay sharded.)
             model.require_backward_grad_sync = micro_step == accum - 1
         with rt.ctx:
             _, loss = model(x, y)
@@ -793,21 +901,21 @@ def train(cfg):
     peak_flops = measure_peak_flops(rt.device, rt.dtype) if rt.master else 1.0  # before seeding: uses randn
     batches = make_batches(cfg, rt.device)
     torch.manual_seed(cfg["seed"])  # identical initial weights on every rank
-    raw_model, ckpt = build_model(cfg, batches.meta["vocab_size"], batches.tokenizer, rt.device)
+    raw_model, ckpt = build_model(cfg, batches.meta["vocab_size"], batches.tokenizer, rt.build_device)
     cfg = cfg | {k: asdict(raw_model.config)[k] for k in MODEL_KEYS if k != "block_size"}  # as loaded
+    model = step_model(raw_model, cfg, rt, batches)
     optimizer = raw_model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"],
                                                (cfg["beta1"], cfg["beta2"]), rt.device_type)
     batch_rng = np.random.default_rng(cfg["seed"])  # the same stream on every rank
     torch.manual_seed(cfg["seed"] + rt.rank)  # dropout masks differ between ranks
     progress, budget, resume_iter = Progress(), None, None
     if cfg["init_from"] == "resume":
-        progress = restore(ckpt, optimizer, rt.scaler, batch_rng, rt, cfg["seed"])
+        progress = restore(ckpt, raw_model, optimizer, rt.scaler, batch_rng, rt, cfg["seed"])
         budget = ckpt.get("budget")
         resume_iter = progress.iter_num  # its evaluation, if one was due, is done
         print0(f"resuming from {out_dir / 'ckpt.pt'} at iter {progress.iter_num} "
                f"(best val loss {progress.best_val_loss:.4f})")
     del ckpt  # free its copy of the weights and optimizer state
-    model = step_model(raw_model, cfg, rt, batches)
     sample_prompt = eval_sample_prompt(cfg, batches.tokenizer, raw_model.config.block_size)
     log = start_outputs(cfg, rt, raw_model, resume_iter) if rt.master else None
     signals = StopSignals()
@@ -817,15 +925,20 @@ def train(cfg):
     t_start = time.time()
 
     def checkpoint(name, full):
-        """The weights, their shape and tokenizer; with `full`, everything needed to resume."""
-        state = dict(model=raw_model.state_dict(), model_args=asdict(raw_model.config),
+        """The weights, their shape and tokenizer; with `full`, everything needed to resume. Every
+        rank calls it (FSDP gathers the shards); rank 0 writes it, in one process's format."""
+        weights = full_model_state(raw_model, rt)
+        optimizer_state = full_optimizer_state(raw_model, optimizer, rt) if full else None
+        if not rt.master:
+            return
+        state = dict(model=weights, model_args=asdict(raw_model.config),
                      tokenizer=batches.tokenizer.to_dict(), config=cfg, iter_num=progress.iter_num,
                      best_val_loss=progress.best_val_loss)
         if full:
             rng = dict(batches=batch_rng.bit_generator.state, torch=torch.get_rng_state(), world_size=rt.world_size)
             if rt.device_type == "cuda":
                 rng["cuda"] = torch.cuda.get_rng_state()
-            state |= dict(optimizer=optimizer.state_dict(), scaler=rt.scaler.state_dict(), rng=rng, budget=budget,
+            state |= dict(optimizer=optimizer_state, scaler=rt.scaler.state_dict(), rng=rng, budget=budget,
                           evals_since_best=progress.evals_since_best,
                           elapsed_s=progress.elapsed_s + time.time() - t_start)
         save_checkpoint(state, out_dir / name)
@@ -842,9 +955,9 @@ def train(cfg):
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-        # A signal stops the run here: checked every step, or under DDP at log steps only, where
+        # A signal stops the run here: checked every step, or under torchrun at log steps only, where
         # the loop waits for the device anyway (an all-reduce every step would add a host sync).
-        if not rt.ddp or it % cfg["log_interval"] == 0:
+        if not rt.distributed or it % cfg["log_interval"] == 0:
             stop = signals.agreed(rt)
 
         # Evaluate, keep the best weights, write the resume checkpoint.
@@ -853,7 +966,7 @@ def train(cfg):
         if (it % cfg["eval_interval"] == 0 or last_iter) and it != resume_iter:
             t_eval = time.time()
             metrics = evaluate(model, batches, cfg, rt)
-            if cfg["eval_sample_tokens"] and rt.master:
+            if cfg["eval_sample_tokens"]:
                 metrics["sample"] = eval_sample(raw_model, batches.tokenizer, sample_prompt, cfg, it, rt)
             metrics["peak_mem_mb"] = peak_memory_mb(rt.device)
             if not math.isfinite(metrics["val_loss"]):
@@ -874,10 +987,10 @@ def train(cfg):
                 done = True
             if rt.master:
                 log.write(iter=it, elapsed_s=progress.elapsed_s + time.time() - t_start, lr=lr, **metrics)
-                if improved:
-                    checkpoint("best.pt", full=False)
-                if (improved or cfg["always_save_checkpoint"]) and not done:
-                    checkpoint("ckpt.pt", full=True)
+            if improved:
+                checkpoint("best.pt", full=False)
+            if (improved or cfg["always_save_checkpoint"]) and not done:
+                checkpoint("ckpt.pt", full=True)
             eval_s = time.time() - t_eval
             t_last += eval_s  # evaluation time is not training throughput
             if t_budget is not None:
@@ -901,7 +1014,7 @@ def train(cfg):
                 timing_budget = False
 
         if progress.iter_num % cfg["log_interval"] == 0:
-            if rt.ddp:
+            if rt.distributed:
                 torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.AVG)
             loss = loss_sum.item() / iters_since_log  # .item() waits for the device: only here
             if not math.isfinite(loss):
@@ -920,13 +1033,13 @@ def train(cfg):
             t_last, iters_since_log = time.time(), 0
 
     # The end of the run (max_iters, an early stop or a signal) always saves where it got to.
+    checkpoint("ckpt.pt", full=True)
     if rt.master:
-        checkpoint("ckpt.pt", full=True)
         log.close()
     if stop:
         print0(f"stopped by {signal.Signals(stop).name} at iter {progress.iter_num}; {out_dir / 'ckpt.pt'} "
                f"resumes it (--init_from=resume)")
-    if rt.ddp:
+    if rt.distributed:
         # Wait for rank 0's last checkpoint: a rank that tears down gloo while another still
         # works can abort ("terminate called without an active exception").
         torch.distributed.barrier()
@@ -951,12 +1064,12 @@ def lr_find(cfg):
     rt = setup_runtime(cfg)
     batches = make_batches(cfg, rt.device)
     torch.manual_seed(cfg["seed"])  # the initial weights train() starts from
-    raw_model, _ = build_model(cfg, batches.meta["vocab_size"], batches.tokenizer, rt.device)
+    raw_model, _ = build_model(cfg, batches.meta["vocab_size"], batches.tokenizer, rt.build_device)
+    model = step_model(raw_model, cfg, rt, batches)
     optimizer = raw_model.configure_optimizers(cfg["weight_decay"], cfg["lr_find_min"],
                                                (cfg["beta1"], cfg["beta2"]), rt.device_type)
     batch_rng = np.random.default_rng(cfg["seed"])  # the same stream on every rank
     torch.manual_seed(cfg["seed"] + rt.rank)
-    model = step_model(raw_model, cfg, rt, batches)
     n, lo, hi = cfg["lr_find_iters"], cfg["lr_find_min"], cfg["lr_find_max"]
     print0(f"LR range test: {n} steps, the learning rate rising from {lo:g} to {hi:g}; "
            f"{raw_model.num_params() / 1e6:.2f}M parameters, {rt.world_size} process(es) on {rt.device}")
@@ -966,7 +1079,7 @@ def lr_find(cfg):
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss = train_step(model, optimizer, batches, batch_rng, cfg, rt)
-        if rt.ddp:
+        if rt.distributed:
             torch.distributed.all_reduce(loss, op=torch.distributed.ReduceOp.AVG)  # every rank decides alike
         average = LR_FIND_SMOOTHING * average + (1 - LR_FIND_SMOOTHING) * loss.item()
         smoothed = average / (1 - LR_FIND_SMOOTHING ** (i + 1))  # bias correction: the average began at 0
@@ -988,7 +1101,7 @@ def lr_find(cfg):
            f"for reference, the minimum-loss lr / 10: {lowest / 10:.2e}")
     if rt.master:
         plot_lr_find(cfg, lrs, losses, steepest, lowest)
-    if rt.ddp:
+    if rt.distributed:
         torch.distributed.barrier()
         del model  # DDP's reducer holds the process group: release it before the group goes
         torch.distributed.destroy_process_group()
