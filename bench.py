@@ -797,8 +797,8 @@ def gpu_bench(args):
         for name, (settings, torchrun, long_run) in GPU_RUNS.items():
             print(f"  running {name} ...", file=sys.stderr, flush=True)
             steps = args.steps if long_run else args.short_steps
-            records, error = training_run(settings, torchrun, data_dir, Path(tmp) / f"out{len(rows)}", steps,
-                                          batch_size=args.batch_size)
+            with tempfile.TemporaryDirectory() as out_dir:  # its checkpoints (2 GB) go as soon as it is read
+                records, error = training_run(settings, torchrun, data_dir, out_dir, steps, batch_size=args.batch_size)
             planned = memory_plan(config, args.batch_size, config.block_size, settings["dtype"], 1,
                                   settings.get("fsdp", False), settings.get("grad_checkpoint", False))["total"]
             rows.append(training_row(name, records, error, flops_per_token, peaks[settings["dtype"]], planned))
