@@ -1,6 +1,8 @@
-"""bench.py's three modes run end to end on tiny shapes, inside the test process: every labelled
-row is printed with finite, positive figures; figures printed twice agree (a rate and its time per
-token, a speed-up and the two times it compares); and the methods compared agree on their output.
+"""bench.py's modes run end to end on tiny shapes, inside the test process: every labelled row is
+printed with finite, positive figures; figures printed twice agree (a rate and its time per token,
+a speed-up and the two times it compares); and the methods compared agree on their output. The
+memory planner's activation bytes are the bytes autograd saves; the GPU mode's parts that need no
+GPU run on a CPU (its train.py runs, its table, its decoding check, its error without CUDA).
 No speed is asserted: it depends on the machine."""
 import math
 import re
@@ -10,6 +12,7 @@ import pytest
 import torch
 
 import bench
+from conftest import assert_one_line_error, run_script
 from gpt import GPT, GPTConfig
 from tokenizer import load_tokenizer
 
@@ -164,3 +167,181 @@ def test_serve_smoke(monkeypatch, capsys):
     for _, first, total, each in rows:
         assert 0 <= number(first) < math.inf  # a first token may take < 0.5 ms, printed as 0
         assert_positive(number(total), number(each))
+
+
+# ----------------------------------------------------------------------------------------------
+# memory
+
+LOSS_SCALARS = 4 + 8  # cross-entropy's total weight (fp32) and the count of targets (int64): left out of the plan
+
+
+def measured_saved_bytes(model, idx, targets):
+    """Bytes that autograd saves for the backward of model(idx, targets), as packed by
+    saved_tensors_hooks: each storage once (q, k and v are views of one tensor, attention's
+    output is c_proj's input), the parameters' storages left out."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(idx, targets)
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("grad_checkpoint", [False, True])
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize("n_layer, n_head, n_embd, B, T", [(1, 2, 32, 3, 12), (2, 4, 64, 2, 8)])
+def test_planned_activations_are_the_bytes_autograd_saves(n_layer, n_head, n_embd, B, T, dropout, grad_checkpoint):
+    """The planner's activation bytes are what autograd saves, counted on a CPU in fp32: exactly,
+    but for the loss's two scalars. Without checkpointing that checks every Block's items (fused
+    attention at dropout 0, SDPA's math path with it) and the head's; with it, each Block's input.
+    T differs from the head size, so a (T, T) term cannot pass for a (T, hs) one."""
+    torch.manual_seed(0)
+    config = GPTConfig(block_size=T, vocab_size=40, n_layer=n_layer, n_head=n_head, n_embd=n_embd, dropout=dropout)
+    model = GPT(config)
+    model.grad_checkpoint = grad_checkpoint
+    idx, targets = torch.randint(0, 40, (2, B, T))
+    planned = bench.saved_activation_bytes(config, B, T, "float32", "cpu", grad_checkpoint)
+    assert measured_saved_bytes(model, idx, targets) == planned + LOSS_SCALARS
+
+
+def test_planned_bf16_activations_are_what_cpu_autocast_saves():
+    """The plan's bf16 rules (the GPU's) are what bf16 autocast saves on a CPU at T > 128, where
+    attention runs in bf16 too (gpt.attention): the same fp32 LayerNorm inputs, bf16 matmul inputs,
+    fp32 log-probs; beside them autocast's bf16 copy of every Linear weight (the biases' copies
+    are not saved), and the loss's two scalars. Dropout is 0: a CPU keeps its masks in bf16."""
+    torch.manual_seed(0)
+    B, T = 2, 160
+    config = GPTConfig(block_size=T, vocab_size=40, n_layer=2, n_head=2, n_embd=64)
+    model = GPT(config)
+    idx, targets = torch.randint(0, 40, (2, B, T))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        measured = measured_saved_bytes(model, idx, targets)
+    weight_copies = 2 * sum({id(m.weight): m.weight.numel() for m in model.modules()
+                             if isinstance(m, torch.nn.Linear)}.values())
+    planned = bench.saved_activation_bytes(config, B, T, "bfloat16", "cuda")
+    assert measured == planned + weight_copies + LOSS_SCALARS
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_planned_parameter_counts_are_the_models(bias):
+    """The planner's parameter arithmetic counts what GPT builds: all, the root's (embeddings and
+    ln_f), one Block's, and the Linears' with the tied embedding once."""
+    config = GPTConfig(block_size=24, vocab_size=50, n_layer=3, n_head=2, n_embd=16, bias=bias)
+    with torch.device("meta"):
+        model = GPT(config)
+    blocks = model.transformer.h
+    linear = {id(p): p.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) for p in m.parameters()}
+    total = model.num_params(non_embedding=False)
+    assert bench.param_counts(config) == (total, total - sum(p.numel() for p in blocks.parameters()),
+                                          sum(p.numel() for p in blocks[0].parameters()), sum(linear.values()))
+
+
+def memory_rows(out):
+    """{(size, strategy): (params, grads, AdamW, in-flight, activations, total, max micro-batch)}."""
+    rows, size = {}, None
+    for line in out.splitlines():
+        if m := re.match(r"^  GPT-2 (\S+) \(", line):
+            size = m.group(1)
+        elif m := re.match(r"^    (\S+(?: \+ ckpt)?) +((?:[0-9.]+ +){6})(\d+)$", line):
+            rows[size, m.group(1)] = (*map(float, m.group(2).split()), int(m.group(3)))
+    return rows
+
+
+def test_memory_table_adds_up_and_its_micro_batch_is_the_largest_that_fits(monkeypatch, capsys):
+    """Every size and strategy has its row; the total is the sum of its parts (each rounded to
+    0.01) and the plan of the micro-batch asked for; parameters are 4 bytes, gradients 4 (and DDP's
+    bucket copy), AdamW's moments 8, FSDP dividing all three by the GPUs; checkpointing never costs
+    more; the max micro-batch fits 90% of the GPU's memory, and one more sequence would not."""
+    out = bench_output(monkeypatch, capsys, "memory", "--gpus", 4, "--gpu_memory_gb", 40, "--batch_size", 2)
+    rows = memory_rows(out)
+    assert set(rows) == {(size, s) for size in bench.GPT2_SIZES for s in bench.STRATEGIES}, out
+    for (size, strategy), (params, grads, adamw, in_flight, activations, total, fits) in rows.items():
+        assert_rounds(total, 0.01, params + grads + adamw + in_flight + activations - 0.025,
+                      params + grads + adamw + in_flight + activations + 0.025)
+        n_layer, n_head, n_embd = bench.GPT2_SIZES[size]
+        config = GPTConfig(block_size=1024, vocab_size=50257, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
+        with torch.device("meta"):
+            P = GPT(config).num_params(non_embedding=False) / 1e9
+        fsdp, ckpt = bench.STRATEGIES[strategy]
+        shards = 4 if fsdp else 1
+        for printed, bytes_per_param in ((params, 4), (grads, 4 if fsdp else 8), (adamw, 8)):
+            assert_rounds(printed, 0.01, bytes_per_param * P / shards, bytes_per_param * P / shards)
+        plan = lambda B: bench.memory_plan(config, B, 1024, "bfloat16", 4, fsdp, ckpt)["total"]
+        assert_rounds(total, 0.01, plan(2) / 1e9, plan(2) / 1e9)
+        assert plan(fits) <= 0.9 * 40e9 < plan(fits + 1)
+    for size in bench.GPT2_SIZES:
+        assert rows[size, "DDP + ckpt"][5] <= rows[size, "DDP"][5]
+        assert rows[size, "FSDP + ckpt"][5] <= rows[size, "FSDP"][5]
+
+
+# ----------------------------------------------------------------------------------------------
+# gpu
+
+TINY_MODEL = dict(n_layer=1, n_head=2, n_embd=32, block_size=16)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the error is for machines without CUDA")
+def test_gpu_without_cuda_is_one_line():
+    assert_one_line_error(run_script("bench.py", "gpu"), "needs a CUDA GPU")
+
+
+@pytest.mark.slow
+def test_gpu_training_runs_go_through_train_py(tmp_path, shared_dir):
+    """Each training run of the GPU mode (FSDP under torchrun) runs train.py on a CPU in fp32,
+    eager, with a tiny model (the bf16 and fp16 runs become one): every setting it passes exists,
+    the table's row reads its metrics.jsonl, the loss falls on the random tokens, and tokens/s is
+    the batch's tokens over the step time."""
+    data = bench.random_token_dataset(tmp_path / "random", 20_000)
+    runs = {}
+    for name, (settings, torchrun, _) in bench.GPU_RUNS.items():
+        on_cpu = settings | dict(dtype="float32", compile=False, learning_rate=1e-2)
+        runs.setdefault(str((on_cpu, torchrun)), (name, on_cpu, torchrun))
+    assert len(runs) == 3
+    for i, (name, settings, torchrun) in enumerate(runs.values()):
+        records, error = bench.training_run(settings, torchrun, data, tmp_path / f"out{i}", 10, model=TINY_MODEL,
+                                            batch_size=4, device="cpu")
+        row = bench.training_row(name, records, error, flops_per_token=1e6, peak_flops=1e9, planned_bytes=1e9)
+        assert row["result"] == "ok" and row["steps"] == 10, (name, row)
+        assert row["tokens_per_s"] == pytest.approx(4 * 16 * 1000 / row["ms"], rel=1e-9), (name, row)
+        assert 0 < row["peak_gb"] < math.inf
+
+
+def test_training_row_fails_on_an_error_a_nonfinite_loss_or_one_that_does_not_fall():
+    """A row is "ok" only for a run that ended well, logged finite losses and evaluated twice,
+    with both the training and validation loss lower at the end; a run that wrote nothing still
+    gets a row, blank where it has no figures."""
+    def records(losses, val_losses):
+        logs = [dict(iter=5 * (i + 1), loss=loss, ms_per_iter=10.0, tokens_per_s=100.0, peak_mem_mb=1.0)
+                for i, loss in enumerate(losses)]
+        return [dict(iter=0, val_loss=val_losses[0], peak_mem_mb=1.0), *logs,
+                dict(iter=5 * len(losses), val_loss=val_losses[1], peak_mem_mb=1.0)]
+
+    def result(records, error=None):
+        return bench.training_row("run", records, error, 1e6, 1e9, 1e9)["result"]
+    assert result(records([3.0, 2.0], [3.0, 2.5])) == "ok"
+    assert result(records([3.0, 2.0], [3.0, 2.5]), "error: out of memory") == "FAIL: error: out of memory"
+    assert result(records([3.0, math.nan], [3.0, 2.5])) == "FAIL: a loss is not finite"
+    assert result(records([3.0, 2.0], [3.0, math.inf])) == "FAIL: a loss is not finite"
+    assert result(records([3.0, 3.0], [3.0, 2.5])).startswith("FAIL: the loss did not fall")
+    assert result(records([3.0, 2.0], [3.0, 3.5])).startswith("FAIL: the loss did not fall")
+    assert result(records([3.0], [3.0, 2.5])).startswith("FAIL: 1 log lines and 2 evaluations")
+    empty = bench.training_row("crashed", [], "error: boom", 1e6, 1e9, 1e9)
+    header, line = bench.gpu_table([empty])
+    assert line.split() == ["crashed", "1.0", "FAIL:", "error:", "boom"]  # only the planned GB besides
+
+
+def test_gpu_decode_rows_agree_with_recompute():
+    """The decoding check's KV cache gives recomputing's greedy tokens (fp32, on a CPU here),
+    and each row's ms per token is its rate's inverse."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, **TINY_MODEL)).eval()
+    rows = bench.gpu_decode_rows(model, new_tokens=8, repeats=1)
+    assert [row["run"] for row in rows] == ["decode fp32, KV cache", "decode fp32, recompute", "decode bf16, KV cache"]
+    assert rows[0]["result"] == "ok: = recompute"
+    for row in rows:
+        assert row["ms"] == pytest.approx(1000 / row["tokens_per_s"], rel=1e-9)
