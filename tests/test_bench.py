@@ -204,7 +204,7 @@ def test_planned_activations_are_the_bytes_autograd_saves(n_layer, n_head, n_emb
     config = GPTConfig(block_size=T, vocab_size=40, n_layer=n_layer, n_head=n_head, n_embd=n_embd, dropout=dropout)
     model = GPT(config)
     model.grad_checkpoint = grad_checkpoint
-    idx, targets = torch.randint(0, 40, (2, B, T))
+    idx, targets = torch.randint(0, 40, (B, T)), torch.randint(0, 40, (B, T))  # two storages, as a batch has
     planned = bench.saved_activation_bytes(config, B, T, "float32", "cpu", grad_checkpoint)
     assert measured_saved_bytes(model, idx, targets) == planned + LOSS_SCALARS
 
@@ -218,7 +218,7 @@ def test_planned_bf16_activations_are_what_cpu_autocast_saves():
     B, T = 2, 160
     config = GPTConfig(block_size=T, vocab_size=40, n_layer=2, n_head=2, n_embd=64)
     model = GPT(config)
-    idx, targets = torch.randint(0, 40, (2, B, T))
+    idx, targets = torch.randint(0, 40, (B, T)), torch.randint(0, 40, (B, T))  # two storages, as a batch has
     with torch.autocast("cpu", dtype=torch.bfloat16):
         measured = measured_saved_bytes(model, idx, targets)
     weight_copies = 2 * sum({id(m.weight): m.weight.numel() for m in model.modules()
