@@ -231,8 +231,9 @@ def peak_memory_mb(device):
 
 # Dense bf16/fp16 tensor-core peaks (FLOP/s) of common cards, from their data sheets; MFU on CUDA
 # is reported against these (a matmul probe reaches only 60-80% of them).
-GPU_PEAK_FLOPS = {"H200": 989e12, "H100 SXM": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 756e12,
-                  "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12, "A10": 125e12,
+# The first key found in the device's name wins: an SXM H100 calls itself "NVIDIA H100 80GB HBM3".
+GPU_PEAK_FLOPS = {"H200": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12,
+                  "A100": 312e12, "L40S": 362e12, "L40": 181e12, "L4": 121e12, "A10G": 70e12, "A10": 125e12,
                   "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12}
 
 
