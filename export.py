@@ -25,7 +25,7 @@ from torch.nn import functional as F
 from common import ArgumentParser, UserError, run_main
 from engine import find_checkpoint, is_hf_folder
 from gpt import hf_config, load_checkpoint, model_from_checkpoint, split_heads
-from tokenizer import END, EOT, GPT2_PATTERN, byte_level_vocab, load_tokenizer
+from tokenizer import END, EOT, GPT2_PATTERN, byte_level_vocab, bytes_to_unicode, load_tokenizer
 
 FORMATS = ("hf", "onnx", "gguf")
 GGUF_QUANTS = ("f32", "f16", "q8_0")
@@ -275,10 +275,150 @@ def export_onnx(model, tokenizer, out, dtype):
 # GGUF
 
 
+# Our block's parameters -> llama.cpp's gpt2 tensor names (gguf's MODEL_TENSOR names). nn.Linear's
+# (out, in) weight is ggml's layout already, and c_attn's rows are q, k, v stacked as attn_qkv's.
+GGUF_BLOCK_TENSORS = {
+    "ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output",
+    "ln_2": "ffn_norm", "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down",
+}
+# llama.cpp's end-of-text for a gpt2 vocabulary that names none (a file cannot unset it)
+GGUF_DEFAULT_EOS = 11
+# llama.cpp's chat template language is Jinja: render_chat's markers format, token for token.
+CHAT_TEMPLATE_JINJA = ("{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}<|end|>"
+                       "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
 def export_gguf(model, tokenizer, out, quant):
     """One GGUF file at `out` for llama.cpp (its gpt2 architecture), the tokenizer embedded.
-    Returns the line that says how to run it."""
-    raise UserError("--to gguf is not built yet")
+    Tensors and types as llama.cpp's own convert_hf_to_gguf.py writes them for a GPT-2 (tests
+    compare the two files). Returns the line that says how to run it."""
+    gguf = import_gguf()
+    cfg = model.config
+    writer = gguf.GGUFWriter(str(out), "gpt2")
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_block_count(cfg.n_layer)
+    writer.add_context_length(cfg.block_size)
+    writer.add_embedding_length(cfg.n_embd)
+    writer.add_feed_forward_length(4 * cfg.n_embd)
+    writer.add_head_count(cfg.n_head)
+    writer.add_layer_norm_eps(1e-5)  # nn.LayerNorm's default, as GPT-2's
+    file_types = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+    writer.add_file_type(file_types[quant])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    add_gguf_tokenizer(writer, gguf, tokenizer, cfg.vocab_size)
+    for name, tensor in gguf_tensors(model):
+        array = tensor.detach().float().contiguous().numpy()
+        qtype = gguf_tensor_type(gguf, name, array, quant)
+        writer.add_tensor(name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    how = ("chat with it: llama-cli -m FILE (the chat template is in the file)" if tokenizer.is_chat
+           else 'run it: llama-completion -m FILE -no-cnv -p "TEXT"')
+    how += (f"; prompt and new tokens together up to {cfg.block_size} (block_size: llama.cpp's gpt2 has no "
+            "sliding window)")
+    if tokenizer.eot_id is None and tokenizer.vocab_size > GGUF_DEFAULT_EOS:
+        stop = tokenizer.decode([GGUF_DEFAULT_EOS])
+        how += (f"; a char vocabulary has no end-of-text, so llama.cpp takes id {GGUF_DEFAULT_EOS}, {stop!r}, "
+                "for it and ends the text there")
+    return how
+
+
+def import_gguf():
+    try:
+        import gguf  # llama.cpp's own writer, only for --to gguf
+    except ImportError:
+        raise UserError("--to gguf needs llama.cpp's GGUF writer: pip install gguf") from None
+    return gguf
+
+
+def gguf_tensors(model):
+    """(GGUF name, tensor) for every tensor llama.cpp's gpt2 loads. Its gpt2 requires every bias,
+    so a bias=False model gets zeros (the same function). No output.weight: llama.cpp's gpt2 then
+    scores with token_embd, which is our tied LM head."""
+    state = model.state_dict()
+
+    def weight_and_bias(ours, theirs):
+        weight = state[f"{ours}.weight"]
+        yield f"{theirs}.weight", weight
+        yield f"{theirs}.bias", state.get(f"{ours}.bias", weight.new_zeros(weight.shape[0]))
+
+    yield "token_embd.weight", state["transformer.wte.weight"]  # (V, C)
+    yield "position_embd.weight", state["transformer.wpe.weight"]  # (block_size, C)
+    for i in range(model.config.n_layer):
+        for ours, theirs in GGUF_BLOCK_TENSORS.items():
+            yield from weight_and_bias(f"transformer.h.{i}.{ours}", f"blk.{i}.{theirs}")
+    yield from weight_and_bias("transformer.ln_f", "output_norm")
+
+
+def gguf_tensor_type(gguf, name, array, quant):
+    """The type llama.cpp's converter gives a tensor: f32 for 1-D ones (norms, biases: ggml's ops
+    on them take f32) and for the position embeddings, `quant` for the matrices; a matrix whose rows
+    do not split into Q8_0's blocks (32 values) falls back to f16, as the converter's does."""
+    Q = gguf.GGMLQuantizationType
+    if array.ndim == 1 or name == "position_embd.weight":
+        return Q.F32
+    qtype = {"f32": Q.F32, "f16": Q.F16, "q8_0": Q.Q8_0}[quant]
+    block_values = gguf.GGML_QUANT_SIZES[qtype][0]
+    return qtype if array.shape[-1] % block_values == 0 else Q.F16
+
+
+def add_gguf_tokenizer(writer, gguf, tokenizer, vocab_size):
+    """The tokenizer as llama.cpp's gpt2 (byte-level BPE) one: tokens in id order spelt through
+    bytes_to_unicode, their types, the merges; end-of-text as BOS and EOS, never added to a prompt
+    (sample.py encodes a prompt as it is). Rows of the model past the tokenizer's ids become
+    placeholder tokens of type UNUSED, as the converter names them."""
+    if vocab_size < tokenizer.vocab_size:
+        raise UserError(f"the model has {vocab_size} token rows but its tokenizer {tokenizer.vocab_size} tokens")
+    if tokenizer.kind == "char":
+        tokens, merges = char_as_byte_level(tokenizer)
+    else:
+        vocab, merges = byte_level_vocab(tokenizer)
+        tokens = sorted(vocab, key=vocab.get)
+    T = gguf.TokenType
+    control = {tokenizer.eot_id, *tokenizer.specials.values()}
+    types = [T.CONTROL if i in control else T.NORMAL for i in range(len(tokens))]
+    tokens += [f"[PAD{i}]" for i in range(len(tokens), vocab_size)]
+    types += [T.UNUSED] * (vocab_size - len(types))
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")  # GPT-2's pre-tokenisation regex, as GPT2_PATTERN
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    if tokenizer.eot_id is not None:
+        writer.add_bos_token_id(tokenizer.eot_id)
+        writer.add_eos_token_id(tokenizer.eot_id)
+    writer.add_add_bos_token(False)
+    if tokenizer.is_chat:
+        writer.add_eot_token_id(tokenizer.specials[END])  # a reply ends at <|end|>
+        writer.add_chat_template(CHAT_TEMPLATE_JINJA)
+
+
+# bytes_to_unicode's spelling of byte 0xFF, which UTF-8 text never contains
+BYTE_NEVER_IN_UTF8 = bytes_to_unicode()[0xFF]
+
+
+def char_as_byte_level(tokenizer):
+    """A char vocabulary as byte-level BPE: (tokens, merges). A character's token is its UTF-8
+    bytes, and merges join a character of several bytes byte by byte. Each merge's right side is
+    one continuation byte and its left side starts with a character's first byte, so no merge
+    crosses characters: llama.cpp gives text of these characters one token per character, ours.
+    llama.cpp requires merges; a vocabulary of one-byte characters gets one that never applies."""
+    spell = bytes_to_unicode()
+    text = lambda b: "".join(spell[x] for x in b)
+    tokens, merges = [], {}
+    for c in tokenizer.chars:
+        try:
+            b = c.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UserError(f"character U+{ord(c):04X} of the char vocabulary has no UTF-8 form (a lone "
+                            "surrogate), which llama.cpp's byte-level tokenizer needs") from None
+        merges |= {f"{text(b[:k])} {text(b[k:k + 1])}": None for k in range(1, len(b))}
+        tokens.append(text(b))
+    tokens += list(tokenizer.specials)
+    return tokens, list(merges) or [f"{BYTE_NEVER_IN_UTF8} {BYTE_NEVER_IN_UTF8}"]
 
 
 def main():
