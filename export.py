@@ -429,6 +429,8 @@ def main():
     if out.exists() and not args.force:  # before loading anything: the cheapest mistake first
         raise UserError(f"{out} exists; pass --force to replace it")
     model, tokenizer, path = load_for_export(args.ckpt)
+    if out.resolve() in path.resolve().parents or out.resolve() == path.resolve():
+        raise UserError(f"{out} holds the checkpoint {path}; exporting there would replace it: choose another --out")
     if args.to == "hf":
         how = write_atomically(out, args.force, lambda tmp: export_hf(model, tokenizer, tmp, args.dtype))
     elif args.to == "onnx":
