@@ -157,6 +157,8 @@ def write_hf_tokenizer(tokenizer, folder, block_size=None):
               "add_bos_token": False, "add_prefix_space": False, "clean_up_tokenization_spaces": False}
     if block_size:
         config["model_max_length"] = block_size
+    if tokenizer.is_chat:
+        config["chat_template"] = CHAT_TEMPLATE_JINJA
     write_json(folder / "tokenizer_config.json", config)
     write_json(folder / "special_tokens_map.json", special_map)
 
