@@ -102,12 +102,14 @@ def export_hf(model, tokenizer, out, dtype):
     eot, ends = tokenizer.eot_id, hf_end_ids(tokenizer)
     config = hf_config(cfg) | {"bos_token_id": eot, "eos_token_id": eot, "dtype": dtype, "torch_dtype": dtype}
     write_json(out / "config.json", config)
+    # generate() stops at the end ids and, unless told otherwise, at a full context: the most
+    # transformers' GPT-2 takes (its positions end at block_size; it has no sliding window)
     write_json(out / "generation_config.json", {"bos_token_id": eot, "eos_token_id": ends or None,
-                                                "pad_token_id": ends[0] if ends else None})
+                                                "pad_token_id": ends[0] if ends else None,
+                                                "max_length": cfg.block_size})
     write_hf_tokenizer(tokenizer, out, cfg.block_size)
     return (f'run it with transformers: pipeline("text-generation", model="OUT"); prompt and new tokens '
-            f"together up to {cfg.block_size} "
-            "(block_size: transformers' GPT-2 has no sliding window)")
+            f"together up to {cfg.block_size} (block_size)")
 
 
 def hf_end_ids(tokenizer):

@@ -16,10 +16,11 @@ from conftest import assert_one_line_error, main_in_process, run_in_process, run
 from hypothesis import given, settings, strategies as st
 
 import export
+import gpt
 import sample
 from common import UserError
 from gpt import HF_CONV1D, load_checkpoint
-from tokenizer import load_tokenizer, render_chat
+from tokenizer import END, EOT, load_tokenizer, render_chat
 
 transformers = pytest.importorskip("transformers", reason="the exports are checked against transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -102,6 +103,39 @@ def test_config_names_the_context_end_of_text_and_precision(exported):
     assert config["eos_token_id"] == config["bos_token_id"] == 50256
     loaded = transformers.AutoConfig.from_pretrained(folder)
     assert loaded.eos_token_id == 50256 and loaded.dtype == torch.float32
+
+
+def test_generation_fills_the_context_unless_told_otherwise(exported):
+    """generate() given no length continues the prompt up to block_size tokens in all, the positions
+    transformers' GPT-2 has (its own default would stop at 20)."""
+    folder = exported("char")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    prompt = tokenizer(PROMPT, return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False).shape == (1, 32)
+
+
+@pytest.mark.parametrize("stop", [EOT, END])
+def test_generation_stops_where_ours_stops(stop, trained_checkpoint, tmp_path):
+    """A chat model's generation ends at end-of-text and at <|end|>, in transformers as in
+    gpt.generate: a model made to emit `stop` ends after it, where a full context would follow."""
+    model, tokenizer, _ = export.load_for_export(trained_checkpoint("bpe"))
+    tokenizer = tokenizer.with_chat_specials()
+    model.grow_vocab(tokenizer.vocab_size)
+    stop_id = tokenizer.specials.get(stop, tokenizer.eot_id)
+    with torch.no_grad():  # every position's final hidden state is one vector that scores stop_id highest
+        wte = model.transformer.wte.weight
+        wte[stop_id] *= 10 * wte.norm(dim=1).max() / wte[stop_id].norm()
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.copy_(wte[stop_id] / wte[stop_id].norm())
+    export.export_hf(model, tokenizer, tmp_path / "hf", "float32")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    prompt = torch.tensor([tokenizer.encode(PROMPT)])
+    with torch.no_grad():
+        ids = theirs.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False)[0].tolist()
+    ours = gpt.generate(model, prompt, 32 - prompt.shape[1], temperature=0, stop_tokens=export.hf_end_ids(tokenizer))
+    assert ids[prompt.shape[1]:] == ours[0] + [stop_id]
 
 
 # -----------------------------------------------------------------------------
