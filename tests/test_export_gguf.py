@@ -89,6 +89,7 @@ def load_llama(path, n_ctx, kv_cache="f32"):
 
 def llama_logits(llm, ids):
     """llama.cpp's (T, V) logits, teacher-forced over ids."""
+    assert len(ids) <= int(llm.metadata["gpt2.context_length"])  # past block_size llama.cpp aborts the process
     llm.reset()
     llm.eval(ids)
     return np.array(llm.scores[:len(ids)])
@@ -170,15 +171,16 @@ def test_quantized_held_out_loss_is_close(exported, held_out, quant):
     assert abs(theirs - ours) <= LOSS_TOL[quant]
 
 
-def test_many_byte_characters_and_padded_rows(korean_path, tmp_path):
+def test_many_byte_characters_padded_rows_and_no_biases(korean_path, tmp_path):
     """A char vocabulary of Korean (3-byte) and other many-byte characters: llama.cpp still gives one
-    token per character, ours; a model with more rows than tokens gets placeholder tokens of type
-    UNUSED, and its logits, placeholders' included, are ours."""
+    token per character, ours. A model with more rows than tokens gets placeholder tokens of type
+    UNUSED; one without biases gets zero biases; and its logits, placeholders' included, are ours."""
     text = korean_path.read_text(encoding="utf-8")[:20_000]
     tokenizer = Tokenizer("char", chars="".join(sorted(set(text[:15_000]))))
     assert any(len(c.encode()) == 3 for c in tokenizer.chars) and any(len(c.encode()) == 1 for c in tokenizer.chars)
     torch.manual_seed(0)
-    config = gpt.GPTConfig(block_size=64, vocab_size=tokenizer.vocab_size + 5, n_layer=1, n_head=2, n_embd=32)
+    config = gpt.GPTConfig(block_size=64, vocab_size=tokenizer.vocab_size + 5, n_layer=1, n_head=2, n_embd=32,
+                           bias=False)
     model = gpt.GPT(config).eval()
     path = tmp_path / "ko.gguf"
     export.export_gguf(model, tokenizer, path, "f32")
@@ -192,6 +194,24 @@ def test_many_byte_characters_and_padded_rows(korean_path, tmp_path):
     ids = ids[:64]
     ours = our_logits(model, ids)
     assert np.abs(llama_logits(llm, ids) - ours).max() <= F32_LOGIT_RTOL * np.abs(ours).max()
+
+
+def test_q8_0_rows_that_do_not_split_into_blocks_stay_f16(tmp_path):
+    """q8_0 quantizes rows in blocks of 32 values: with n_embd 48 the matrices whose rows are n_embd
+    long fall back to f16, as llama.cpp's converter does, and llama.cpp runs the file, its held-out
+    loss within q8_0's tolerance of ours."""
+    tokenizer = Tokenizer("char", chars="".join(sorted(set("abcdefghijklmnopqrstuvwxyz .,\n"))))
+    torch.manual_seed(0)
+    model = gpt.GPT(gpt.GPTConfig(block_size=64, vocab_size=tokenizer.vocab_size, n_layer=1, n_head=2, n_embd=48)).eval()
+    path = tmp_path / "q8.gguf"
+    export.export_gguf(model, tokenizer, path, "q8_0")
+    _, tensors = file_contents(path)
+    Q = gguf.GGMLQuantizationType
+    assert tensors["blk.0.ffn_down.weight"][0] == Q.Q8_0  # rows of 4 * 48 = 192 values
+    assert tensors["blk.0.attn_qkv.weight"][0] == tensors["token_embd.weight"][0] == Q.F16  # rows of 48
+    ids = tokenizer.encode("the quick brown fox jumps over the lazy dog, the dog sleeps.\n")
+    theirs = loss(llama_logits(load_llama(path, 64, kv_cache="f16"), ids), ids)
+    assert abs(theirs - loss(our_logits(model, ids), ids)) <= LOSS_TOL["q8_0"]
 
 
 def test_chat_template_renders_as_render_chat(exported, tmp_path):
