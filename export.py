@@ -138,10 +138,10 @@ def write_hf_tokenizer(tokenizer, folder, block_size=None):
         hf.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), "isolated")  # every character ("." misses "\n")
         hf.decoder = decoders.Fuse()  # characters joined as they are, no spaces between
     else:
-        vocab, merges = byte_level_vocab(tokenizer)
         if tokenizer.enc._pat_str != GPT2_PATTERN:
             raise UserError("a Hugging Face byte-level tokenizer cuts text with GPT-2's regex only; this BPE's "
                             f"pattern is {tokenizer.enc._pat_str!r}")
+        vocab, merges = byte_level_vocab(tokenizer)
         hf = HFTokenizer(models.BPE(vocab, [tuple(m.split(" ")) for m in merges]))
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         hf.decoder = decoders.ByteLevel()

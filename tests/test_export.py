@@ -1,9 +1,10 @@
 """export.py --to hf, and what every export does with bad input.
 
 transformers runs the exported folder as sample.py runs the checkpoint: greedy text token for
-token, through AutoTokenizer and AutoModelForCausalLM, and through pipeline(). The Hugging Face
-tokenizer encodes real text (English, Korean) and arbitrary text as tiktoken does. A float16 export
-holds our weights rounded to fp16. A mistake is one error line, and leaves nothing at --out.
+token, through AutoTokenizer and AutoModelForCausalLM, and through pipeline(); our logits; the
+same end tokens. The Hugging Face tokenizer encodes real text (English, Korean) and arbitrary text
+as tiktoken does, a chat one with render_chat's markers and template. A float16 export holds our
+weights rounded to fp16. A mistake is one error line, and leaves nothing at --out.
 """
 import contextlib
 import json
@@ -19,7 +20,6 @@ import export
 import gpt
 import sample
 from common import UserError
-from gpt import HF_CONV1D, load_checkpoint
 from tokenizer import END, EOT, load_tokenizer, render_chat
 
 transformers = pytest.importorskip("transformers", reason="the exports are checked against transformers")
@@ -38,7 +38,8 @@ def exported(trained_checkpoint, tmp_path_factory):
     def make(kind, dtype="float32"):
         if (kind, dtype) not in made:
             out = tmp_path_factory.mktemp(f"hf_{kind}_{dtype}") / "hf"
-            result = run_in_process(export.main, trained_checkpoint(kind), "--to", "hf", "--out", out, "--dtype", dtype)
+            ckpt = trained_checkpoint(kind)
+            result = run_in_process(export.main, ckpt, "--to", "hf", "--out", out, "--dtype", dtype)
             assert result.returncode == 0, result.stderr
             made[kind, dtype] = out
         return made[kind, dtype]
@@ -62,7 +63,7 @@ def test_transformers_greedy_text_is_sample_py_greedy_text(kind, trained_checkpo
     penalty (CTRL's in both: the text then leaves the few tokens a tiny model repeats), prompt and
     new tokens within block_size, where transformers' GPT-2 works; pipeline("text-generation") too."""
     ckpt, folder = trained_checkpoint(kind), exported(kind)
-    block_size = load_checkpoint(ckpt)["model_args"]["block_size"]
+    block_size = gpt.load_checkpoint(ckpt)["model_args"]["block_size"]
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
     prompt = tokenizer(PROMPT, return_tensors="pt").input_ids
@@ -203,6 +204,19 @@ def test_chat_markers_are_special_tokens_and_the_template_is_render_chat(kind, t
     assert theirs.decode(ids) == ours.decode(ids)
 
 
+@pytest.mark.parametrize("description, needle", [
+    ({"kind": "char", "chars": ["a", "\ud800"]}, "U.D800 .* lone surrogate"),
+    ({"kind": "bpe", "pattern": r"\S+|\s+"}, "GPT-2's regex"),
+])
+def test_a_tokenizer_transformers_cannot_hold_is_a_clear_error(description, needle, trained_checkpoint, tmp_path):
+    """A char vocabulary with a lone surrogate (no UTF-8 form) and a BPE cutting text with another
+    regex than GPT-2's (the ByteLevel pre-tokenizer's) are UserErrors naming the cause."""
+    if description["kind"] == "bpe":
+        description = load_tokenizer(trained_checkpoint("bpe")).to_dict() | description
+    with pytest.raises(UserError, match=needle):
+        export.write_hf_tokenizer(load_tokenizer(description), tmp_path)
+
+
 # -----------------------------------------------------------------------------
 # float16
 
@@ -214,10 +228,10 @@ def test_float16_folder_holds_our_weights_rounded_to_fp16(trained_checkpoint, ex
     model = transformers.AutoModelForCausalLM.from_pretrained(folder)
     assert json.loads((folder / "config.json").read_text(encoding="utf-8"))["dtype"] == "float16"
     theirs = model.state_dict()
-    ours = load_checkpoint(trained_checkpoint("bpe"))["model"]
+    ours = gpt.load_checkpoint(trained_checkpoint("bpe"))["model"]
     assert all(t.dtype == torch.float16 for t in theirs.values() if t.is_floating_point())
     for name, weight in ours.items():
-        hf = theirs[name].t() if name.endswith(HF_CONV1D) else theirs[name]
+        hf = theirs[name].t() if name.endswith(gpt.HF_CONV1D) else theirs[name]
         assert torch.equal(hf, weight.half()), name
 
 
@@ -262,7 +276,7 @@ def test_out_that_holds_the_checkpoint_is_refused_even_with_force(trained_checkp
     for out in (run, ckpt):
         result = main_in_process(monkeypatch, capsys, export.main, [run, "--to", "hf", "--out", out, "--force"])
         assert_one_line_error(result, "holds the checkpoint")
-        assert os.listdir(run) == ["best.pt"] and load_checkpoint(ckpt)["model"]
+        assert os.listdir(run) == ["best.pt"] and gpt.load_checkpoint(ckpt)["model"]
 
 
 @pytest.mark.parametrize("make_input, needle", [
