@@ -104,7 +104,8 @@ class Settings:
     device: str = setting("auto", "'auto' (cuda, then mps, then cpu) | 'cpu' | 'cuda' | 'cuda:1' | 'mps'")
     dtype: str = setting("auto", "'auto' (bf16 where native, fp16 on older GPUs, else fp32) | 'float32' "
                                  "| 'bfloat16' | 'float16'")
-    compile: bool = setting(False, "torch.compile the model (falls back with a warning where it fails)")
+    compile: bool = setting(False, "torch.compile the model (falls back with a warning where it fails; with "
+                                   "fsdp, each Block, without the fallback)")
     backend: str = setting("auto", "DDP/FSDP backend: 'auto' (nccl on CUDA, gloo otherwise) | 'nccl' | 'gloo'")
     fsdp: bool = setting(False, "under torchrun: shard the weights, gradients and AdamW state over the processes "
                                 "(FSDP2, a unit per Block) instead of a full copy each (DDP); for models "
@@ -799,7 +800,8 @@ def shard_model(model, cfg, rt):
     lm_head (one tied matrix, so one unit owns both), wpe and ln_f. Where the run computes in bf16,
     the gathered weights are bf16 copies of fp32 shards and gradients are reduced in fp32; autocast
     stays on, so the loss is still computed in fp32. With compile, each Block is compiled before it
-    is sharded (FSDP's gathers stay outside the compiled code)."""
+    is sharded (FSDP's gathers stay outside the compiled code), lazily: an error compiling stops
+    the run at its first step, where maybe_compile would fall back to eager."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 

@@ -18,8 +18,9 @@ import train
 
 FSDP = ["--fsdp", "--log_interval=1", "--gradient_accumulation_steps=2"]
 # Every step clips: AdamW's eps (1e-8) then outweighs the clipped gradients' entries, so each
-# update scales with the norm it was clipped by, and a norm of one rank's shard would show.
-CLIPPED = ["--max_iters=10", "--eval_interval=5", "--grad_clip=1e-6"]
+# update scales with the norm it was clipped by, and a norm of one rank's shard would show. Each
+# rank accumulates 2 micro-steps.
+CLIPPED = ["--max_iters=10", "--eval_interval=5", "--grad_clip=1e-6", "--gradient_accumulation_steps=4"]
 
 
 def torchrun(data, out_dir, *args):
@@ -54,7 +55,7 @@ def clipped(char_data, tmp_path_factory):
     every step: their out_dirs."""
     root = tmp_path_factory.mktemp("clipped")
     run_torchrun(char_data, root / "fsdp", *CLIPPED)
-    train_run(char_data, root / "one", *CLIPPED, "--log_interval=1", "--gradient_accumulation_steps=2")
+    train_run(char_data, root / "one", "--log_interval=1", *CLIPPED)
     return root / "fsdp", root / "one"
 
 
@@ -80,8 +81,9 @@ def stopped(char_data, tmp_path_factory):
                 losses=(losses(killed), losses(straight)), weights=(weights(killed), weights(straight)))
 
 
+@pytest.mark.slow
 def test_fsdp_trains_as_one_process_and_clips_the_global_norm(clipped):
-    """2 FSDP ranks x 1 micro-step == 1 process x 2, to fp32's summation-order noise: the same
+    """2 FSDP ranks x 2 micro-steps == 1 process x 4, to fp32's summation-order noise: the same
     losses, val losses and weights after 10 steps, each step clipped by the norm of the whole
     gradient (clip_grad_norm_ over the shards' DTensors), not of a shard. (1 process == 2 DDP
     ranks: tests/test_train.py.)"""
@@ -94,6 +96,7 @@ def test_fsdp_trains_as_one_process_and_clips_the_global_norm(clipped):
     assert_same_weights(weights(fsdp), weights(one), 1e-5)
 
 
+@pytest.mark.slow
 def test_an_fsdp_checkpoint_is_one_process_format_and_sample_py_reads_it(clipped, tmp_path):
     """The gathered checkpoint has one process's keys, shapes and tied head (one tensor in the
     file), and optimizer state; sample.py scores text with it as with one process's checkpoint,
@@ -120,6 +123,7 @@ def test_an_fsdp_checkpoint_is_one_process_format_and_sample_py_reads_it(clipped
     assert result.stdout.startswith("ROMEO:") and len(result.stdout.rstrip("\n")) == len("ROMEO:") + 8
 
 
+@pytest.mark.slow
 def test_sigterm_stops_every_fsdp_rank_with_a_checkpoint_that_resumes_exactly(stopped):
     """SIGTERM to one rank stops both at one step, with ckpt.pt gathered from both and saved, and
     exit status 143; resuming it under FSDP continues as if never stopped: the losses before and
@@ -138,6 +142,7 @@ def test_sigterm_stops_every_fsdp_rank_with_a_checkpoint_that_resumes_exactly(st
     assert_same_weights(*stopped["weights"], 1e-5)
 
 
+@pytest.mark.slow
 def test_one_process_resumes_an_fsdp_checkpoint(stopped, char_data):
     """An FSDP run's ckpt.pt resumes in one process (--fsdp=False) as the uninterrupted run goes on."""
     killed, straight, stopped_at = stopped["killed"], stopped["straight"], stopped["stopped_at"]
@@ -152,6 +157,7 @@ def test_one_process_resumes_an_fsdp_checkpoint(stopped, char_data):
     assert_same_weights(weights(killed), weights(straight), 1e-5)
 
 
+@pytest.mark.slow
 def test_fsdp_in_bf16_keeps_fp32_weights_and_trains_as_one_process(char_data, tmp_path):
     """In a bf16 run the ranks gather bf16 copies of fp32 shards and reduce gradients in fp32: the
     weights stay fp32, and the losses follow one process's bf16 autocast to bf16's precision
