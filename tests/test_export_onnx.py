@@ -42,7 +42,7 @@ def exported(trained_checkpoint, tmp_path_factory):
 
 def session(folder):
     options = ort.SessionOptions()
-    options.intra_op_num_threads = 1  # tiny graphs: more threads only add overhead on a shared machine
+    options.intra_op_num_threads = 1  # graphs this small: more threads only add overhead
     return ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
 
 
