@@ -292,12 +292,13 @@ def resumed_settings(given):
     """The stored run's settings, with what `given` changes: a change that leaves the run the same
     run (an interval, patience, the device, max_iters while the LR stays where it is) gets one line;
     any other (the model, the data, the batches, the optimizer, a jump of the LR) is an error."""
-    path, ckpt = stored_run(given.get("out_dir", DEFAULTS["out_dir"]))
+    out_dir = given.get("out_dir", DEFAULTS["out_dir"])
+    path, ckpt = stored_run(out_dir)
     stored = DEFAULTS | ckpt["config"]
     budget = ckpt.get("budget")
     as_set = stored | ({k: budget["settings"][k] for k in ("max_iters", "lr_decay_iters")} if budget else {})
     changed = {k: v for k, v in given.items() if k not in ("init_from", "out_dir") and v != as_set[k]}
-    cfg = stored | changed | {"init_from": "resume"}
+    cfg = stored | changed | {"init_from": "resume", "out_dir": out_dir}  # where the run is now (moved or not)
     it = ckpt["iter_num"]
     for key, value in changed.items():
         if key in LR_KEYS:

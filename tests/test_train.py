@@ -6,6 +6,7 @@ import json
 import os
 import math
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -698,6 +699,18 @@ def test_resume_needs_only_the_out_dir_and_continues_the_stored_run(tmp_path, ch
     straight, resumed = losses(tmp_path / "straight"), losses(run)
     for it in range(9, 13):
         assert resumed[it] == pytest.approx(straight[it], abs=1e-6), it
+
+
+def test_a_moved_run_resumes_where_it_is_now(char_data, tmp_path):
+    """A run folder copied elsewhere resumes there: the resumed run writes to the --out_dir given,
+    and the folder it was trained in stays as it was."""
+    train_run(char_data, tmp_path / "first", "--max_iters=4", "--eval_interval=2")
+    shutil.copytree(tmp_path / "first", tmp_path / "moved")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "first").iterdir()}
+    result = run_in_process(train.main, "--init_from=resume", f"--out_dir={tmp_path / 'moved'}", "--max_iters=6")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert gpt.load_checkpoint(tmp_path / "moved" / "ckpt.pt")["iter_num"] == 6
+    assert {p.name: p.read_bytes() for p in (tmp_path / "first").iterdir()} == before
 
 
 @pytest.fixture(scope="module")
