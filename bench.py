@@ -25,6 +25,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -89,6 +90,76 @@ def hf_greedy(hf, idx, max_new_tokens):
     return out[:, idx.size(1):]
 
 
+def export_checkpoint(model, folder):
+    """`model` saved as a checkpoint for export.py, with a tokenizer of its vocabulary size that every
+    format can carry: GPT-2's for 50,257 tokens, else single-byte characters (up to 128)."""
+    V = model.config.vocab_size
+    if V == 50257:
+        tok = {"kind": "gpt2", "vocab_size": V, "eot_id": 50256}
+    elif V <= 128:
+        tok = {"kind": "char", "vocab_size": V, "eot_id": None, "chars": [chr(i) for i in range(V)]}
+    else:
+        return None
+    path = Path(folder) / "model.pt"
+    save_checkpoint(dict(model=model.state_dict(), model_args=asdict(model.config), config={}, tokenizer=tok), path)
+    return path
+
+
+def export(ckpt, to, *flags):
+    """Run export.py (bench.py imports no other script) on ckpt; the path it wrote."""
+    out = ckpt.parent / "-".join([to, *flags[1::2]])
+    result = subprocess.run([sys.executable, ROOT / "export.py", ckpt, "--to", to, "--out", out, *flags],
+                            capture_output=True, text=True)
+    if result.returncode:
+        raise UserError(f"export.py --to {to} failed: {result.stderr.strip().splitlines()[-1]}")
+    return out
+
+
+def onnx_session(folder, threads):
+    """An onnxruntime session of export.py's model.onnx, CPU provider, `threads` threads."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
+
+
+def onnx_greedy(session, idx, max_new_tokens):
+    """Greedy decoding with model.onnx's KV cache: the prompt idx (1, T) with empty pasts, then one
+    token per step with the presents as the pasts (T + max_new_tokens <= block_size)."""
+    past_inputs = session.get_inputs()[1:]
+    _, n_head, _, head_size = past_inputs[0].shape
+    past = [np.zeros((1, n_head, 0, head_size), np.float32) for _ in past_inputs]
+    x, tokens = idx.numpy(), []
+    for _ in range(max_new_tokens):
+        logits, *past = session.run(None, {"input_ids": x, **{i.name: p for i, p in zip(past_inputs, past)}})
+        x = logits[:, -1:].argmax(-1)  # (1, 1): the next step's input
+        tokens.append(int(x[0, 0]))
+    return tokens
+
+
+def exported_methods(model, idx, N, folder, args):
+    """{name: greedy decoding} for the exports of `model` that can run here, and {name: why not}."""
+    methods, skipped = {}, {}
+    if args.prompt_tokens + N > model.config.block_size:
+        return methods, {"exports": "the context passes block_size, and the exported graphs do not slide it"}
+    ckpt = export_checkpoint(model, folder)
+    if ckpt is None:
+        return methods, {"exports": "a vocabulary of neither 50,257 nor <= 128 tokens has no tokenizer to export"}
+    try:
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError:
+        skipped["onnxruntime"] = "pip install onnx onnxscript onnxruntime"
+    else:
+        session = onnx_session(export(ckpt, "onnx"), torch.get_num_threads())
+        methods["onnxruntime"] = lambda: onnx_greedy(session, idx, N)
+    return methods, skipped
+
+
+OTHER_FORMATS = ("kv-cache-int8", "llama.cpp-f16", "llama.cpp-q8_0")  # not fp32 weights
+
+
 def decode(args):
     torch.manual_seed(args.seed)
     config = GPTConfig(block_size=args.block_size, vocab_size=args.vocab_size, n_layer=args.n_layer,
@@ -96,6 +167,9 @@ def decode(args):
     model = GPT(config).eval()
     idx = torch.randint(0, config.vocab_size, (1, args.prompt_tokens))
     hf, hf_skipped = load_hf_copy(model, args)
+    folder = tempfile.TemporaryDirectory()
+    exports, exports_skipped = ({}, {"exports": "--no_exports"}) if args.no_exports else \
+        exported_methods(model, idx, args.new_tokens, Path(folder.name), args)
     dtype = getattr(torch, args.dtype)
     model.to(dtype)  # weights stored in dtype (not autocast): a decode step reads each weight once
     store_linear_weights_transposed(model)  # as sample.py does on a CPU
@@ -116,16 +190,31 @@ def decode(args):
         quantize_int8(int8)
         methods["kv-cache-int8"] = lambda: generate(int8, idx, N, temperature=0)[0]
 
-    seconds, outputs = median_seconds(methods, args.repeats)
+    methods |= exports
+    try:
+        seconds, outputs = median_seconds(methods, args.repeats)
+    finally:
+        folder.cleanup()
     for name, s in seconds.items():
-        print(f"  {name:<13} {N / s:8.1f} tokens/s  ({1000 * s / N:.2f} ms/token)")
+        print(f"  {name:<15} {N / s:8.1f} tokens/s  ({1000 * s / N:.2f} ms/token)")
     print(f"  kv-cache vs recompute:   {seconds['recompute'] / seconds['kv-cache']:.2f}x")
     if hf is None:
         print(f"  hf-generate: skipped ({hf_skipped})")
     else:
         print(f"  kv-cache vs hf-generate: {seconds['hf-generate'] / seconds['kv-cache']:.2f}x")
-    same = all(out == outputs["kv-cache"] for name, out in outputs.items() if name != "kv-cache-int8")
+    for name in exports:
+        print(f"  kv-cache vs {name}: {seconds[name] / seconds['kv-cache']:.2f}x")
+    for name, why in exports_skipped.items():
+        print(f"  {name}: skipped ({why})")
+    # Other number formats (int8, f16, q8_0) may part from fp32's greedy path at a near-tie.
+    exact = [name for name in outputs if name not in OTHER_FORMATS]
+    if args.dtype != "float32":  # the exports hold fp32 weights
+        exact = [name for name in exact if name not in exports]
+    same = all(outputs[name] == outputs["kv-cache"] for name in exact)
     print(f"  same tokens from every {args.dtype} method: {'yes' if same else 'NO'}")
+    for name in [name for name in outputs if name in OTHER_FORMATS]:
+        agree = next((i for i, (a, b) in enumerate(zip(outputs[name], outputs["kv-cache"])) if a != b), N)
+        print(f"  {name}: the first {agree} of {N} tokens are kv-cache's")
     if args.int8:
         print(f"  kv-cache-int8 vs kv-cache: {seconds['kv-cache'] / seconds['kv-cache-int8']:.2f}x, vs "
               f"recompute: {seconds['recompute'] / seconds['kv-cache-int8']:.2f}x" +
@@ -828,6 +917,8 @@ def main():
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="weights of both models (bfloat16: half the bytes each token reads)")
     p.add_argument("--int8", action="store_true", help="also time a copy with int8 weights (gpt.quantize_int8)")
+    p.add_argument("--no_exports", action="store_true", help="skip the exports: export.py's ONNX graph in "
+                   "onnxruntime and its GGUF files (f32, f16, q8_0) in llama.cpp")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=decode)
 

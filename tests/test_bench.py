@@ -67,7 +67,7 @@ def test_decode_rows_and_their_agreement(monkeypatch, capsys):
     """Every method has its row (the int8 copy and Hugging Face's generate too); the speed-ups are
     the ratios of the rates; the float32 methods give the same greedy tokens."""
     pytest.importorskip("transformers", reason="transformers is not installed (test-only dependency)")
-    out = bench_output(monkeypatch, capsys, *TINY_DECODE, "--int8")
+    out = bench_output(monkeypatch, capsys, *TINY_DECODE, "--int8", "--no_exports")
     assert "8 new tokens (greedy), float32" in out.splitlines()[0]
     rates = {name: rate for name, (rate, _) in decode_rows(out).items()}
     assert rates.keys() == {"kv-cache", "recompute", "hf-generate", "kv-cache-int8"}
