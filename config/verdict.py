@@ -1,6 +1,7 @@
 # The small-data experiment of SimpleLLM, a from-scratch tutorial: Edith Wharton's "The Verdict"
 # (5,145 GPT-2 tokens; BENCHMARKS.md, "The small-data experiment").
-#   python prepare.py --input the-verdict.txt --tokenizer gpt2 --out data/verdict
+#   python prepare.py --tokenizer gpt2 --out data/verdict --input \
+#       https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch02/01_main-chapter-code/the-verdict.txt
 #   python train.py config/verdict.py
 # With 4,630 training tokens the danger is memorising, not under-fitting: a small model, heavy
 # dropout and weight decay, and early stopping on val loss (best.pt keeps the best weights).
