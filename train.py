@@ -779,6 +779,21 @@ def decide_budget(cfg, it, step_s, eval_s, rt):
                 settings={k: cfg[k] for k in ("max_iters", "lr_decay_iters")})
 
 
+def budget_spent(cfg, budget, elapsed_before, rt):
+    """True when the time left in time_budget_s holds no more than twice what one more log interval
+    of steps and the final evaluation take at the decided speed: a run whose steps slowed after the
+    decision (a shared machine) ends here, evaluated and saved, rather than overrun its budget.
+    elapsed_before: a resumed run's earlier processes. All ranks agree (the slowest clock decides)."""
+    used = elapsed_before + time.time() - PROCESS_START
+    reserve = 2 * (cfg["log_interval"] * budget["ms_per_iter"] / 1000 + budget["eval_s"])
+    spent = used + reserve > cfg["time_budget_s"]
+    if rt.distributed:
+        flag = torch.tensor(int(spent), device=rt.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        spent = bool(flag.item())
+    return spent
+
+
 # -----------------------------------------------------------------------------
 # Training
 
@@ -965,6 +980,11 @@ def train(cfg):
 
         # Evaluate, keep the best weights, write the resume checkpoint.
         last_iter = it == cfg["max_iters"]
+        if (budget is not None and not last_iter and it % cfg["log_interval"] == 0
+                and budget_spent(cfg, budget, progress.elapsed_s, rt)):
+            print0(f"time budget: the steps ran slower than measured; the run ends at iter {it} of "
+                   f"{cfg['max_iters']} to finish within {cfg['time_budget_s']:g} s")
+            last_iter = True
         done = last_iter or stop > 0  # the end of the run writes ckpt.pt below the loop
         if (it % cfg["eval_interval"] == 0 or last_iter) and it != resume_iter:
             t_eval = time.time()

@@ -797,6 +797,30 @@ def test_a_budgeted_run_fixes_its_length_and_resumes_exactly(char_data, tmp_path
         assert after[it] == pytest.approx(straight[it], abs=1e-6), it
 
 
+def test_a_budgeted_run_whose_steps_slow_down_ends_within_its_budget(char_data, tmp_path, monkeypatch, capsys):
+    """Steps slower after the decision than when it was made: the run stops at the first log step
+    where the budget has no room left, and still evaluates, saves and says so."""
+    decide = train.decide_budget
+
+    def decide_then_lose_the_time(cfg, *args):
+        budget = decide(cfg, *args)
+        monkeypatch.setattr(train, "PROCESS_START", train.PROCESS_START - cfg["time_budget_s"])  # all spent
+        return budget
+
+    monkeypatch.setattr(train, "decide_budget", decide_then_lose_the_time)
+    out = tmp_path / "out"
+    result = run_in_process(train.main, *TINY, f"--dataset={char_data}", f"--out_dir={out}", "--time_budget_s=60",
+                            "--warmup_iters=25", "--eval_interval=1000", "--log_interval=5")
+    assert result.returncode == 0, result.stderr[-2000:]
+    decided = int(re.search(r"max_iters = lr_decay_iters = (\d+)", result.stdout).group(1))
+    ended = re.search(r"the run ends at iter (\d+) of (\d+)", result.stdout)
+    assert ended and int(ended.group(2)) == decided, result.stdout[-2000:]
+    end = int(ended.group(1))
+    assert end == 25 < decided  # the decision's own step (the end of warmup) is a log step
+    assert gpt.load_checkpoint(out / "ckpt.pt")["iter_num"] == end
+    assert [r["iter"] for r in metrics(out) if "val_loss" in r] == [0, end]
+
+
 # -----------------------------------------------------------------------------
 # What a log line reports
 
