@@ -138,6 +138,27 @@ def onnx_greedy(session, idx, max_new_tokens):
     return tokens
 
 
+def llama_cpp_greedy(path, idx, max_new_tokens, threads):
+    """Greedy decoding in llama.cpp (llama-cpp-python) of export.py's GGUF file: a function returning
+    the max_new_tokens tokens after the prompt idx (1, T), prefilling it on every call as the other
+    methods do (T + max_new_tokens <= block_size)."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=0, n_threads=threads, n_threads_batch=threads,
+                          verbose=False)  # n_ctx 0: the file's context length, block_size
+    prompt = idx[0].tolist()
+
+    def greedy():
+        llm.reset()  # an empty cache, else generate reuses the last call's prompt
+        tokens = []
+        for token in llm.generate(prompt, temp=0.0, repeat_penalty=1.0):
+            tokens.append(token)
+            if len(tokens) == max_new_tokens:
+                return tokens
+
+    return greedy
+
+
 def exported_methods(model, idx, N, folder, args):
     """{name: greedy decoding} for the exports of `model` that can run here, and {name: why not}."""
     methods, skipped = {}, {}
@@ -154,6 +175,15 @@ def exported_methods(model, idx, N, folder, args):
     else:
         session = onnx_session(export(ckpt, "onnx"), torch.get_num_threads())
         methods["onnxruntime"] = lambda: onnx_greedy(session, idx, N)
+    try:
+        import gguf  # noqa: F401
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        skipped["llama.cpp"] = "pip install gguf llama-cpp-python"
+    else:
+        for quant in ("f32", "f16", "q8_0"):
+            path = export(ckpt, "gguf", "--quant", quant)
+            methods[f"llama.cpp-{quant}"] = llama_cpp_greedy(path, idx, N, torch.get_num_threads())
     return methods, skipped
 
 

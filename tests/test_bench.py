@@ -79,6 +79,22 @@ def test_decode_rows_and_their_agreement(monkeypatch, capsys):
     assert "  same tokens from every float32 method: yes" in out.splitlines()
 
 
+def test_decode_rows_of_the_exports(monkeypatch, capsys):
+    """export.py's ONNX graph (onnxruntime) and GGUF files (llama.cpp f32, f16, q8_0) of the same
+    weights get their rows and speed-ups; onnxruntime and llama.cpp's f32 give our greedy tokens."""
+    for package in ("onnxruntime", "onnxscript", "gguf", "llama_cpp"):
+        pytest.importorskip(package, reason=f"{package} is not installed (pip install -r requirements-dev.txt)")
+    out = bench_output(monkeypatch, capsys, *TINY_DECODE, "--no_hf")
+    rates = {name: rate for name, (rate, _) in decode_rows(out).items()}
+    exports = {"onnxruntime", "llama.cpp-f32", "llama.cpp-f16", "llama.cpp-q8_0"}
+    assert rates.keys() == {"kv-cache", "recompute"} | exports
+    for name in exports:
+        assert_ratio(speedup(out, f"kv-cache vs {name}"), rates["kv-cache"], rates[name], 0.1, 0.1)
+    assert "  same tokens from every float32 method: yes" in out.splitlines()
+    for name in ("llama.cpp-f16", "llama.cpp-q8_0"):
+        assert re.search(rf"^  {re.escape(name)}: the first \d+ of 8 tokens are kv-cache's$", out, re.M)
+
+
 def test_decode_past_block_size_skips_only_hugging_face(monkeypatch, capsys):
     """Both our decoders crop the context to block_size, so any length works, and still agree;
     HF's GPT-2 cannot go past n_positions, so it is skipped with the reason instead of crashing."""
