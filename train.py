@@ -54,8 +54,6 @@ from common import (UserError, atomic_write_text, autocast_context, maybe_compil
 from gpt import GPT, GPTConfig, generate, is_hub_model_id, load_checkpoint, model_from_checkpoint, save_checkpoint
 from tokenizer import load_tokenizer
 
-PROCESS_START = time.time()  # time_budget_s counts from here (importing torch before it takes ~2 s)
-
 # -----------------------------------------------------------------------------
 # Settings. Names follow nanoGPT's where the concept is the same.
 
@@ -764,14 +762,14 @@ def iters_within_budget(seconds_left, it, step_s, eval_s, eval_interval):
     return n
 
 
-def decide_budget(cfg, it, step_s, eval_s, rt):
-    """max_iters and lr_decay_iters that end the run within time_budget_s (from the process start),
-    agreed by all ranks (each takes the slowest rank's timings)."""
+def decide_budget(cfg, it, step_s, eval_s, started, rt):
+    """max_iters and lr_decay_iters that end the run within time_budget_s of `started` (train()'s
+    start), agreed by all ranks (each takes the slowest rank's timings)."""
     if rt.distributed:
         timings = torch.tensor([step_s, eval_s], device=rt.device, dtype=torch.float64)
         torch.distributed.all_reduce(timings, op=torch.distributed.ReduceOp.MAX)
         step_s, eval_s = timings.tolist()
-    seconds_left = cfg["time_budget_s"] - (time.time() - PROCESS_START)
+    seconds_left = cfg["time_budget_s"] - (time.time() - started)
     n = iters_within_budget(seconds_left * BUDGET_SHARE, it, step_s, eval_s, cfg["eval_interval"])
     print0(f"time budget {cfg['time_budget_s']:g} s: {step_s * 1000:.1f} ms/iter and {eval_s:.2f} s per "
            f"evaluation measured, {seconds_left:.0f} s left -> max_iters = lr_decay_iters = {n}")
@@ -779,12 +777,12 @@ def decide_budget(cfg, it, step_s, eval_s, rt):
                 settings={k: cfg[k] for k in ("max_iters", "lr_decay_iters")})
 
 
-def budget_spent(cfg, budget, elapsed_before, rt):
+def budget_spent(cfg, budget, elapsed_before, started, rt):
     """True when the time left in time_budget_s holds no more than twice what one more log interval
     of steps and the final evaluation take at the decided speed: a run whose steps slowed after the
     decision (a shared machine) ends here, evaluated and saved, rather than overrun its budget.
     elapsed_before: a resumed run's earlier processes. All ranks agree (the slowest clock decides)."""
-    used = elapsed_before + time.time() - PROCESS_START
+    used = elapsed_before + time.time() - started
     reserve = 2 * (cfg["log_interval"] * budget["ms_per_iter"] / 1000 + budget["eval_s"])
     spent = used + reserve > cfg["time_budget_s"]
     if rt.distributed:
@@ -910,6 +908,7 @@ def train_step(model, optimizer, batches, batch_rng, cfg, rt):
 
 
 def train(cfg):
+    started = time.time()  # time_budget_s counts from here (the imports before it take ~2 s)
     check_logging_packages(cfg)
     out_dir = Path(cfg["out_dir"])
     if cfg["init_from"] != "resume" and (out_dir / "ckpt.pt").is_file():  # a new run would overwrite it
@@ -981,7 +980,7 @@ def train(cfg):
         # Evaluate, keep the best weights, write the resume checkpoint.
         last_iter = it == cfg["max_iters"]
         if (budget is not None and not last_iter and it % cfg["log_interval"] == 0
-                and budget_spent(cfg, budget, progress.elapsed_s, rt)):
+                and budget_spent(cfg, budget, progress.elapsed_s, started, rt)):
             print0(f"time budget: the steps ran slower than measured; the run ends at iter {it} of "
                    f"{cfg['max_iters']} to finish within {cfg['time_budget_s']:g} s")
             last_iter = True
@@ -1032,7 +1031,7 @@ def train(cfg):
             else:
                 step_s = (time.time() - t_budget) / (budget_at - budget_start - BUDGET_SKIP_ITERS)
                 eval_estimate = eval_s if eval_s is not None else step_s * cfg["eval_iters"] * 2 / 3 / accum
-                budget = decide_budget(cfg, progress.iter_num, step_s, eval_estimate, rt)
+                budget = decide_budget(cfg, progress.iter_num, step_s, eval_estimate, started, rt)
                 cfg = cfg | {k: budget[k] for k in ("max_iters", "lr_decay_iters")}
                 timing_budget = False
 

@@ -800,11 +800,11 @@ def test_a_budgeted_run_fixes_its_length_and_resumes_exactly(char_data, tmp_path
 def test_a_budgeted_run_whose_steps_slow_down_ends_within_its_budget(char_data, tmp_path, monkeypatch, capsys):
     """Steps slower after the decision than when it was made: the run stops at the first log step
     where the budget has no room left, and still evaluates, saves and says so."""
-    decide = train.decide_budget
+    decide, clock = train.decide_budget, time.time
 
     def decide_then_lose_the_time(cfg, *args):
         budget = decide(cfg, *args)
-        monkeypatch.setattr(train, "PROCESS_START", train.PROCESS_START - cfg["time_budget_s"])  # all spent
+        monkeypatch.setattr(time, "time", lambda: clock() + cfg["time_budget_s"])  # the budget is spent
         return budget
 
     monkeypatch.setattr(train, "decide_budget", decide_then_lose_the_time)
