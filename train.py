@@ -25,7 +25,9 @@ Design choices:
 - Checkpoints (ckpt.pt to resume, best.pt for the best val loss) are written atomically and carry
   the model args and the tokenizer, so sample.py needs nothing else. Resuming is exact.
 - time_budget_s fixes the run's length from the measured speed of its first steps, so a recipe
-  takes the same wall time on any machine; the decision is stored, and a resume keeps it.
+  takes the same wall time on any machine; the decision is stored, and a resume keeps it. Under
+  the WSD schedule the LR stays flat until the cooldown, so the length is decided again at each
+  log step until then, from the speed of the latest steps, changing no LR already used.
 - Ctrl-C or SIGTERM ends a run at a step boundary with ckpt.pt saved (under torchrun at the next
   log step, which all ranks agree on) and exit status 128 + the signal's number.
 - The samples printed at evaluations (eval_sample_tokens) draw from a generator of their own, so
@@ -34,6 +36,7 @@ Design choices:
   rising LR instead of the schedule; it writes nothing but out_dir/lr_find.png.
 """
 import ast
+import collections
 import difflib
 import importlib.util
 import json
@@ -85,7 +88,7 @@ class Settings:
     n_embd: int = setting(384, "embedding width (a multiple of n_head)")
     dropout: float = setting(0.0, "0 for pretraining; 0.1-0.3 helps on small data")
     bias: bool = setting(True, "biases in Linear and LayerNorm layers, as GPT-2 has")
-    # AdamW and the learning-rate schedule (linear warmup, then cosine decay to min_lr)
+    # AdamW and the learning-rate schedule (linear warmup, then a cosine or WSD decay to min_lr)
     learning_rate: float = setting(6e-4, "the peak learning rate")
     max_iters: int = setting(5000, "optimizer steps in all")
     weight_decay: float = setting(0.1, "AdamW's decoupled weight decay (matmul weights only)")
@@ -94,10 +97,15 @@ class Settings:
     grad_clip: float = setting(1.0, "clip the global gradient norm to this; 0 = off")
     decay_lr: bool = setting(True, "False: learning_rate throughout")
     warmup_iters: int = setting(100, "steps of linear warmup to learning_rate")
-    lr_decay_iters: int = setting(5000, "the step where the cosine reaches min_lr (flat after); ~max_iters")
+    lr_decay_iters: int = setting(5000, "the step where the decay reaches min_lr (flat after); ~max_iters")
     min_lr: float = setting(6e-5, "the learning rate at the end of the decay; ~learning_rate / 10")
+    lr_schedule: str = setting("cosine", "after warmup: 'cosine' decays from the start; 'wsd' (warmup-stable-"
+                                         "decay) holds learning_rate, then decays linearly over the last "
+                                         "cooldown_frac of lr_decay_iters")
+    cooldown_frac: float = setting(0.2, "with lr_schedule='wsd': the share of lr_decay_iters spent decaying")
     time_budget_s: float = setting(0.0, "seconds the whole run may take: its first steps are timed, then "
-                                        "max_iters = lr_decay_iters is set to fit; 0 = off")
+                                        "max_iters = lr_decay_iters is set to fit (with 'wsd', again at each "
+                                        "log step until the decay starts); 0 = off")
     # system
     device: str = setting("auto", "'auto' (cuda, then mps, then cpu) | 'cpu' | 'cuda' | 'cuda:1' | 'mps'")
     dtype: str = setting("auto", "'auto' (bf16 where native, fp16 on older GPUs, else fp32) | 'float32' "
@@ -133,7 +141,8 @@ class Settings:
 
 DEFAULTS = {f.name: f.default for f in fields(Settings)}
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias")
-LR_KEYS = ("learning_rate", "min_lr", "warmup_iters", "lr_decay_iters", "decay_lr", "max_iters")
+LR_KEYS = ("learning_rate", "min_lr", "warmup_iters", "lr_decay_iters", "decay_lr", "max_iters", "lr_schedule",
+           "cooldown_frac")
 # What a resumed run may change (one line says so); anything else would make it another run.
 CHANGEABLE_ON_RESUME = ("eval_interval", "eval_iters", "log_interval", "patience", "always_save_checkpoint",
                         "dropout", "grad_clip", "device", "dtype", "compile", "backend", "fsdp", "grad_checkpoint",
@@ -247,6 +256,10 @@ def check_ranges(cfg):
     for key in ("dropout", "beta1", "beta2"):
         if not 0 <= cfg[key] < 1:
             raise UserError(f"{key} must be in [0, 1), got {cfg[key]}")
+    if cfg["lr_schedule"] not in ("cosine", "wsd"):
+        raise UserError(f"unknown lr_schedule '{cfg['lr_schedule']}' (use cosine or wsd)")
+    if not 0 < cfg["cooldown_frac"] < 1:
+        raise UserError(f"cooldown_frac must be in (0, 1), got {cfg['cooldown_frac']}")
     for key in ("out_dir", "dataset"):
         if not cfg[key].strip():
             raise UserError(f"{key} is empty; name a folder, e.g. --{key}={DEFAULTS[key]}")
@@ -282,8 +295,10 @@ def stored_run(out_dir):
 
 
 def lr_at(cfg, it):
-    return get_lr(it, cfg["learning_rate"], cfg["warmup_iters"], cfg["lr_decay_iters"],
-                  cfg["min_lr"]) if cfg["decay_lr"] else cfg["learning_rate"]
+    if not cfg["decay_lr"]:
+        return cfg["learning_rate"]
+    return get_lr(it, cfg["learning_rate"], cfg["warmup_iters"], cfg["lr_decay_iters"], cfg["min_lr"],
+                  cfg["lr_schedule"], cfg["cooldown_frac"])
 
 
 def resumed_settings(given):
@@ -366,12 +381,23 @@ def get_windows(data_dir, split, dtype, starts, block_size):
     return torch.from_numpy(tokens[:, :-1].copy()), torch.from_numpy(tokens[:, 1:].copy())
 
 
-def get_lr(it, learning_rate, warmup_iters, lr_decay_iters, min_lr):
-    """Linear warmup (never 0, even at step 0), cosine decay to min_lr at lr_decay_iters, then flat."""
+def cooldown_start(lr_decay_iters, warmup_iters, cooldown_frac):
+    """The first step of a WSD schedule's decay: cooldown_frac of lr_decay_iters before its end."""
+    return max(warmup_iters, lr_decay_iters - round(cooldown_frac * lr_decay_iters))
+
+
+def get_lr(it, learning_rate, warmup_iters, lr_decay_iters, min_lr, schedule="cosine", cooldown_frac=0.2):
+    """Linear warmup (never 0, even at step 0), then a decay to min_lr at lr_decay_iters (flat after):
+    cosine from the end of warmup, or, for "wsd", learning_rate until the cooldown, then linear."""
     if it < warmup_iters:
         return learning_rate * (it + 1) / (warmup_iters + 1)
     if it >= lr_decay_iters:
         return min_lr
+    if schedule == "wsd":
+        start = cooldown_start(lr_decay_iters, warmup_iters, cooldown_frac)
+        if it < start:
+            return learning_rate
+        return learning_rate + (it - start) / (lr_decay_iters - start) * (min_lr - learning_rate)
     progress = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
 
@@ -742,6 +768,7 @@ def check_compatible(cfg, ckpt, vocab_size, tokenizer, path, resume):
 BUDGET_SKIP_ITERS = 2  # steps not timed: the first ones allocate and pick kernels
 BUDGET_MIN_TIMED_ITERS = 20
 BUDGET_SHARE = 0.95  # of the time left that the decision plans for: step times drift over a run
+BUDGET_GUARD_MARGIN = 1.25  # the next log interval and the final evaluation may run this much slower
 
 
 def budget_decision_iter(cfg, start):
@@ -762,29 +789,65 @@ def iters_within_budget(seconds_left, it, step_s, eval_s, eval_interval):
     return n
 
 
-def decide_budget(cfg, it, step_s, eval_s, started, rt):
-    """max_iters and lr_decay_iters that end the run within time_budget_s of `started` (train()'s
-    start), agreed by all ranks (each takes the slowest rank's timings)."""
+def shortest_wsd_run(cfg, it):
+    """The fewest lr_decay_iters whose WSD cooldown starts at `it` or later (cooldown_start only
+    grows with lr_decay_iters): a shorter run would have decayed an LR already used."""
+    n = max(it, int((it - 1) / (1 - cfg["cooldown_frac"])) - 1)  # below the first candidate
+    while cooldown_start(n, cfg["warmup_iters"], cfg["cooldown_frac"]) < it:
+        n += 1
+    return n
+
+
+def decide_budget(cfg, it, step_s, eval_s, used_s, rt, settings=None):
+    """max_iters and lr_decay_iters that end the run within time_budget_s, `used_s` seconds of it
+    gone, agreed by all ranks (each takes the slowest rank's timings and clock). settings: the
+    max_iters and lr_decay_iters the run was given (kept in the decision, for a resume)."""
     if rt.distributed:
-        timings = torch.tensor([step_s, eval_s], device=rt.device, dtype=torch.float64)
+        timings = torch.tensor([step_s, eval_s, used_s], device=rt.device, dtype=torch.float64)
         torch.distributed.all_reduce(timings, op=torch.distributed.ReduceOp.MAX)
-        step_s, eval_s = timings.tolist()
-    seconds_left = cfg["time_budget_s"] - (time.time() - started)
+        step_s, eval_s, used_s = timings.tolist()
+    seconds_left = cfg["time_budget_s"] - used_s
     n = iters_within_budget(seconds_left * BUDGET_SHARE, it, step_s, eval_s, cfg["eval_interval"])
-    print0(f"time budget {cfg['time_budget_s']:g} s: {step_s * 1000:.1f} ms/iter and {eval_s:.2f} s per "
-           f"evaluation measured, {seconds_left:.0f} s left -> max_iters = lr_decay_iters = {n}")
-    return dict(max_iters=n, lr_decay_iters=n, ms_per_iter=step_s * 1000, eval_s=eval_s,
-                settings={k: cfg[k] for k in ("max_iters", "lr_decay_iters")})
+    if cfg["lr_schedule"] == "wsd":
+        n = max(n, shortest_wsd_run(cfg, it))
+    return dict(max_iters=n, lr_decay_iters=n, ms_per_iter=step_s * 1000, eval_s=eval_s, left_s=seconds_left,
+                settings=settings or {k: cfg[k] for k in ("max_iters", "lr_decay_iters")})
 
 
-def budget_spent(cfg, budget, elapsed_before, started, rt):
-    """True when the time left in time_budget_s holds no more than twice what one more log interval
-    of steps and the final evaluation take at the decided speed: a run whose steps slowed after the
-    decision (a shared machine) ends here, evaluated and saved, rather than overrun its budget.
-    elapsed_before: a resumed run's earlier processes. All ranks agree (the slowest clock decides)."""
-    used = elapsed_before + time.time() - started
-    reserve = 2 * (cfg["log_interval"] * budget["ms_per_iter"] / 1000 + budget["eval_s"])
-    spent = used + reserve > cfg["time_budget_s"]
+def budget_line(cfg, budget):
+    n = budget["max_iters"]
+    cooldown = (f", decaying from iter {cooldown_start(n, cfg['warmup_iters'], cfg['cooldown_frac'])}"
+                if cfg["lr_schedule"] == "wsd" else "")
+    return (f"time budget {cfg['time_budget_s']:g} s: {budget['ms_per_iter']:.1f} ms/iter and "
+            f"{budget['eval_s']:.2f} s per evaluation measured, {budget['left_s']:.0f} s left -> "
+            f"max_iters = lr_decay_iters = {n}{cooldown}")
+
+
+def latest_step_s(recent_steps, budget):
+    """Seconds per step over the last log intervals (deque of (steps, seconds)); the decided speed
+    until this process has logged."""
+    steps = sum(n for n, _ in recent_steps)
+    return sum(s for _, s in recent_steps) / steps if steps else budget["ms_per_iter"] / 1000
+
+
+def budget_redecides(cfg, budget, it):
+    """True where a WSD run under a time budget decides its length again: while its LR is still
+    flat, a new length moves only the cooldown, which no step has used yet, so the run can follow
+    the speed it measures (a shared machine's drifts) instead of a guess made at its start. A
+    resume given its own max_iters fixes the length."""
+    return (budget is not None and cfg["lr_schedule"] == "wsd" and cfg["decay_lr"]
+            and cfg["max_iters"] == budget["max_iters"]
+            and it < cooldown_start(cfg["lr_decay_iters"], cfg["warmup_iters"], cfg["cooldown_frac"]))
+
+
+def budget_spent(cfg, budget, it, step_s, used_s, rt):
+    """True when the time left in time_budget_s (`used_s` gone) cannot hold the steps to the next
+    log step (or to max_iters, if nearer) and the final evaluation at the latest speed `step_s`,
+    with BUDGET_GUARD_MARGIN to spare: a run whose steps slowed after the decision (a shared
+    machine) ends here, evaluated and saved, rather than overrun its budget. All ranks agree."""
+    steps = min(cfg["log_interval"], cfg["max_iters"] - it)
+    reserve = BUDGET_GUARD_MARGIN * (steps * step_s + budget["eval_s"])
+    spent = used_s + reserve > cfg["time_budget_s"]
     if rt.distributed:
         flag = torch.tensor(int(spent), device=rt.device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
@@ -964,6 +1027,7 @@ def train(cfg):
     budget_start = resume_iter or 0
     budget_at = budget_decision_iter(cfg, budget_start)
     t_last, iters_since_log, eval_s, t_budget = time.time(), 0, None, None
+    recent_steps = collections.deque(maxlen=5)  # (steps, seconds) of the last log intervals
     loss_sum = torch.zeros((), device=rt.device)  # summed on device: no host sync between logs
     stop = 0
     while True:
@@ -980,7 +1044,8 @@ def train(cfg):
         # Evaluate, keep the best weights, write the resume checkpoint.
         last_iter = it == cfg["max_iters"]
         if (budget is not None and not last_iter and it % cfg["log_interval"] == 0
-                and budget_spent(cfg, budget, progress.elapsed_s, started, rt)):
+                and budget_spent(cfg, budget, it, latest_step_s(recent_steps, budget),
+                                 progress.elapsed_s + time.time() - started, rt)):
             print0(f"time budget: the steps ran slower than measured; the run ends at iter {it} of "
                    f"{cfg['max_iters']} to finish within {cfg['time_budget_s']:g} s")
             last_iter = True
@@ -1031,8 +1096,11 @@ def train(cfg):
             else:
                 step_s = (time.time() - t_budget) / (budget_at - budget_start - BUDGET_SKIP_ITERS)
                 eval_estimate = eval_s if eval_s is not None else step_s * cfg["eval_iters"] * 2 / 3 / accum
-                budget = decide_budget(cfg, progress.iter_num, step_s, eval_estimate, started, rt)
+                budget = decide_budget(cfg, progress.iter_num, step_s, eval_estimate,
+                                       progress.elapsed_s + time.time() - started, rt)
                 cfg = cfg | {k: budget[k] for k in ("max_iters", "lr_decay_iters")}
+                print0(budget_line(cfg, budget) + (" (decided again while the LR is flat)"
+                                                   if budget_redecides(cfg, budget, progress.iter_num) else ""))
                 timing_budget = False
 
         if progress.iter_num % cfg["log_interval"] == 0:
@@ -1051,6 +1119,14 @@ def train(cfg):
                 log.write(iter=progress.iter_num, elapsed_s=progress.elapsed_s + time.time() - t_start, lr=lr,
                           loss=loss, ms_per_iter=dt * 1000, tokens_per_s=tokens_per_iter / dt, mfu=mfu,
                           peak_mem_mb=mem)
+            recent_steps.append((iters_since_log, dt * iters_since_log))
+            if budget_redecides(cfg, budget, progress.iter_num):
+                step_s = latest_step_s(recent_steps, budget)
+                budget = decide_budget(cfg, progress.iter_num, step_s, eval_s or budget["eval_s"],
+                                       progress.elapsed_s + time.time() - started, rt, budget["settings"])
+                cfg = cfg | {k: budget[k] for k in ("max_iters", "lr_decay_iters")}
+                if not budget_redecides(cfg, budget, progress.iter_num + cfg["log_interval"]):
+                    print0(budget_line(cfg, budget))  # the last decision: the cooldown starts before the next
             loss_sum.zero_()
             t_last, iters_since_log = time.time(), 0
 

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -255,6 +256,29 @@ def test_lr_schedule_end_points():
     assert lr(110) == pytest.approx(0.1) and lr(10_000) == pytest.approx(0.1)
     decay = [lr(it) for it in range(10, 111)]
     assert all(a >= b for a, b in zip(decay, decay[1:]))
+
+
+def test_wsd_schedule_holds_the_peak_then_decays_linearly_to_min_lr():
+    lr = lambda it, n=110: train.get_lr(it, 1.0, 10, n, 0.1, schedule="wsd", cooldown_frac=0.2)
+    assert [lr(it) for it in range(10)] == [train.get_lr(it, 1.0, 10, 110, 0.1) for it in range(10)]
+    start = train.cooldown_start(110, 10, 0.2)
+    assert start == 110 - 22 and all(lr(it) == 1.0 for it in range(10, start + 1))
+    cooldown = [lr(it) for it in range(start, 111)]
+    steps = [a - b for a, b in zip(cooldown, cooldown[1:])]
+    assert steps == pytest.approx([0.9 / (110 - start)] * len(steps))  # a straight line ...
+    assert lr(110) == lr(10_000) == 0.1  # ... to min_lr, then flat
+    # a longer or shorter run changes no LR before either run's cooldown
+    for n in (60, 200, 5000):
+        first = min(start, train.cooldown_start(n, 10, 0.2))
+        assert [lr(it, n) for it in range(first)] == [lr(it) for it in range(first)]
+
+
+@pytest.mark.parametrize("it, frac, warmup", [(0, 0.2, 0), (1, 0.2, 5), (37, 0.2, 5), (500, 0.3, 100),
+                                              (999, 0.05, 10), (12, 0.9, 0)])
+def test_the_shortest_wsd_run_decays_no_step_already_taken(it, frac, warmup):
+    cfg = dict(cooldown_frac=frac, warmup_iters=warmup)
+    later = [n for n in range(it, 20 * it + 10) if train.cooldown_start(n, warmup, frac) >= it]
+    assert train.shortest_wsd_run(cfg, it) == min(later)
 
 
 # --- device and precision -----------------------------------------------------------------------
@@ -819,6 +843,84 @@ def test_a_budgeted_run_whose_steps_slow_down_ends_within_its_budget(char_data, 
     assert end == 25 < decided  # the decision's own step (the end of warmup) is a log step
     assert gpt.load_checkpoint(out / "ckpt.pt")["iter_num"] == end
     assert [r["iter"] for r in metrics(out) if "val_loss" in r] == [0, end]
+
+
+def test_the_budget_guard_lets_a_run_finish_what_fits_and_stops_what_would_overrun():
+    """At a log step the guard looks as far as the next log step or max_iters, whichever is nearer:
+    the last steps and the final evaluation, if they fit at the latest speed with the guard's margin,
+    run; a full log interval that would not fit ends the run now."""
+    cfg, budget = dict(log_interval=100, max_iters=1000, time_budget_s=60.0), dict(eval_s=1.0)
+    rt = types.SimpleNamespace(distributed=False)
+    step_s, margin = 0.02, train.BUDGET_GUARD_MARGIN
+    last = margin * (50 * step_s + 1.0)  # from iter 950: 50 steps and the final evaluation
+    assert not train.budget_spent(cfg, budget, 950, step_s, 60 - last * 1.01, rt)
+    assert train.budget_spent(cfg, budget, 950, step_s, 60 - last * 0.99, rt)
+    # from iter 500 the next stop is 100 steps away: the same time left is not enough
+    assert train.budget_spent(cfg, budget, 500, step_s, 60 - last * 1.01, rt)
+
+
+WSD = ["--lr_schedule=wsd", "--cooldown_frac=0.25", "--warmup_iters=25", "--eval_interval=1000"]
+
+
+def decided_lengths(stdout):
+    return [int(n) for n in re.findall(r"max_iters = lr_decay_iters = (\d+)", stdout)]
+
+
+def test_a_wsd_run_whose_steps_slow_down_decides_again_and_never_changes_a_used_lr(
+        char_data, tmp_path, monkeypatch):
+    """Under a time budget a WSD run decides its length again at each log step while its LR is
+    flat: steps that slow after the first decision give a shorter run that ends within the budget,
+    and every step's LR is the final schedule's."""
+    decide, clock = train.decide_budget, time.time
+    t0 = clock()
+
+    def decide_then_slow_down(*args, **kwargs):
+        monkeypatch.setattr(time, "time", lambda: t0 + 3 * (clock() - t0))  # every step now takes 3x
+        return decide(*args, **kwargs)
+
+    monkeypatch.setattr(train, "decide_budget", decide_then_slow_down)
+    out = tmp_path / "out"
+    result = run_in_process(train.main, *TINY, f"--dataset={char_data}", f"--out_dir={out}", *WSD,
+                            "--time_budget_s=12", "--log_interval=5")
+    assert result.returncode == 0, result.stderr[-2000:]
+    first, last = decided_lengths(result.stdout)
+    assert "decided again while the LR is flat" in result.stdout
+    assert last < first, result.stdout[-2000:]
+    ckpt = gpt.load_checkpoint(out / "ckpt.pt")
+    cfg = ckpt["config"]
+    assert cfg["max_iters"] == cfg["lr_decay_iters"] == ckpt["budget"]["max_iters"] == last
+    # the end: max_iters, or a few steps before it where the cooldown ran slower than planned
+    end = ckpt["iter_num"]
+    assert train.cooldown_start(last, 25, 0.25) < end <= last
+    rows = metrics(out)
+    steps = [r for r in rows if "loss" in r]
+    assert len(steps) == end // 5 and all(r["lr"] == train.lr_at(cfg, r["iter"] - 1) for r in steps)
+    assert rows[-1]["elapsed_s"] <= 12
+
+
+def test_a_budgeted_wsd_run_stopped_and_resumed_is_the_run_of_its_final_length(char_data, tmp_path):
+    """A WSD run under a time budget, stopped while its LR is flat and resumed (which decides its
+    length again), gives the losses of a run given that final length from the start."""
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *TINY, f"--dataset={char_data}", *WSD,
+                             "--dropout=0.1", "--log_interval=1", "--time_budget_s=6", f"--out_dir={killed}"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_logged_losses(proc, killed, 30)  # past the first decision at iter 25
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    stopped_at = gpt.load_checkpoint(killed / "ckpt.pt")["iter_num"]
+    resumed = run_in_process(train.main, "--init_from=resume", f"--out_dir={killed}")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    final = gpt.load_checkpoint(killed / "ckpt.pt")
+    n, end = final["budget"]["max_iters"], final["iter_num"]  # end < n where the budget's guard ended it
+    assert decided_lengths(resumed.stdout)[-1] == n and stopped_at < train.cooldown_start(n, 25, 0.25) < end
+    train_run(char_data, tmp_path / "straight", *WSD, "--dropout=0.1", "--log_interval=1",
+              f"--lr_decay_iters={n}", f"--max_iters={end}")
+    straight, after = losses(tmp_path / "straight"), losses(killed)
+    assert sorted(after) == sorted(straight) == list(range(1, end + 1))
+    for it in after:
+        assert after[it] == pytest.approx(straight[it], abs=1e-6), it
 
 
 # -----------------------------------------------------------------------------
