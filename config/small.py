@@ -19,6 +19,12 @@ dropout = 0.0  # ~9M tokens in 300 s, ~9 epochs of 1M characters: not yet over-f
 time_budget_s = 300.0
 max_iters = 9000
 lr_decay_iters = 9000  # = max_iters: decay all the way to min_lr
+# Warmup-stable-decay: the LR holds its peak, then falls linearly to min_lr over the last 20% of
+# the steps. Per step it learns as the cosine does; what it adds is that, while the LR is flat,
+# the budget decides the length again from the speed of the latest steps, so a machine whose
+# speed drifts still spends its 300 s on steps.
+lr_schedule = "wsd"
+cooldown_frac = 0.2
 
 # A higher peak LR than nanoGPT's baby GPT (1e-3): at this size 2.5e-3 learns faster and stays stable.
 learning_rate = 2.5e-3
