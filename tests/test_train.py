@@ -196,6 +196,8 @@ def test_a_config_file_that_does_not_run_is_one_line(tmp_path, text, needles):
     (["--n_head=0"], "n_head must be >= 1"),
     (["--n_embd=32", "--n_head=3"], "multiple of n_head=3"),
     (["--backend=mpi"], "unknown backend 'mpi'"),  # before any rank joins a group
+    (["--lr_schedule=linear"], "unknown lr_schedule 'linear'"),
+    (["--cooldown_frac=1"], "cooldown_frac must be in (0, 1)"),  # no flat phase: no length to decide again
     (["--out_dir="], "out_dir is empty"),  # wrote the run into the current directory
     (["--warmup_iters=200", "--lr_decay_iters=100"], "warmup_iters=200 exceeds lr_decay_iters=100"),
     (["--min_lr=1e-3", "--learning_rate=1e-4"], "min_lr=0.001 exceeds learning_rate=0.0001"),
