@@ -847,6 +847,23 @@ def test_a_budgeted_run_whose_steps_slow_down_ends_within_its_budget(char_data, 
     assert [r["iter"] for r in metrics(out) if "val_loss" in r] == [0, end]
 
 
+def test_ddp_ranks_agree_on_every_decision_of_a_budgeted_wsd_run(char_data, tmp_path):
+    """Under torchrun every rank takes the slowest rank's timings, so all decide the same lengths at
+    the same log steps (ranks that did not would part at the end, one waiting for the other): the
+    2-rank run ends, and every LR it used is its final schedule's."""
+    out = tmp_path / "ddp"
+    result = subprocess.run(torchrun(char_data, out, *WSD, "--log_interval=5", "--gradient_accumulation_steps=2",
+                                     "--time_budget_s=8"), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    final = gpt.load_checkpoint(out / "ckpt.pt")
+    cfg, end = final["config"], final["iter_num"]
+    assert decided_lengths(result.stdout)[-1] == cfg["max_iters"] == final["budget"]["max_iters"]
+    assert train.cooldown_start(cfg["max_iters"], 25, 0.25) < end <= cfg["max_iters"]
+    steps = [r for r in metrics(out) if "loss" in r]
+    assert [r["iter"] for r in steps] == list(range(5, end + 1, 5))
+    assert all(r["lr"] == train.lr_at(cfg, r["iter"] - 1) for r in steps)
+
+
 def test_the_budget_guard_lets_a_run_finish_what_fits_and_stops_what_would_overrun():
     """At a log step the guard looks as far as the next log step or max_iters, whichever is nearer:
     the last steps and the final evaluation, if they fit at the latest speed with the guard's margin,
