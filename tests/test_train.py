@@ -853,7 +853,7 @@ def test_ddp_ranks_agree_on_every_decision_of_a_budgeted_wsd_run(char_data, tmp_
     2-rank run ends, and every LR it used is its final schedule's."""
     out = tmp_path / "ddp"
     result = subprocess.run(torchrun(char_data, out, *WSD, "--log_interval=5", "--gradient_accumulation_steps=2",
-                                     "--time_budget_s=8"), cwd=ROOT, capture_output=True, text=True, timeout=120)
+                                     "--time_budget_s=5"), cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     final = gpt.load_checkpoint(out / "ckpt.pt")
     cfg, end = final["config"], final["iter_num"]
@@ -922,7 +922,7 @@ def test_a_budgeted_wsd_run_stopped_and_resumed_is_the_run_of_its_final_length(c
     length again), gives the losses of a run given that final length from the start."""
     killed = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *TINY, f"--dataset={char_data}", *WSD,
-                             "--dropout=0.1", "--log_interval=1", "--time_budget_s=6", f"--out_dir={killed}"],
+                             "--dropout=0.1", "--log_interval=1", "--time_budget_s=4", f"--out_dir={killed}"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_logged_losses(proc, killed, 30)  # past the first decision at iter 25
     proc.send_signal(signal.SIGTERM)
