@@ -815,6 +815,7 @@ def decide_budget(cfg, it, step_s, eval_s, used_s, rt, settings=None):
 
 
 def budget_line(cfg, budget):
+    """The decision as one printed line: what was measured, and the length it gives."""
     n = budget["max_iters"]
     cooldown = (f", decaying from iter {cooldown_start(n, cfg['warmup_iters'], cfg['cooldown_frac'])}"
                 if cfg["lr_schedule"] == "wsd" else "")
@@ -1028,6 +1029,7 @@ def train(cfg):
     budget_at = budget_decision_iter(cfg, budget_start)
     t_last, iters_since_log, eval_s, t_budget = time.time(), 0, None, None
     recent_steps = collections.deque(maxlen=5)  # (steps, seconds) of the last log intervals
+    budget_used_s = lambda: progress.elapsed_s + time.time() - started  # earlier processes' time included
     loss_sum = torch.zeros((), device=rt.device)  # summed on device: no host sync between logs
     stop = 0
     while True:
@@ -1044,8 +1046,7 @@ def train(cfg):
         # Evaluate, keep the best weights, write the resume checkpoint.
         last_iter = it == cfg["max_iters"]
         if (budget is not None and not last_iter and it % cfg["log_interval"] == 0
-                and budget_spent(cfg, budget, it, latest_step_s(recent_steps, budget),
-                                 progress.elapsed_s + time.time() - started, rt)):
+                and budget_spent(cfg, budget, it, latest_step_s(recent_steps, budget), budget_used_s(), rt)):
             print0(f"time budget: the steps ran slower than measured; the run ends at iter {it} of "
                    f"{cfg['max_iters']} to finish within {cfg['time_budget_s']:g} s")
             last_iter = True
@@ -1096,8 +1097,7 @@ def train(cfg):
             else:
                 step_s = (time.time() - t_budget) / (budget_at - budget_start - BUDGET_SKIP_ITERS)
                 eval_estimate = eval_s if eval_s is not None else step_s * cfg["eval_iters"] * 2 / 3 / accum
-                budget = decide_budget(cfg, progress.iter_num, step_s, eval_estimate,
-                                       progress.elapsed_s + time.time() - started, rt)
+                budget = decide_budget(cfg, progress.iter_num, step_s, eval_estimate, budget_used_s(), rt)
                 cfg = cfg | {k: budget[k] for k in ("max_iters", "lr_decay_iters")}
                 print0(budget_line(cfg, budget) + (" (decided again while the LR is flat)"
                                                    if budget_redecides(cfg, budget, progress.iter_num) else ""))
@@ -1122,8 +1122,8 @@ def train(cfg):
             recent_steps.append((iters_since_log, dt * iters_since_log))
             if budget_redecides(cfg, budget, progress.iter_num):
                 step_s = latest_step_s(recent_steps, budget)
-                budget = decide_budget(cfg, progress.iter_num, step_s, eval_s or budget["eval_s"],
-                                       progress.elapsed_s + time.time() - started, rt, budget["settings"])
+                budget = decide_budget(cfg, progress.iter_num, step_s, eval_s or budget["eval_s"], budget_used_s(), rt,
+                                       budget["settings"])
                 cfg = cfg | {k: budget[k] for k in ("max_iters", "lr_decay_iters")}
                 if not budget_redecides(cfg, budget, progress.iter_num + cfg["log_interval"]):
                     print0(budget_line(cfg, budget))  # the last decision: the cooldown starts before the next
