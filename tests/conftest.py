@@ -2,10 +2,12 @@
 torch.compile cache of its own for each setting of the variables that limit the CPU.
 
 Tests read corpora and the GPT-2 BPE files from ../shared (beside the project root), never from
-the network. On CI its absence is a failure; elsewhere the tests that need it are skipped.
+the network. On CI its absence is a failure; elsewhere the tests that need it are skipped. A
+missing optional package of requirements-dev.txt is the same (require): a skip, and on CI a failure.
 """
 import contextlib
 import getpass
+import importlib
 import io
 import os
 import signal
@@ -51,6 +53,19 @@ def shared_dir() -> Path:
             pytest.fail(f"{SHARED} is missing on CI: the tests need its corpora")
         pytest.skip(f"{SHARED}/data not found (it holds the test corpora)")
     return SHARED
+
+
+def require(module: str, reason: str | None = None):
+    """pytest.importorskip for the optional packages of requirements-dev.txt: the module, or a skip;
+    on CI (CI set) a failure, since CI installs them all. Also at a test module's top."""
+    if not os.environ.get("CI"):
+        return pytest.importorskip(module, reason=reason)
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        missing = e
+    pytest.fail(f"{module} is missing on CI ({missing}): {reason or 'pip install -r requirements-dev.txt'}",
+                pytrace=False)
 
 
 @pytest.fixture(scope="session")

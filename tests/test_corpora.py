@@ -10,15 +10,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, assert_one_line_error, run_script
+from conftest import ROOT, assert_one_line_error, require, run_script
 
 import prepare
 from common import UserError
 
 EOT = 50256
-pa = pytest.importorskip("pyarrow")
-pq = pytest.importorskip("pyarrow.parquet")
-zstandard = pytest.importorskip("zstandard")
+pa = require("pyarrow")
+pq = require("pyarrow.parquet")
+zstandard = require("zstandard")
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 import torch
-from conftest import assert_one_line_error, main_in_process, run_in_process, run_script
+from conftest import assert_one_line_error, main_in_process, require, run_in_process, run_script
 from hypothesis import given, settings, strategies as st
 
 import export
@@ -22,8 +22,8 @@ import sample
 from common import UserError
 from tokenizer import END, EOT, load_tokenizer, render_chat
 
-transformers = pytest.importorskip("transformers", reason="the exports are checked against transformers")
-tokenizers = pytest.importorskip("tokenizers")
+transformers = require("transformers", reason="the exports are checked against transformers")
+tokenizers = require("tokenizers")
 
 PROMPT = "ROMEO:\nWhat light"
 KINDS = ("char", "bpe", "gpt2")

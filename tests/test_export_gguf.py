@@ -15,11 +15,11 @@ import torch
 import export
 import gpt
 from common import UserError
-from conftest import assert_one_line_error, main_in_process
+from conftest import assert_one_line_error, main_in_process, require
 from tokenizer import Tokenizer, render_chat
 
-gguf = pytest.importorskip("gguf", reason="--to gguf needs gguf: pip install -r requirements-dev.txt")
-llama_cpp = pytest.importorskip("llama_cpp", reason="the exports run on llama-cpp-python: pip install -r requirements-dev.txt")
+gguf = require("gguf", reason="--to gguf needs gguf: pip install -r requirements-dev.txt")
+llama_cpp = require("llama_cpp", reason="the exports run on llama-cpp-python: pip install -r requirements-dev.txt")
 
 KINDS = ("char", "bpe", "gpt2")
 BLOCK = 128  # the window of the models run here: a 16-token prompt and 64 greedy tokens fit

@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 from tokenizers import Tokenizer
-from conftest import assert_one_line_error, main_in_process
+from conftest import assert_one_line_error, main_in_process, require
 
 import export
 import gpt
 from tokenizer import load_tokenizer
 
-pytest.importorskip("onnxscript", reason="the ONNX exporter needs onnxscript (pip install onnxscript)")
-ort = pytest.importorskip("onnxruntime", reason="the exported graphs run in onnxruntime (pip install onnxruntime)")
+require("onnxscript", reason="the ONNX exporter needs onnxscript (pip install onnxscript)")
+ort = require("onnxruntime", reason="the exported graphs run in onnxruntime (pip install onnxruntime)")
 
 FP32_TOL = 1e-4  # fp32 logits of the same function through different kernels (|logits| < ~10)
 PROMPT = "ROMEO:\nWhat light"

@@ -21,7 +21,7 @@ import gpt
 import sample
 import train
 from common import UserError
-from conftest import ROOT, assert_one_line_error, run_in_process, run_script
+from conftest import ROOT, assert_one_line_error, require, run_in_process, run_script
 from gpt import GPT, GPTConfig
 from tokenizer import load_tokenizer
 
@@ -79,7 +79,7 @@ def attention_rows(block):
 
 def read_png(path):
     """(height, width, the share of its pixels that are coloured, not white/grey/black)."""
-    image = pytest.importorskip("matplotlib.image").imread(path)  # (H, W, 3 or 4) floats in [0, 1]
+    image = require("matplotlib.image").imread(path)  # (H, W, 3 or 4) floats in [0, 1]
     rgb = image[..., :3]
     coloured = (rgb.max(axis=-1) - rgb.min(axis=-1)) > 0.15
     return image.shape[0], image.shape[1], float(coloured.mean()), float(rgb.var())
@@ -202,7 +202,7 @@ def test_attention_plot_without_matplotlib_names_the_install_command(monkeypatch
 def test_attention_maps_are_drawn_as_a_grid_and_as_one_large_map(ckpt, tmp_path):
     """--plot draws one heatmap per layer x head, labelled with the tokens; --layer and --head
     draw one map, larger. Both images are real pictures: sized, and coloured by the maps."""
-    pytest.importorskip("matplotlib")
+    require("matplotlib")
     text = "To be, or not to be"
     grid, one = tmp_path / "grid.png", tmp_path / "one.png"
     for args in (["--plot", grid], ["--plot", one, "--layer", "1", "--head", "0"]):
@@ -220,7 +220,7 @@ def test_attention_maps_are_drawn_as_a_grid_and_as_one_large_map(ckpt, tmp_path)
 def test_korean_tokens_are_drawn_with_a_hangul_font_or_one_line_says_there_is_none(tmp_path, monkeypatch, capsys):
     """Hangul labels are drawn in an installed font that has Hangul (never matplotlib's Last Resort,
     which has a box for every character); without one, one line on stderr says so."""
-    pytest.importorskip("matplotlib")
+    require("matplotlib")
     labels = [repr(c) for c in "한국어 모델"]
     weights = torch.rand(1, 1, len(labels), len(labels)).tril().softmax(-1)
     installed = sample.font_with_hangul()
@@ -241,7 +241,7 @@ def test_korean_tokens_are_drawn_with_a_hangul_font_or_one_line_says_there_is_no
 
 def test_a_plot_that_cannot_be_written_is_one_line(ckpt, tmp_path):
     """An image path in a missing folder is an error naming the path, not a traceback."""
-    pytest.importorskip("matplotlib")
+    require("matplotlib")
     result = run_in_process(sample.main, "--ckpt", ckpt, "--attention", "hi", "--plot", tmp_path / "no" / "a.png")
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: cannot write {tmp_path / 'no' / 'a.png'}")

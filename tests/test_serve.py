@@ -27,8 +27,9 @@ from conftest import ROOT, run_script
 from gpt import GPT, GPTConfig, generate
 from tokenizer import END, PLAIN_STOP, Tokenizer, render_chat
 
-pytest.importorskip("fastapi", reason="serve.py needs fastapi and uvicorn (requirements-dev.txt)")
-openai = pytest.importorskip("openai")
+from conftest import require
+require("fastapi", reason="serve.py needs fastapi and uvicorn (requirements-dev.txt)")
+openai = require("openai")
 
 KEY = "test-key"
 PROMPT = "ROMEO:"

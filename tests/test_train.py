@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, assert_one_line_error, run_in_process, run_script
+from conftest import ROOT, assert_one_line_error, require, run_in_process, run_script
 import common
 import gpt
 import train
@@ -596,7 +596,7 @@ def test_a_killed_writer_never_leaves_a_broken_checkpoint(tmp_path):
 
 
 def test_plot_draws_the_loss_curves(char_data, out_dir):
-    pytest.importorskip("matplotlib", reason="plotting is optional; matplotlib is not installed")
+    require("matplotlib", reason="train.py --plot draws with matplotlib")
     train_run(char_data, out_dir, "--max_iters=10", "--eval_interval=5", "--log_interval=2")
     result = run_script("train.py", "--plot", out_dir)
     assert result.returncode == 0, result.stderr
