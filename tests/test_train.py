@@ -239,9 +239,103 @@ def test_a_zero_batch_size_is_one_line(char_data, tmp_path):
     assert_one_line_error(train_run(char_data, tmp_path / "out", "--batch_size=0", check=False), "batch_size")
 
 
-def test_shipped_configs_load():
-    for path in sorted((ROOT / "config").glob("*.py")):
-        train.load_config([str(path)])
+def shipped_config(name):
+    return train.load_config([str(ROOT / "config" / f"{name}.py")])
+
+
+def readme_says(pattern):
+    """The groups of `pattern` in README.md, its whitespace runs read as one space."""
+    text = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())
+    found = re.search(pattern, text)
+    assert found, f"README.md no longer says {pattern!r}"
+    return found.groups()
+
+
+def parameter_count(cfg, vocab_size):
+    """The parameters of cfg's model with vocab_size tokens, built on the meta device (no memory)."""
+    with torch.device("meta"):
+        model = gpt.GPT(gpt.GPTConfig(vocab_size=vocab_size, **{k: cfg[k] for k in train.MODEL_KEYS}))
+    return sum(p.numel() for p in model.parameters())
+
+
+def written_as(n, stated):
+    """n, cut to the digits of `stated`, is `stated`: "0.8M" holds 0.80M..0.89M, "124M" 124.0M..124.9M."""
+    number, unit = stated[:-1], {"K": 1e3, "M": 1e6, "B": 1e9}[stated[-1]]
+    return float(number) <= n / unit < float(number) + 10 ** -len(number.partition(".")[2])
+
+
+README_VOCAB = {"char": r"\| `char` \(default\) \|[^|]*\| (\d+) for tiny shakespeare",
+                "gpt2": r"\| `gpt2` \|[^|]*\| ([\d,]+) \|"}
+
+
+def readme_vocab(kind):
+    return int(readme_says(README_VOCAB[kind])[0].replace(",", ""))
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "config").glob("*.py")), ids=lambda path: path.name)
+def test_a_config_comment_prepares_the_dataset_the_config_trains_on(path):
+    """Each config's opening comment has the prepare.py command of its data: the folder that
+    command writes (its --out, else prepare.py's default) is the one the config's dataset names."""
+    import prepare
+
+    comment = [line.lstrip("# ") for line in path.read_text(encoding="utf-8").splitlines() if line.startswith("#")]
+    commands = re.findall(r"python prepare\.py([^&#]*)", " ".join(comment).replace("\\ ", " "))
+    assert commands, f"{path.name} names no prepare.py command"
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--input", nargs="+")
+    parser.add_argument("--out")
+    parser.add_argument("--tokenizer", default="char")
+    args, _ = parser.parse_known_args(commands[0].split())
+    assert train.dataset_dir(train.load_config([str(path)])["dataset"]) == Path(args.out or prepare.default_out(args))
+
+
+def test_small_config_is_the_quick_start_readme_describes():
+    """README: a 0.8M-parameter model trained for 5 minutes (the time budget), on the WSD schedule,
+    with a 100-token sample at each evaluation, on tiny shakespeare's 65 characters."""
+    cfg = shipped_config("small")
+    params, minutes = readme_says(r"trains a ([\d.]+M)-parameter GPT on it for (\d+) minutes on any CPU "
+                                  r"\(config/small\.py's time budget\)")
+    n = parameter_count(cfg, readme_vocab("char"))
+    assert written_as(n, params), f"{n:,} parameters, README says {params}"
+    assert cfg["time_budget_s"] == 60 * int(minutes)
+    assert readme_says(r"`small\.py` \(CPU, (\d+) minutes\)") == (minutes,)
+    assert (cfg["lr_schedule"],) == readme_says(r'With `lr_schedule = "(\w+)"` \(config/small\.py\)')
+    assert cfg["eval_sample_tokens"] == int(readme_says(r"`eval_sample_tokens` \(config/small\.py: (\d+)\)")[0])
+
+
+def test_default_and_xl_configs_are_the_gpt2_models_readme_names():
+    """README: default.py is GPT-2 124M, gpt2_xl.py GPT-2 XL (1.5B) sharded with FSDP."""
+    vocab = readme_vocab("gpt2")
+    default, xl = shipped_config("default"), shipped_config("gpt2_xl")
+    n = parameter_count(default, vocab)
+    (stated,) = readme_says(r"`default\.py` \(GPT-2 (\d+M) on GPUs\)")
+    assert written_as(n, stated), f"{n:,} parameters, README says {stated}"
+    n = parameter_count(xl, vocab)
+    (stated,) = readme_says(r"`gpt2_xl\.py` \(([\d.]+B), FSDP\)")
+    assert written_as(n, stated), f"{n:,} parameters, README says {stated}"
+    assert readme_says(r"train\.py config/gpt2_xl\.py # GPT-2 XL, fsdp = (\w+)") == (str(xl["fsdp"]),)
+    assert xl["fsdp"] is True
+    assert not default["fsdp"]  # README: "DDP: default.py"
+
+
+def test_chat_config_fine_tunes_the_small_model_as_readme_says():
+    """README: config/chat.py starts from config/small.py's checkpoint for 600 steps at learning_rate
+    1e-3 without weight decay (a fixed length: no time budget), and sample.py reads its out_dir."""
+    cfg, small = shipped_config("chat"), shipped_config("small")
+    init_from, steps, lr = readme_says(r"python train\.py config/chat\.py # from (\S+): (\d+) steps at "
+                                       r"learning_rate (\S+), no weight decay")
+    assert cfg["init_from"] == init_from == f"{small['out_dir']}/ckpt.pt"
+    assert cfg["max_iters"] == cfg["lr_decay_iters"] == int(steps) and cfg["time_budget_s"] == 0
+    assert cfg["learning_rate"] == float(lr) and cfg["weight_decay"] == 0
+    assert readme_says(r"python sample\.py --out_dir (\S+) --chat") == (cfg["out_dir"],)
+
+
+def test_verdict_config_trains_on_the_20_kb_corpus_its_comment_names(verdict_path):
+    """README: verdict.py trains on a 20 KB corpus, the file its comment downloads."""
+    (kb,) = readme_says(r"`verdict\.py` \(a (\d+) KB corpus\)")
+    assert int(kb) <= verdict_path.stat().st_size / 1000 < int(kb) + 1
+    comment = (ROOT / "config" / "verdict.py").read_text(encoding="utf-8")
+    assert re.search(r"https://\S+/" + re.escape(verdict_path.name) + r"\n", comment)
 
 
 def test_bad_setting_from_the_command_line_is_one_line():
