@@ -689,12 +689,34 @@ def test_a_killed_writer_never_leaves_a_broken_checkpoint(tmp_path):
         assert (ckpt["model"]["w"] == ckpt["i"]).all()
 
 
-def test_plot_draws_the_loss_curves(char_data, out_dir):
+def test_plot_draws_the_loss_curves(char_data, out_dir, monkeypatch):
+    """train.py --plot draws metrics.jsonl's losses against the iteration into out_dir/loss.png: the
+    logged train loss, and each evaluation's train and val loss, each a curve named in the legend."""
     require("matplotlib", reason="train.py --plot draws with matplotlib")
+    from matplotlib.figure import Figure
+
     train_run(char_data, out_dir, "--max_iters=10", "--eval_interval=5", "--log_interval=2")
-    result = run_script("train.py", "--plot", out_dir)
+    saved, savefig = [], Figure.savefig
+
+    def keep(fig, path, *args, **kwargs):
+        saved.append((fig, str(path)))
+        return savefig(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", keep)
+    result = run_in_process(train.main, "--plot", out_dir)
     assert result.returncode == 0, result.stderr
-    assert (out_dir / "loss.png").stat().st_size > 1000
+    (fig, path), = saved
+    assert path == str(out_dir / "loss.png") and (out_dir / "loss.png").read_bytes().startswith(b"\x89PNG")
+    (ax,) = fig.axes
+    curves = {line.get_label(): (np.asarray(line.get_xdata()).tolist(), np.asarray(line.get_ydata()).tolist())
+              for line in ax.get_lines()}
+    assert [text.get_text() for text in ax.get_legend().get_texts()] == list(curves)
+    logs = [r for r in metrics(out_dir) if "loss" in r]
+    evals = [r for r in metrics(out_dir) if "val_loss" in r]
+    assert [r["iter"] for r in logs] == [2, 4, 6, 8, 10] and [r["iter"] for r in evals] == [0, 5, 10]
+    assert curves == {"train (logged)": ([r["iter"] for r in logs], [r["loss"] for r in logs]),
+                      "train (eval)": ([r["iter"] for r in evals], [r["train_loss"] for r in evals]),
+                      "val": ([r["iter"] for r in evals], [r["val_loss"] for r in evals])}
 
 
 def test_patience_and_the_end_of_a_run_save_and_resume_once(char_data, tmp_path):
