@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, assert_one_line_error, require, run_script
+from conftest import ROOT, assert_one_line_error, require, run_in_process, run_script
 
 import prepare
 from common import UserError
@@ -202,9 +202,12 @@ def big_vocabulary(text: str, n: int = 70_000):
     return bpe_tokenizer(ranks)
 
 
-def test_vocabulary_over_65536_writes_uint32_and_trains(shakespeare_path, tmp_path):
+def test_vocabulary_over_65536_writes_uint32_and_trains(shakespeare_path, tmp_path, monkeypatch):
     """A vocabulary of 70,000 gives uint32 bins whose ids above 65,535 decode to the text, and
-    train.py reads them with meta.json's dtype for a few steps."""
+    train.py reads them with meta.json's dtype: each training row is a window of train.bin's
+    tokens, ids above 65,535 included."""
+    import gpt
+    import train
     text = shakespeare_path.read_text(encoding="utf-8")[:60_000]
     tok = big_vocabulary(text)
     assert tok.vocab_size == 70_000
@@ -223,12 +226,25 @@ def test_vocabulary_over_65536_writes_uint32_and_trains(shakespeare_path, tmp_pa
     cuts = np.flatnonzero(train_ids == tok.eot_id)
     docs = [tok.decode(d.tolist()) for d in np.split(train_ids, cuts) if len(d)]
     assert len(docs) == meta["documents"]["train"] and all(d.removeprefix(tok.decode([tok.eot_id])) in text for d in docs)
-    result = run_script("train.py", f"--dataset={out}", f"--out_dir={tmp_path / 'run'}", "--n_layer=1", "--n_head=2",
-                        "--n_embd=16", "--block_size=32", "--batch_size=4", "--max_iters=3", "--eval_interval=3",
-                        "--eval_iters=1", "--warmup_iters=1", "--lr_decay_iters=3", "--device=cpu",
-                        "--dtype=float32", "--compile=False", "--eval_sample_tokens=0", timeout=300)
+    rows, forward = [], gpt.GPT.forward
+
+    def recording_forward(model, idx, *args, **kwargs):
+        if model.training:  # a training step's inputs and targets
+            rows.extend(zip(idx.tolist(), (args[0] if args else kwargs["targets"]).tolist()))
+        return forward(model, idx, *args, **kwargs)
+
+    monkeypatch.setattr(gpt.GPT, "forward", recording_forward)
+    result = run_in_process(train.main, f"--dataset={out}", f"--out_dir={tmp_path / 'run'}", "--n_layer=1", "--n_head=2",
+                            "--n_embd=16", "--block_size=32", "--batch_size=4", "--max_iters=3", "--eval_interval=3",
+                            "--eval_iters=1", "--warmup_iters=1", "--lr_decay_iters=3", "--device=cpu",
+                            "--dtype=float32", "--compile=False", "--eval_sample_tokens=0")
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "run" / "ckpt.pt").is_file()
+    windows = np.lib.stride_tricks.sliding_window_view(train_ids, 33)
+    assert len(rows) == 3 * 4
+    for x, y in rows:  # x, then y one token later: a window of train.bin
+        assert ((windows[:, :-1] == x) & (windows[:, 1:] == y)).all(axis=1).any(), x
+    assert max(max(x) for x, _ in rows) > 65_535
 
 
 def test_windows_read_past_four_billion_tokens(tmp_path):
