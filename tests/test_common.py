@@ -31,7 +31,7 @@ def test_a_user_error_is_one_line_printed_by_rank_0_only(rank, shown):
 
 def test_gpt_debug_shows_the_traceback(monkeypatch):
     monkeypatch.setenv("GPT_DEBUG", "1")
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match="^the thing is wrong$"):
         common.run_main(raise_user_error)
 
 
@@ -56,7 +56,7 @@ def test_an_atomic_write_that_fails_leaves_the_old_file(tmp_path):
         tmp.write_text("half")
         raise OSError("disk full")
 
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="^disk full$"):
         common.atomic_write(path, half_then_fail)
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["f.txt"]
     common.atomic_write_text(path, "new")

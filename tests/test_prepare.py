@@ -101,12 +101,41 @@ def test_endoftext_in_text_is_plain_text(gpt2, bpe):
     assert gpt2.eot_id == EOT and bpe.eot_id == bpe.vocab_size - 1
 
 
-@pytest.mark.parametrize("d", [{"kind": "char"}, {"kind": "bpe", "pattern": "x"}, {"kind": "wordpiece"},
-                               {"kind": "char", "chars": ["b", "a"]}, {"kind": "gpt2", "vocab_size": 50304}, []])
-def test_malformed_tokenizer_description_is_a_user_error(d):
+@pytest.mark.parametrize("d, message", [
+    ({"kind": "char"}, "tokenizer description is incomplete or malformed (KeyError: 'chars')"),
+    ({"kind": "bpe", "pattern": "x"}, "tokenizer description is incomplete or malformed (KeyError: 'ranks_file')"),
+    ({"kind": "wordpiece"}, "unknown tokenizer kind 'wordpiece' (expected char, gpt2 or bpe)"),
+    ({"kind": "char", "chars": ["b", "a"]}, "char vocabulary is corrupt: it must be distinct single characters, sorted"),
+    ({"kind": "gpt2", "vocab_size": 50304}, "tokenizer says vocab_size 50304 but holds 50257 tokens"),
+    ([], "tokenizer description is incomplete or malformed (AttributeError: "),
+])
+def test_malformed_tokenizer_description_is_a_user_error(d, message, request):
     """A hand-edited meta.json or checkpoint must give one clear line, not a KeyError traceback."""
-    with pytest.raises(UserError):
+    if "gpt2" in str(d):
+        request.getfixturevalue("shared_dir")  # GPT-2's BPE files
+    with pytest.raises(UserError, match=f"^{re.escape(message)}"):
         tokenizer.tokenizer_from_dict(d)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--val_fraction", "0"], "--val_fraction must be between 0 and 1, got 0.0"),
+    (["--val_fraction", "1"], "--val_fraction must be between 0 and 1, got 1.0"),
+    (["--seed", "-1"], "--seed must be >= 0, got -1"),
+    (["--workers", "0"], "--workers must be at least 1"),
+    (["--tokenizer", "bpe", "--vocab_size", "256"], "--vocab_size must be in [257, 1,048,576] for bpe"),
+    (["--tokenizer", "bpe", "--vocab_size", "1048577"], "--vocab_size must be in [257, 1,048,576] for bpe"),
+])
+def test_a_setting_out_of_its_range_is_an_error_naming_the_range(argv, message):
+    """A setting outside its range is refused before any work, by a message naming the setting and
+    its range."""
+    with pytest.raises(UserError, match=f"^{re.escape(message)}"):
+        prepare.parse_args(argv)
+
+
+def test_the_ends_of_a_closed_range_are_accepted():
+    assert prepare.parse_args(["--tokenizer", "bpe", "--vocab_size", "257"]).vocab_size == 257
+    assert prepare.parse_args(["--tokenizer", "bpe", "--vocab_size", "1048576"]).vocab_size == 1 << 20
+    assert prepare.parse_args(["--seed", "0", "--workers", "1"]).seed == 0
 
 
 def test_char_unknown_character_names_it():
