@@ -1,5 +1,8 @@
 """common.py: one-line errors (once under torchrun), flag suggestions, atomic writes, and the
 choice of precision on CPUs whose native bf16 torch may not use."""
+import errno
+import os
+import stat
 import subprocess
 import sys
 
@@ -60,6 +63,39 @@ def test_an_atomic_write_that_fails_leaves_the_old_file(tmp_path):
         common.atomic_write(path, half_then_fail)
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["f.txt"]
     common.atomic_write_text(path, "new")
+    assert path.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["f.txt"]
+
+
+def test_an_atomic_write_is_made_durable_before_and_after_its_rename(tmp_path, monkeypatch):
+    """atomic_write fsyncs the whole new file before it renames it over the old one, then fsyncs
+    the folder, so that the rename itself survives a crash; a failed fsync leaves the old file
+    and no temporary one."""
+    path = tmp_path / "f.txt"
+    common.atomic_write_text(path, "old")
+    events, fsync, replace = [], os.fsync, os.replace
+
+    def recording_fsync(fd):
+        info = os.fstat(fd)
+        content = os.pread(fd, 100, 0) if stat.S_ISREG(info.st_mode) else "a folder"
+        events.append(("fsync", info.st_ino, content))
+        return fsync(fd)
+
+    def recording_replace(src, dst):
+        events.append(("rename", os.stat(src).st_ino, str(dst)))
+        return replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "replace", recording_replace)
+    common.atomic_write_text(path, "new")
+    new = path.stat().st_ino
+    assert events == [("fsync", new, b"new"), ("rename", new, str(path)), ("fsync", tmp_path.stat().st_ino, "a folder")]
+
+    def failing_fsync(fd):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(OSError, match="Input/output error"):
+        common.atomic_write_text(path, "newer")
     assert path.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["f.txt"]
 
 
