@@ -799,6 +799,23 @@ def test_fine_tune_a_hugging_face_directory(verdict_path, tmp_path):
     assert ckpt["tokenizer"]["kind"] == "gpt2"
 
 
+def test_gpt2_names_are_hub_ids_unless_a_local_folder_has_the_name(tmp_path, monkeypatch):
+    """init_from and sample.py --ckpt take GPT-2's names on the Hub (gpt2, gpt2-medium/-large/-xl)
+    and OWNER/NAME ids; a local folder of the same name, or a local OWNER folder, is a path instead,
+    and so is anything that names a checkpoint file."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "openai-community/gpt2"):
+        assert gpt.is_hub_model_id(name), name
+    for name in ("gpt3", "gpt2.pt", "out-small/ckpt.pt", "gpt2/", "a/b/c"):
+        assert not gpt.is_hub_model_id(name), name
+    (tmp_path / "gpt2").mkdir()
+    assert not gpt.is_hub_model_id("gpt2") and gpt.is_hub_model_id("gpt2-medium")
+    (tmp_path / "gpt2-medium").mkdir()
+    assert not gpt.is_hub_model_id("gpt2-medium")
+    (tmp_path / "openai-community").mkdir()
+    assert not gpt.is_hub_model_id("openai-community/gpt2")
+
+
 def test_hugging_face_weights_on_a_char_dataset_are_refused(char_data, tmp_path):
     hf_dir = tmp_path / "hf"
     vocab = json.loads((char_data / "meta.json").read_text())["vocab_size"]  # same size, other tokens
