@@ -270,6 +270,37 @@ def test_crlf_and_lf_files_give_the_same_dataset(tiny_corpus, tmp_path):
     assert all((bins[0][s] == bins[1][s]).all() for s in ("train", "val"))
 
 
+def one_document_text(out):
+    """The text of a dataset of one document: its train tokens, then its val tokens, decoded."""
+    meta, bins = read_bins(out)
+    assert meta["split"] == "single_document_tail"
+    return load_tokenizer(out).decode(np.concatenate([bins["train"], bins["val"]]).tolist())
+
+
+def test_clean_makes_each_whitespace_run_of_the_corpus_one_space(tiny_corpus, tmp_path):
+    """prepare.py --clean: the dataset holds the corpus with each run of whitespace (newlines, tabs,
+    ideographic spaces) one space, and none at its ends."""
+    text = "\t " + tiny_corpus.read_text(encoding="utf-8").replace("\n\n", "\n \t\n").replace(", ", ",\u3000") + "  \n"
+    corpus = tmp_path / "spaced.txt"
+    corpus.write_text(text, encoding="utf-8")
+    prepare.main(["--input", str(corpus), "--clean", "--out", str(tmp_path / "clean")])
+    assert one_document_text(tmp_path / "clean") == " ".join(text.split())
+    assert not set(load_tokenizer(tmp_path / "clean").chars) & set("\n\t\u3000")
+
+
+def test_errors_replace_reads_undecodable_bytes_as_u_fffd(tiny_corpus, tmp_path):
+    """prepare.py --errors replace: a byte that is not UTF-8 (a stray one, a cut-short sequence)
+    reads as U+FFFD, the rest of the corpus as it is; without it, the file and offset stop the run."""
+    data = tiny_corpus.read_bytes()
+    corpus = tmp_path / "bad.txt"
+    corpus.write_bytes(data[:1000] + b"\xff" + data[1000:20_000] + b"\xc3(" + data[20_000:])
+    with pytest.raises(UserError, match=re.escape(f"{corpus}: byte 1000 is not valid UTF-8")):
+        prepare.main(["--input", str(corpus), "--out", str(tmp_path / "strict")])
+    prepare.main(["--input", str(corpus), "--errors", "replace", "--out", str(tmp_path / "replaced")])
+    text = data.decode()
+    assert one_document_text(tmp_path / "replaced") == text[:1000] + "\ufffd" + text[1000:20_000] + "\ufffd(" + text[20_000:]
+
+
 def test_choose_val_docs():
     """A split that changes between runs, puts an empty document or every document in val."""
     sizes = [10] * 100 + [0] + [5] * 50
