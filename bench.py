@@ -34,8 +34,8 @@ import torch
 import tokenizer
 from common import (DTYPE_NAMES, ArgumentParser, UserError, autocast_context, cpu_flags, maybe_compile,
                     measure_peak_flops, resolve_device, run_main, sync)
-from engine import load_model
-from gpt import GPT, GPTConfig, generate, generate_stream, quantize_int8, save_checkpoint, store_linear_weights_transposed
+from engine import generate, generate_stream, load_model, quantize_int8, store_linear_weights_transposed
+from gpt import GPT, GPTConfig, save_checkpoint
 
 ROOT = Path(__file__).resolve().parent
 
@@ -946,7 +946,7 @@ def main():
     p.add_argument("--no_hf", action="store_true", help="skip the Hugging Face generate comparison")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="weights of both models (bfloat16: half the bytes each token reads)")
-    p.add_argument("--int8", action="store_true", help="also time a copy with int8 weights (gpt.quantize_int8)")
+    p.add_argument("--int8", action="store_true", help="also time a copy with int8 weights (engine.quantize_int8)")
     p.add_argument("--no_exports", action="store_true", help="skip the exports: export.py's ONNX graph in "
                    "onnxruntime and its GGUF files (f32, f16, q8_0) in llama.cpp")
     p.add_argument("--seed", type=int, default=0)

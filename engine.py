@@ -1,22 +1,43 @@
-"""Driving a trained model, for every script that generates text (sample.py, serve.py).
+"""What turns a model into tokens, for every script that generates (sample.py, serve.py, bench.py,
+train.py's evaluation samples): loading a model, weight formats for decoding, the KV cache,
+sampling, continuous batching, and the text of the tokens.
 
-- find_checkpoint / load_model: the one way a script picks and loads a model: --ckpt PATH (a
-  checkpoint of this project, or a Hugging Face GPT-2 folder), else best.pt / ckpt.pt of
-  --out_dir, else the newest run under out*/; then its tokenizer, device, precision and, on a
-  CPU, int8 or transposed weights for decoding.
-- TextStream turns generated tokens into text as soon as the text is final: a byte-level token
-  can end inside a UTF-8 character (decoded alone it would show U+FFFD), and the end of the text
-  may be the start of a stop string, which must never be shown. Only the tokens after the last
+Design choices:
+- One decoding path. Engine runs continuous batching: a step decodes one token for every running
+  sequence in one forward, then prefills waiting prompts, first come first served, within a token
+  budget, so a long prompt never stalls the streams already running. generate_stream and
+  generate are one batch of requests on an Engine; beam search keeps its own loop (it reorders
+  the cache's rows every step).
+- The cache is a fixed set of rows, each the length of a whole context (block_size), allocated
+  once. A request is admitted only when its n rows are free, so nothing runs out of memory
+  mid-generation. Rows in use stay packed at the front (an ended row is filled by the last one),
+  so a decode step reads rows [0, R) of the cache as one view, without gathering.
+- Rows sit at their own positions: GPT-2's position embedding takes one position per row, and
+  attention masks each row to its own filled slots. When every row is at one position (one
+  request, its n choices) no mask is built: one sequence runs exactly a plain cache's arithmetic.
+- Sampling is one function on (B, V) logits. Each request draws from its own generator, so a
+  seeded request gives the same text alone and amid others. Any finite setting gives a token.
+- Past block_size the window slides: the last block_size tokens are prefilled again (with
+  absolute positions a cached key belongs to one position in one window).
+- Decoding one token reads every weight once, so on a CPU it runs at memory speed: int8 weights
+  (quantize_int8) read a quarter of fp32's bytes; fp32 weights are laid out as MKL reads fastest.
+- TextStream turns tokens into text once it is final: never half a UTF-8 character (a byte-level
+  token can end inside one), never the start of a stop string. Only the tokens after the last
   final text are decoded at each step, so a long generation stays linear.
-The model and its sampling loop are gpt.py's; this module only chooses and cuts.
 """
-from collections import namedtuple
+import itertools
+import math
+import random
+from collections import deque, namedtuple
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn as nn
+from torch.nn import functional as F
 
 from common import UserError, autocast_context, resolve_device, resolve_dtype
-from gpt import GPT, is_hub_model_id, load_checkpoint, model_from_checkpoint, quantize_int8, store_linear_weights_transposed
+from gpt import GPT, eval_mode, is_hub_model_id, load_checkpoint, model_from_checkpoint
 from tokenizer import load_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -93,6 +114,610 @@ def load_model(ckpt=None, out_dir=None, device="auto", dtype="auto", int8=False,
                    f"{model.config.block_size}, {tokenizer.kind} tokenizer) on {device_name}, "
                    f"{'int8 weights + bfloat16' if int8 else str(run_dtype).removeprefix('torch.')}")
     return Loaded(model, tokenizer, device_name, autocast_context(device_name, run_dtype), description)
+
+
+
+# -----------------------------------------------------------------------------
+# Weight formats for decoding
+
+class Int8Linear(nn.Module):
+    """A Linear for decoding with int8 weights and one bf16 scale per output row (weight-only
+    quantisation). Decoding one token reads every weight once, so on a CPU a large model decodes
+    at the speed of memory, and a quarter of fp32's bytes is faster (`python bench.py decode
+    --int8` measures it; a tiny model, bound by overheads, decodes slower). torch's int8 kernel
+    wants bf16 activations, so a quantised model runs in bf16."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        w = linear.weight.detach().float().contiguous()  # (out, in) rows, whatever its memory layout
+        # (out,): the row's largest |w| maps to 127; rounded to bf16 first, so that the int8 values
+        # are chosen for the scale the kernel will multiply by
+        scale = (w.abs().amax(dim=1).clamp(min=1e-12) / 127).to(torch.bfloat16)
+        self.register_buffer("weight", torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scale", scale)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(torch.bfloat16))
+
+    def forward(self, x):
+        y = torch._weight_int8pack_mm(x.reshape(-1, x.size(-1)), self.weight, self.scale)  # (B*T, out)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], -1)
+
+
+@torch.no_grad()
+def quantize_int8(model):
+    """Inference only, in place: every block's Linear and the LM head become Int8Linear, the rest
+    bf16. The head gets its own int8 copy of the tied embedding; wte stays for the lookup."""
+    if not hasattr(torch, "_weight_int8pack_mm"):
+        raise RuntimeError("int8 decoding needs torch >= 2.4 (torch._weight_int8pack_mm)")
+    for block in model.transformer.h:
+        for parent in (block.attn, block.mlp):
+            for name, child in parent.named_children():
+                if isinstance(child, nn.Linear):
+                    setattr(parent, name, Int8Linear(child))
+    model.lm_head = Int8Linear(model.lm_head)
+    return model.to(torch.bfloat16).eval()
+
+
+@torch.no_grad()
+def store_linear_weights_transposed(model):
+    """Inference on a CPU, in place: keep every Linear weight in memory as (in, out), Hugging Face's
+    Conv1D layout, seen through a transposed view, so shapes, names and values do not change.
+    Decoding one token multiplies a vector by each weight; MKL streams x @ W from a row-major
+    (in, out) matrix faster than from nn.Linear's (out, in) one (BENCHMARKS.md, Decoding). The
+    tied embedding follows the head; a lookup then gathers a strided row.
+    Not for training: fused AdamW and DDP expect contiguous parameters."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            m.weight.data = m.weight.data.t().contiguous().t()  # .data keeps the parameter (and its tie)
+    return model
+
+
+# -----------------------------------------------------------------------------
+# The KV cache: rows of keys and values, each row at its own position
+
+class KVCache:
+    """Keys and values of every layer for `rows` sequences of up to max_len tokens each.
+
+    k, v: (n_layer, rows, n_head, max_len + 1, head_size), allocated at the first write in the
+    dtype attention runs in (so autocast works). Row r holds its sequence's keys and values in
+    slots [:lengths[r]]; the extra last slot takes the writes of rows that sit out a forward, and
+    is never read. A forward runs on the rows `batch` picks (default: all), each row continuing
+    from its own length:
+
+        cache.batch(first, count)                # rows first .. first + count - 1
+        logits, _ = model(idx, kv_cache=cache)   # idx: (count, T) new tokens
+    """
+
+    def __init__(self, n_layer, max_len, rows=1, device="cpu"):
+        self.n_layer, self.max_len, self.rows, self.device = n_layer, max_len, rows, device
+        self.k = self.v = None
+        self.lengths = [0] * rows  # tokens cached in each row
+        self.batch(0, rows)
+
+    def batch(self, first, count, live=None):
+        """The rows of the next forward: first .. first + count - 1. A row whose live[i] is False
+        (a prompt still prefilling, during a decode step) is computed but stores nothing."""
+        self.first, self.count, self.live = first, count, live
+
+    def prepare(self, T):
+        """Called by the model before a forward of T new tokens per row: where they go. Returns an
+        int when every row continues at one position, else each row's position, (count, 1)."""
+        starts = self.lengths[self.first:self.first + self.count]
+        live = self.live or [True] * self.count
+        self.longest = max(start for start, alive in zip(starts, live) if alive) if any(live) else 0
+        self.uniform = self.live is None and min(starts) == self.longest
+        if self.uniform:  # no mask: the same arithmetic as one sequence alone
+            return self.longest
+        if T != 1:
+            raise ValueError("rows at different positions take one token each (prefill one row at a time)")
+        # Rows that sit out read slot 0 (so no row attends to nothing) and write the spare slot.
+        pos = torch.tensor([s if alive else 0 for s, alive in zip(starts, live)], device=self.device)
+        self.slots = torch.tensor([s if alive else self.max_len for s, alive in zip(starts, live)],
+                                  device=self.device)
+        self.mask = (torch.arange(self.longest + 1, device=self.device) <= pos[:, None])[:, None, None, :]  # (B, 1, 1, L)
+        self.row_ids = torch.arange(self.count, device=self.device)
+        return pos[:, None]
+
+    def update(self, layer, k, v):
+        """Store one layer's new (B, nh, T, hs) keys/values; return (keys, values, mask, is_causal)
+        for attention over each row's cache."""
+        B, nh, T, hs = k.shape
+        if self.longest + T > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} tokens; {self.longest} + {T} do not fit")
+        if self.k is None:
+            self.k = k.new_zeros(self.n_layer, self.rows, nh, self.max_len + 1, hs)
+            self.v = v.new_zeros(self.n_layer, self.rows, nh, self.max_len + 1, hs)
+        k_all = self.k[layer].narrow(0, self.first, B)  # (B, nh, max_len + 1, hs): a view, no copy
+        v_all = self.v[layer].narrow(0, self.first, B)
+        if not self.uniform:
+            k_all[self.row_ids, :, self.slots] = k[:, :, 0]  # row i's new key at its own slot
+            v_all[self.row_ids, :, self.slots] = v[:, :, 0]
+            L = self.longest + 1
+            return k_all.narrow(2, 0, L), v_all.narrow(2, 0, L), self.mask, False
+        pos = self.longest
+        # narrow + copy_ rather than k[layer, :, :, pos:end] = ...: the same views without Python's
+        # slice-tuple indexing, which costs more than the copy (`python bench.py decode` measures it)
+        k_all.narrow(2, pos, T).copy_(k)
+        v_all.narrow(2, pos, T).copy_(v)
+        keys, values = k_all.narrow(2, 0, pos + T), v_all.narrow(2, 0, pos + T)
+        if pos == 0:
+            return keys, values, None, True
+        # SDPA's is_causal aligns the mask top-left, wrong when there are fewer queries than keys.
+        # One new token sees everything; several see the cache and their own past.
+        mask = None if T == 1 else torch.ones(T, pos + T, dtype=torch.bool, device=k.device).tril(diagonal=pos)
+        return keys, values, mask, False
+
+    def advance(self, T):
+        """After the forward: T more tokens in each row that took part."""
+        for i in range(self.count):
+            if self.live is None or self.live[i]:
+                self.lengths[self.first + i] += T
+
+    def copy_row(self, src, dst):
+        """Row dst holds what row src holds (a prompt shared by n choices; packing rows)."""
+        n = self.lengths[src]
+        if self.k is not None and n:
+            self.k[:, dst, :, :n] = self.k[:, src, :, :n]
+            self.v[:, dst, :, :n] = self.v[:, src, :, :n]
+        self.lengths[dst] = n
+
+    def reorder(self, rows):
+        """Keep rows `rows` (beam search: each new beam continues some old beam)."""
+        self.k, self.v = self.k[:, rows], self.v[:, rows]
+        self.lengths = [self.lengths[r] for r in rows.tolist()]
+        self.rows = len(self.lengths)
+
+
+# -----------------------------------------------------------------------------
+# Sampling
+
+@dataclass(frozen=True)
+class Sampling:
+    """How a request picks each next token (sample_next_token applies it, in this order)."""
+    repetition_penalty: float = 1.0  # CTRL's: on every token of the context; 1 = off
+    frequency_penalty: float = 0.0  # OpenAI's: logit -= count x this, over the completion's tokens
+    presence_penalty: float = 0.0  # OpenAI's: logit -= this, for each token the completion holds
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int | None = None  # keep the k most likely tokens (and any equal to the k-th)
+    top_p: float | None = None  # nucleus: the fewest most likely tokens whose probability reaches top_p
+
+    def __post_init__(self):
+        checks = [("temperature", self.temperature >= 0, ">= 0 (0 = greedy)"),
+                  ("top_k", self.top_k is None or self.top_k >= 1, ">= 1"),
+                  ("top_p", self.top_p is None or 0 < self.top_p <= 1, "in (0, 1]"),
+                  ("repetition_penalty", self.repetition_penalty > 0, "> 0 (1 = off)"),
+                  ("frequency_penalty", -1e6 <= self.frequency_penalty <= 1e6, "finite"),
+                  ("presence_penalty", -1e6 <= self.presence_penalty <= 1e6, "finite")]
+        for name, ok, rule in checks:
+            value = getattr(self, name)
+            if not ok or (isinstance(value, float) and not math.isfinite(value)):
+                raise ValueError(f"{name} must be {rule}, got {value}")
+
+    @property
+    def penalised(self):
+        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0 or self.presence_penalty != 0
+
+
+GREEDY = Sampling(temperature=0.0)
+
+
+def sample_next_token(logits, sampling=Sampling(), *, seen=None, counts=None, generator=None):
+    """Choose one next token per row of (B, V) logits; returns (B,) token ids.
+
+    seen (B, V) bool: the tokens in each row's context (repetition penalty: a positive logit is
+    divided by the penalty, a negative one multiplied, so either way the token gets less likely).
+    counts (B, V): how often each token was generated (a token generated c times loses
+    c * frequency_penalty + (c > 0) * presence_penalty). Then temperature (0 = argmax, nothing
+    else random), top-k, top-p (the most likely token always survives), and a draw with
+    `generator`. Any finite setting gives a token: penalised logits are clamped to finite values
+    and scaled after subtracting their maximum, so 1e-310 and 1e300 are extremes, not infinities.
+    Ties: a token equal to the k-th largest (or at the top-p boundary) is kept too, so the result
+    never depends on how equal values sort.
+    """
+    s = sampling
+    logits = logits.float()
+    if s.repetition_penalty != 1.0 and seen is not None:
+        logits = torch.where(seen, torch.where(logits > 0, logits / s.repetition_penalty,
+                                               logits * s.repetition_penalty), logits)
+    if (s.frequency_penalty or s.presence_penalty) and counts is not None:
+        logits = logits - counts * s.frequency_penalty - (counts > 0) * s.presence_penalty
+    if s.penalised:  # a penalty of 1e-300 divides by zero in float32: keep every logit finite
+        big = torch.finfo(torch.float32).max
+        logits = logits.nan_to_num(nan=-big, posinf=big, neginf=-big)
+    if s.temperature == 0:
+        return logits.argmax(dim=-1)
+    # The largest logit becomes 0 and the others negative: dividing by a tiny temperature then
+    # gives -inf for the unlikely tokens, never inf - inf = nan.
+    temperature = max(s.temperature, torch.finfo(torch.float32).tiny)
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
+    if s.top_k is not None and s.top_k < logits.size(-1):
+        kth = torch.topk(logits, s.top_k, dim=-1).values[:, -1:]  # (B, 1): the k-th largest logit
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if s.top_p is not None and s.top_p < 1.0:
+        probs = F.softmax(logits, dim=-1)
+        sorted_probs = probs.sort(dim=-1, descending=True).values
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # probability of all likelier tokens
+        n_keep = (mass_before < s.top_p).sum(dim=-1, keepdim=True).clamp(min=1)
+        smallest_kept = sorted_probs.gather(-1, n_keep - 1)  # (B, 1)
+        logits = logits.masked_fill(probs < smallest_kept, float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+def token_logprobs(logits, tokens, top):
+    """OpenAI's logprobs of the chosen tokens: log-softmax of the raw logits (B, V), before any
+    sampling setting. Returns each row's (logprob of its token, [(token, logprob)] of its `top`
+    most likely tokens)."""
+    logprobs = F.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(1, tokens[:, None])[:, 0].tolist()
+    if not top:
+        return [(lp, []) for lp in chosen]
+    values, ids = logprobs.topk(min(top, logprobs.size(-1)), dim=-1)
+    return [(lp, list(zip(i, v))) for lp, i, v in zip(chosen, ids.tolist(), values.tolist())]
+
+
+# -----------------------------------------------------------------------------
+# The engine: continuous batching
+
+class Request:
+    """One prompt continued n times (n choices), as the engine runs it.
+
+    max_tokens: new tokens per choice (0 with prompt_logprobs: score the prompt only). A choice
+    ends at one of stop_tokens (it is its last token, finish_reason "stop"), after max_tokens
+    ("length"), or when the caller calls engine.finish. seed or generator: where its draws come
+    from (its own, so a request's text never depends on the others running beside it).
+    logprobs: None, or how many most likely alternatives each Output reports with its token's.
+    prompt_logprobs: fill self.prompt_logprobs with each prompt token's logprob (None first).
+    cancel() may be called from any thread: the engine drops the request at its next step.
+    """
+
+    def __init__(self, prompt, max_tokens, *, n=1, sampling=Sampling(), stop_tokens=(), seed=None,
+                 generator=None, logprobs=None, prompt_logprobs=False):
+        if not len(prompt):
+            raise ValueError("the prompt is empty: give at least one token (e.g. end-of-text)")
+        if max_tokens < 0 or n < 1:
+            raise ValueError(f"max_tokens must be >= 0 and n >= 1, got {max_tokens} and {n}")
+        self.prompt, self.max_tokens, self.n = [int(t) for t in prompt], max_tokens, n
+        self.sampling, self.stop_tokens = sampling, frozenset(stop_tokens)
+        self.seed, self.generator = seed, generator
+        self.logprobs, self.want_prompt_logprobs = logprobs, prompt_logprobs
+        self.prompt_logprobs = [None] if prompt_logprobs else None
+        self.cancelled = False
+        self.choices = []  # its Sequences, made when it is admitted
+        self.seen = self.counts = None  # (n, V) penalty state, made at its first token if it has penalties
+
+    def cancel(self):
+        self.cancelled = True
+
+    @property
+    def done(self):
+        return bool(self.choices) and all(seq.finish_reason for seq in self.choices)
+
+
+class Sequence:
+    """One choice of a request: its tokens (prompt + generated) and where they sit in the cache.
+    The cache row holds tokens[window:][:cache.lengths[row]]; the rest is still to be fed."""
+
+    def __init__(self, request, index, window):
+        self.request, self.index = request, index
+        self.tokens = list(request.prompt)
+        self.window = window  # the first token of the context window (past block_size it slides)
+        self.row = None
+        self.generated = 0
+        self.finish_reason = None
+        self.follower = index > 0  # a later choice: gets the first choice's prompt cache, not its own
+
+
+Output = namedtuple("Output", "request index token logprob top_logprobs finish_reason")
+Output.__doc__ = """One event of a step: choice `index` of `request` got `token` (None when it ended
+without one), with its logprob and top alternatives if the request asked; finish_reason is
+"stop" or "length" on its last event, else None."""
+
+
+class Engine:
+    """Runs requests on one model with continuous batching.
+
+        engine = Engine(model, max_rows=16, prefill_tokens=256)
+        engine.add(Request(prompt_ids, max_tokens=100, sampling=Sampling(temperature=0.8)))
+        while engine.has_work():
+            for out in engine.step(): ...   # Outputs: tokens, logprobs, finish reasons
+
+    A step decodes one token for every running sequence in one forward (rows at different
+    positions), then prefills prompts, first come first served, up to prefill_tokens tokens (a long
+    prompt takes several steps instead of stalling the others). A request is admitted, first come
+    first served, only when max_rows has room for its n choices: each row holds a whole context,
+    so nothing runs out of cache mid-generation. Running rows are kept at the front of the cache.
+    Not thread-safe, except Request.cancel: one thread calls add, step and finish.
+    """
+
+    def __init__(self, model, max_rows=16, prefill_tokens=None):
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.block_size = model.config.block_size
+        self.max_rows = max_rows
+        self.prefill_tokens = prefill_tokens or self.block_size
+        self.cache = KVCache(model.config.n_layer, self.block_size, max_rows, self.device)
+        self.waiting = deque()  # requests not admitted yet, in order of arrival
+        self.rows = []  # the Sequence in each cache row: packed, rows [0, len(rows)) in use
+        self.arrivals = itertools.count()
+
+    def add(self, request):
+        if request.n > self.max_rows:
+            raise ValueError(f"n={request.n} choices need more rows than the engine has ({self.max_rows})")
+        if request.want_prompt_logprobs and len(request.prompt) > self.block_size:
+            raise ValueError(f"scoring a prompt of {len(request.prompt)} tokens needs at most block_size {self.block_size}")
+        request.arrival = next(self.arrivals)
+        if request.generator is None:
+            seed = random.randrange(2**63) if request.seed is None else request.seed
+            request.generator = torch.Generator(self.device).manual_seed(seed % 2**64)
+        self.waiting.append(request)
+
+    def has_work(self):
+        return bool(self.waiting or self.rows)
+
+    def running(self):
+        return len({id(seq.request) for seq in self.rows})
+
+    # --- a step ----------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self):
+        """One decode token for every running sequence, then prefill within the budget; the Outputs."""
+        self.drop_cancelled()
+        self.admit()
+        outputs = []
+        for seq in self.rows:  # a full window slides: its last block_size tokens are prefilled again
+            if self.to_feed(seq) == 1 and self.cache.lengths[seq.row] == self.block_size:
+                seq.window = len(seq.tokens) - self.block_size
+                self.cache.lengths[seq.row] = 0
+        decoding = [seq for seq in self.rows if not seq.follower and self.to_feed(seq) == 1]
+        if decoding:
+            outputs += self.decode(decoding)
+        budget = self.prefill_tokens
+        for seq in sorted((s for s in self.rows if not s.follower and self.to_feed(s) > 1),
+                          key=lambda s: (s.request.arrival, s.index)):
+            if budget == 0:
+                break
+            chunk = min(self.to_feed(seq), budget)
+            budget -= chunk
+            outputs += self.prefill(seq, chunk)
+        return outputs
+
+    def to_feed(self, seq):
+        """Tokens of seq's window not in the cache yet (1: ready to decode; more: to prefill)."""
+        return len(seq.tokens) - seq.window - self.cache.lengths[seq.row]
+
+    def decode(self, decoding):
+        live = set(id(seq) for seq in decoding)
+        alive = [id(seq) in live for seq in self.rows]
+        idx = torch.tensor([[seq.tokens[-1]] for seq in self.rows], device=self.device)  # (R, 1)
+        self.cache.batch(0, len(self.rows), None if all(alive) else alive)
+        logits, _ = self.model(idx, kv_cache=self.cache)
+        logits = logits[:, -1, :]  # (R, V)
+        by_request = {}
+        for seq in decoding:
+            by_request.setdefault(id(seq.request), []).append(seq)
+        # Each request's logits are taken before any sampling: an ended row moves another one.
+        groups = [(seqs, logits.index_select(0, torch.tensor([s.row for s in seqs], device=self.device)))
+                  for seqs in by_request.values()]
+        return [out for seqs, rows in groups for out in self.next_tokens(seqs, rows)]
+
+    def prefill(self, seq, chunk):
+        """Feed the next `chunk` tokens of seq's window into its row; the Outputs if that ends it."""
+        start = seq.window + self.cache.lengths[seq.row]
+        idx = torch.tensor([seq.tokens[start:start + chunk]], device=self.device)
+        request = seq.request
+        scoring = request.want_prompt_logprobs and seq.index == 0 and len(request.prompt_logprobs) < len(request.prompt)
+        self.cache.batch(seq.row, 1)
+        logits, _ = self.model(idx, kv_cache=self.cache, all_logits=scoring)  # (1, chunk or 1, V)
+        if scoring:  # position i predicts token i + 1, within the prompt
+            targets = seq.tokens[start + 1:min(start + chunk + 1, len(request.prompt))]
+            if targets:
+                lp = F.log_softmax(logits[0, :len(targets)].float(), dim=-1)
+                request.prompt_logprobs += lp.gather(1, torch.tensor(targets, device=self.device)[:, None])[:, 0].tolist()
+        if self.to_feed(seq) > 0:
+            return []
+        return self.next_tokens([seq], logits[:, -1, :])
+
+    def next_tokens(self, seqs, logits):
+        """Sample the next token of each of seqs (one request's) from their (len(seqs), V) logits."""
+        request = seqs[0].request
+        if any(seq.follower for seq in request.choices):  # the first token of a request of n > 1 choices
+            seqs = self.start_followers(request)
+            logits = logits.expand(len(seqs), -1)
+        if request.max_tokens == 0:
+            return [self.end(seq, None, "length") for seq in seqs]
+        V = logits.size(-1)
+        if request.sampling.penalised and request.seen is None:
+            request.seen = torch.zeros(request.n, V, dtype=torch.bool, device=self.device)
+            request.seen[:, torch.tensor(request.prompt, device=self.device)] = True
+            request.counts = torch.zeros(request.n, V, device=self.device)
+        choice = torch.tensor([seq.index for seq in seqs], device=self.device)
+        penalties = {} if request.seen is None else dict(seen=request.seen[choice], counts=request.counts[choice])
+        tokens = sample_next_token(logits, request.sampling, generator=request.generator, **penalties)
+        if request.seen is not None:
+            request.seen[choice, tokens] = True
+            request.counts.index_put_((choice, tokens), torch.ones_like(tokens, dtype=torch.float), accumulate=True)
+        scores = token_logprobs(logits, tokens, request.logprobs) if request.logprobs is not None else None
+        outputs = []
+        for i, (seq, token) in enumerate(zip(seqs, tokens.tolist())):
+            seq.tokens.append(token)
+            seq.generated += 1
+            reason = "stop" if token in request.stop_tokens else "length" if seq.generated == request.max_tokens else None
+            logprob, top = scores[i] if scores else (None, None)
+            outputs.append(Output(request, seq.index, token, logprob, top, reason))
+            if reason:
+                self.retire(seq, reason)
+        return outputs
+
+    def start_followers(self, request):
+        """The first choice's prompt is in the cache: the other choices start from a copy of it."""
+        leader = request.choices[0]
+        for seq in request.choices[1:]:
+            self.cache.copy_row(leader.row, seq.row)
+            seq.window, seq.follower = leader.window, False
+        return request.choices
+
+    # --- admitting, ending, cancelling -----------------------------------------------------------
+
+    def admit(self):
+        while self.waiting and len(self.rows) + self.waiting[0].n <= self.max_rows:
+            request = self.waiting.popleft()
+            window = max(0, len(request.prompt) - self.block_size)  # a long prompt keeps its end
+            request.choices = [Sequence(request, i, window) for i in range(request.n)]
+            for seq in request.choices:
+                seq.row = len(self.rows)
+                self.rows.append(seq)
+                self.cache.lengths[seq.row] = 0  # a reused row: its old slots are never read
+
+    def end(self, seq, token, reason):
+        self.retire(seq, reason)
+        return Output(seq.request, seq.index, token, None, None, reason)
+
+    def finish(self, request, index, reason="stop"):
+        """End choice `index` of a running request now (the caller found a stop string)."""
+        seq = request.choices[index]
+        if seq.finish_reason is None:
+            self.retire(seq, reason)
+
+    def retire(self, seq, reason):
+        """seq has ended: its row is freed, and the last row moves into it (rows stay packed)."""
+        seq.finish_reason = reason
+        row, last = seq.row, self.rows[-1]
+        if last is not seq:
+            self.cache.copy_row(last.row, row)
+            self.rows[row], last.row = last, row
+        self.rows.pop()
+        seq.row = None
+
+    def drop_cancelled(self):
+        if any(request.cancelled for request in self.waiting):
+            self.waiting = deque(r for r in self.waiting if not r.cancelled)
+        for seq in [seq for seq in self.rows if seq.request.cancelled]:
+            self.retire(seq, "cancelled")
+
+
+# -----------------------------------------------------------------------------
+# One batch of prompts at a time, on the engine: sample.py, bench.py, train.py's samples
+
+def generate_stream(model, idx, max_new_tokens, *, stop_tokens=(), generator=None, **sampling):
+    """Continue each row of idx (B, T); yield the (B,) new tokens step by step (a CPU tensor).
+
+    sampling: Sampling's fields. Ends after max_new_tokens, or earlier once every row has produced
+    a stop token; a row that has stopped keeps yielding its stop token. Prompts longer than
+    block_size keep their end. The rows are B requests of one Engine, drawing from `generator`.
+    """
+    B, T = idx.shape
+    if T == 0:
+        raise ValueError("the prompt is empty: give at least one token (e.g. end-of-text)")
+    settings = Sampling(**sampling)
+    if max_new_tokens == 0:
+        return
+    engine = Engine(model, max_rows=B, prefill_tokens=B * model.config.block_size)
+    if generator is None:  # from torch's global generator, so torch.manual_seed repeats the text
+        generator = torch.Generator(idx.device).manual_seed(int(torch.randint(2**62, ())))
+    requests = [Request(row, max_new_tokens, sampling=settings, stop_tokens=stop_tokens, generator=generator)
+                for row in idx.tolist()]
+    for request in requests:
+        engine.add(request)
+    last = [None] * B
+    with eval_mode(model):
+        while engine.has_work():
+            new = {id(out.request): out.token for out in engine.step()}
+            if not new:
+                continue
+            last = [new.get(id(request), last[i]) for i, request in enumerate(requests)]
+            yield torch.tensor(last)
+            if all(request.done for request in requests):
+                return
+
+
+def generate(model, idx, max_new_tokens, **kwargs):
+    """generate_stream collected: the new tokens of each row, each cut before its first stop token."""
+    steps = list(generate_stream(model, idx, max_new_tokens, **kwargs))
+    if not steps:
+        return [[] for _ in range(idx.size(0))]
+    stop = set(kwargs.get("stop_tokens", ()))
+    rows = torch.stack(steps, dim=1).tolist()  # (B, steps)
+    return [next((row[:i] for i, t in enumerate(row) if t in stop), row) for row in rows]
+
+
+def next_logits(model, tokens, n, kv_cache):
+    """(B, V) logits for the token after tokens[:, :n], feeding the model only what the cache lacks
+    (every row of kv_cache at one position, as beam search keeps them).
+
+    An empty cache is prefilled with the last block_size tokens in one forward; then each call
+    feeds the one newest token. When the cache is full (the context would pass block_size), the
+    window slides: its last block_size-1 tokens plus the new one are re-prefilled, so every step
+    past block_size costs one full forward but gives exactly the logits of cropping the context.
+    """
+    block_size = model.config.block_size
+    if kv_cache.lengths[0] in (0, block_size):
+        kv_cache.lengths = [0] * kv_cache.rows
+        window = tokens[:, max(0, n - block_size):n]
+    else:
+        window = tokens[:, n - 1:n]
+    kv_cache.batch(0, kv_cache.rows)
+    logits, _ = model(window, kv_cache=kv_cache)
+    return logits[:, -1, :]
+
+
+@torch.inference_mode()
+def beam_search(model, idx, max_new_tokens, num_beams, *, stop_tokens=(), length_penalty=1.0):
+    """Beam search's best continuation of one prompt idx (1, T): its new tokens, stop token excluded.
+
+    A hypothesis scores sum(log-probs of its new tokens) / (number of new tokens) ** length_penalty;
+    a stop token counts as a token (ending has a probability too). Each step keeps the num_beams
+    best running hypotheses; one that ends in a stop token is set aside as finished. The search
+    ends at max_new_tokens, or once num_beams hypotheses are finished and no running one scores
+    better than the worst of them so far. No randomness: the same input gives the same output.
+    It keeps its own loop: every step reorders the beams' cache rows, which the Engine never does.
+    """
+    if idx.size(0) != 1 or idx.size(1) == 0 or num_beams < 1:
+        raise ValueError(f"beam_search takes one non-empty prompt (1, T) and num_beams >= 1; "
+                         f"got {tuple(idx.shape)} and {num_beams}")
+    T = idx.size(1)
+    stop = set(stop_tokens)
+    tokens = idx.repeat(num_beams, 1)  # (beams, n): every beam starts as the prompt ...
+    scores = torch.full((num_beams,), float("-inf"), device=idx.device)
+    scores[0] = 0.0  # ... but only beam 0 is live, so the first step does not pick duplicates
+    kv_cache = KVCache(model.config.n_layer, model.config.block_size, num_beams, idx.device)
+    finished = []  # (score, new tokens without the stop token)
+    with eval_mode(model):
+        for n in range(T, T + max_new_tokens):
+            logprobs = F.log_softmax(next_logits(model, tokens, n, kv_cache).float(), dim=-1)  # (beams, V)
+            V = logprobs.size(-1)
+            totals = (scores[:, None] + logprobs).view(-1)
+            # Enough candidates that num_beams survive even if every beam's best ones are stop tokens.
+            top, flat = totals.topk(min(num_beams * (1 + len(stop)), totals.numel()))
+            length_norm = (n + 1 - T) ** length_penalty
+            rows, new_tokens, new_scores = [], [], []
+            for total, i in zip(top.tolist(), flat.tolist()):
+                row, token = divmod(i, V)
+                if token in stop:
+                    if total > float("-inf"):
+                        finished.append((total / length_norm, tokens[row, T:n].tolist()))
+                elif len(rows) < num_beams:
+                    rows.append(row)
+                    new_tokens.append(token)
+                    new_scores.append(total)
+            rows = torch.tensor(rows, device=idx.device)
+            # Each step copies the kept beams anyway, so they grow by one column as they go: nothing
+            # is allocated for max_new_tokens up front (a huge one means "until a stop token").
+            tokens = torch.cat([tokens[rows], torch.tensor(new_tokens, device=idx.device)[:, None]], dim=1)
+            scores = torch.tensor(new_scores, device=idx.device)
+            kv_cache.reorder(rows)
+            if len(finished) >= num_beams:
+                worst_kept = sorted(s for s, _ in finished)[-num_beams]
+                if scores.max().item() / length_norm < worst_kept:
+                    break
+        else:
+            length_norm = max(max_new_tokens, 1) ** length_penalty
+            finished += [(s / length_norm, tokens[i, T:].tolist()) for i, s in enumerate(scores.tolist())]
+    if not finished:
+        return []
+    return max(finished, key=lambda f: f[0])[1]  # max keeps the first of equal scores: deterministic
 
 
 # -----------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""GPT-2 in one file: the model, its optimizer groups, weight and checkpoint I/O, and an inference engine.
+"""GPT-2 in one file: the model, its optimizer groups, and weight and checkpoint I/O.
 
 Design choices:
 - GPT-2 exactly: learned absolute position embeddings, pre-LayerNorm blocks, a 4x MLP with
@@ -12,14 +12,9 @@ Design choices:
 - model.grad_checkpoint (activation checkpointing, off by default; train.py's setting) keeps only
   each Block's input during a training forward and recomputes the rest in the backward: less memory
   for a second forward of the blocks. Not part of GPTConfig: it changes memory, never results.
-- Inference is beside the model, not inside it: one optional `kv_cache` argument to forward, one
-  branch inside attention. The cache is preallocated keys/values plus a position. Sampling is one
-  function on (B, V) logits; generation and beam search are plain loops around the model and it.
-- Past block_size the context window slides and is re-prefilled: with absolute positions a cached
-  key belongs to one position in one window, so reuse would change the result.
-- Decoding one token reads every weight once, so on a CPU it runs at memory speed; quantize_int8
-  swaps the matmul weights for int8 rows with bf16 scales (a quarter of fp32's bytes) for that;
-  store_linear_weights_transposed lays fp32 weights out as a CPU's matrix-vector kernel reads fastest.
+- Inference is beside the model, not inside it (engine.py): one optional `kv_cache` argument to
+  forward, which says where each row's new tokens sit (one position for all rows, or one per row)
+  and gives attention the cached keys and values with their mask.
 - Weight files are safetensors, or torch.load(weights_only=True); a file that needs pickle is refused.
 - attention_weights recomputes each head's softmax(q kᵀ/√hs) from hooked q and k, for inspection
   only: SDPA, which training and inference use, never materialises them.
@@ -89,15 +84,8 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.size()
         q, k, v = split_heads(self.c_attn(x), self.n_head)  # each (B, nh, T, hs)
         is_causal, mask = True, None
-        if kv_cache is not None:
-            pos = kv_cache.pos  # tokens already cached before these T
-            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nh, pos + T, hs)
-            if pos > 0:
-                # SDPA's is_causal aligns the mask top-left, wrong when there are fewer queries
-                # than keys. One new token sees everything; several see the cache and their past.
-                is_causal = False
-                if T > 1:
-                    mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
+        if kv_cache is not None:  # keys/values of the cached tokens too, masked to each row's own
+            k, v, mask, is_causal = kv_cache.update(self.layer_idx, k, v)  # (B, nh, cached + T, hs)
         y = attention(q, k, v, mask, is_causal, dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
         return F.dropout(self.c_proj(y), self.dropout, self.training)
@@ -160,16 +148,21 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, idx, targets=None, kv_cache=None):
+    def forward(self, idx, targets=None, kv_cache=None, all_logits=False):
         B, T = idx.size()
-        pos = 0 if kv_cache is None else kv_cache.pos
-        if pos + T > self.config.block_size:
+        # Where these T tokens sit: an int when every row continues at one position, else (B, 1).
+        start = 0 if kv_cache is None else kv_cache.prepare(T)
+        end = (start if isinstance(start, int) else kv_cache.longest) + T
+        if end > self.config.block_size:
             raise ValueError(
-                f"sequence of {pos + T} tokens is longer than block_size {self.config.block_size}; "
+                f"sequence of {end} tokens is longer than block_size {self.config.block_size}; "
                 f"crop the context to its last {self.config.block_size} tokens"
             )
         tok_emb = self.transformer.wte(idx)  # (B, T, C)
-        pos_emb = self.transformer.wpe.weight[pos:pos + T]  # (T, C): positions within the window
+        if isinstance(start, int):
+            pos_emb = self.transformer.wpe.weight[start:start + T]  # (T, C): positions within the window
+        else:
+            pos_emb = self.transformer.wpe(start + torch.arange(T, device=idx.device))  # (B, T, C): each row's own
         x = F.dropout(tok_emb + pos_emb, self.config.dropout, self.training)
         recompute = self.grad_checkpoint and kv_cache is None and torch.is_grad_enabled()
         for block in self.transformer.h:
@@ -179,9 +172,9 @@ class GPT(nn.Module):
                 x = block(x, kv_cache)
         x = self.transformer.ln_f(x)
         if kv_cache is not None:
-            kv_cache.pos += T
-        if targets is None:
-            return self.lm_head(x[:, -1:, :]), None  # (B, 1, V): generation needs only the next token
+            kv_cache.advance(T)
+        if targets is None:  # generation needs only the next token's logits; scoring a prompt, all
+            return self.lm_head(x if all_logits else x[:, -1:, :]), None  # (B, T or 1, V)
         logits = self.lm_head(x)  # (B, T, V)
         # The mean over the targets that are not -1 (chat data masks all but the replies); a batch
         # with none gives 0, not the 0/0 = nan of reduction="mean".
@@ -457,270 +450,15 @@ def model_from_checkpoint(ckpt, device="cpu", dropout=0.0):
     return model.to(device)
 
 
-# ----------------------------------------------------------------------------------------------
-# Inference engine: KV cache, sampling, generation, beam search
-
-class KVCache:
-    """Keys and values of every layer for the tokens seen so far, and the position after them.
-
-    k, v: (n_layer, B, n_head, max_len, head_size), allocated once at the first write (in the
-    dtype attention runs in, so autocast works); slots [:pos] hold the current window.
-    """
-
-    def __init__(self, n_layer, max_len):
-        self.n_layer, self.max_len = n_layer, max_len
-        self.k = self.v = None
-        self.pos = 0
-
-    def update(self, layer, k, v):
-        """Store one layer's new (B, nh, T, hs) keys/values at pos; return the layer's (B, nh, pos+T, hs)."""
-        B, nh, T, hs = k.shape
-        if self.k is None:
-            self.k = k.new_empty(self.n_layer, B, nh, self.max_len, hs)  # slots past pos are never read
-            self.v = v.new_empty(self.n_layer, B, nh, self.max_len, hs)
-        if self.pos + T > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} tokens; {self.pos} + {T} do not fit")
-        # narrow + copy_ rather than k[layer, :, :, pos:end] = ...: the same views without Python's
-        # slice-tuple indexing, which costs more than the copy (`python bench.py decode` measures it)
-        k_all, v_all = self.k[layer], self.v[layer]
-        k_all.narrow(2, self.pos, T).copy_(k)
-        v_all.narrow(2, self.pos, T).copy_(v)
-        return k_all.narrow(2, 0, self.pos + T), v_all.narrow(2, 0, self.pos + T)
-
-    def reorder(self, rows):
-        """Keep batch rows `rows` (beam search: each new beam continues some old beam)."""
-        self.k, self.v = self.k[:, rows], self.v[:, rows]
-
-
-class Int8Linear(nn.Module):
-    """A Linear for decoding with int8 weights and one bf16 scale per output row (weight-only
-    quantisation). Decoding one token reads every weight once, so on a CPU a large model decodes
-    at the speed of memory, and a quarter of fp32's bytes is faster (`python bench.py decode
-    --int8` measures it; a tiny model, bound by overheads, decodes slower). torch's int8 kernel
-    wants bf16 activations, so a quantised model runs in bf16."""
-
-    def __init__(self, linear: nn.Linear):
-        super().__init__()
-        w = linear.weight.detach().float().contiguous()  # (out, in) rows, whatever its memory layout
-        # (out,): the row's largest |w| maps to 127; rounded to bf16 first, so that the int8 values
-        # are chosen for the scale the kernel will multiply by
-        scale = (w.abs().amax(dim=1).clamp(min=1e-12) / 127).to(torch.bfloat16)
-        self.register_buffer("weight", torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8))
-        self.register_buffer("scale", scale)
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(torch.bfloat16))
-
-    def forward(self, x):
-        y = torch._weight_int8pack_mm(x.reshape(-1, x.size(-1)), self.weight, self.scale)  # (B*T, out)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.view(*x.shape[:-1], -1)
-
-
-@torch.no_grad()
-def quantize_int8(model):
-    """Inference only, in place: every block's Linear and the LM head become Int8Linear, the rest
-    bf16. The head gets its own int8 copy of the tied embedding; wte stays for the lookup."""
-    if not hasattr(torch, "_weight_int8pack_mm"):
-        raise RuntimeError("int8 decoding needs torch >= 2.4 (torch._weight_int8pack_mm)")
-    for block in model.transformer.h:
-        for parent in (block.attn, block.mlp):
-            for name, child in parent.named_children():
-                if isinstance(child, nn.Linear):
-                    setattr(parent, name, Int8Linear(child))
-    model.lm_head = Int8Linear(model.lm_head)
-    return model.to(torch.bfloat16).eval()
-
-
-@torch.no_grad()
-def store_linear_weights_transposed(model):
-    """Inference on a CPU, in place: keep every Linear weight in memory as (in, out), Hugging Face's
-    Conv1D layout, seen through a transposed view, so shapes, names and values do not change.
-    Decoding one token multiplies a vector by each weight; MKL streams x @ W from a row-major
-    (in, out) matrix faster than from nn.Linear's (out, in) one (BENCHMARKS.md, Decoding). The
-    tied embedding follows the head; a lookup then gathers a strided row.
-    Not for training: fused AdamW and DDP expect contiguous parameters."""
-    for m in model.modules():
-        if isinstance(m, nn.Linear):
-            m.weight.data = m.weight.data.t().contiguous().t()  # .data keeps the parameter (and its tie)
-    return model
-
-
-def next_logits(model, tokens, n, kv_cache):
-    """(B, V) logits for the token after tokens[:, :n], feeding the model only what the cache lacks.
-
-    An empty cache is prefilled with the last block_size tokens in one forward; then each call
-    feeds the one newest token. When the cache is full (the context would pass block_size), the
-    window slides: its last block_size-1 tokens plus the new one are re-prefilled, so every step
-    past block_size costs one full forward but gives exactly the logits of cropping the context.
-    """
-    block_size = model.config.block_size
-    if kv_cache.pos in (0, block_size):
-        kv_cache.pos = 0
-        window = tokens[:, max(0, n - block_size):n]
-    else:
-        window = tokens[:, n - 1:n]
-    logits, _ = model(window, kv_cache=kv_cache)
-    return logits[:, -1, :]
-
-
-def sample_next_token(logits, *, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0,
-                      seen=None, frequency_penalty=0.0, presence_penalty=0.0, generated=None, generator=None):
-    """Choose one next token per row of (B, V) logits; returns (B,) token ids.
-
-    In order: repetition penalty on the tokens in `seen` (CTRL: a positive logit is divided by the
-    penalty, a negative one multiplied, so either way the token gets less likely); OpenAI's additive
-    penalties on the tokens in `generated` (B, S), the completion so far: a token generated c times
-    loses c * frequency_penalty + (c > 0) * presence_penalty from its logit; temperature
-    (0 = argmax, nothing else random); top-k; top-p (nucleus: the fewest most-likely tokens whose
-    probability reaches top_p; the most likely always survives); a draw with `generator`.
-    Ties: a token with the same logit as the k-th largest is kept too (so top-k may keep more than
-    k), and likewise at the top-p boundary: the result never depends on how equal values sort.
-    """
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if repetition_penalty <= 0:
-        raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {repetition_penalty}")
-    logits = logits.float()
-    if repetition_penalty != 1.0 and seen is not None:
-        scores = logits.gather(1, seen)  # (B, S): logits of the tokens already in the context
-        scores = torch.where(scores > 0, scores / repetition_penalty, scores * repetition_penalty)
-        logits = logits.scatter(1, seen, scores)
-    if (frequency_penalty or presence_penalty) and generated is not None and generated.size(1):
-        counts = torch.zeros_like(logits).scatter_add_(1, generated, torch.ones_like(generated, dtype=logits.dtype))
-        logits = logits - counts * frequency_penalty - (counts > 0) * presence_penalty
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits / temperature
-    if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1): the k-th largest logit
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        probs = F.softmax(logits, dim=-1)
-        sorted_probs = probs.sort(dim=-1, descending=True).values
-        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # probability of all likelier tokens
-        n_keep = (mass_before < top_p).sum(dim=-1, keepdim=True).clamp(min=1)
-        smallest_kept = sorted_probs.gather(-1, n_keep - 1)  # (B, 1)
-        logits = logits.masked_fill(probs < smallest_kept, float("-inf"))
-    probs = F.softmax(logits, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
-
-
 @contextlib.contextmanager
-def _eval_mode(model):
-    """Dropout off while generating (say, mid-training samples), and the mode restored after."""
+def eval_mode(model):
+    """Dropout off while generating or inspecting (say, mid-training), and the mode restored after."""
     was_training = model.training
     model.eval()
     try:
         yield
     finally:
         model.train(was_training)
-
-
-@torch.inference_mode()
-def generate_stream(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None,
-                    repetition_penalty=1.0, frequency_penalty=0.0, presence_penalty=0.0, stop_tokens=(),
-                    generator=None):
-    """Continue each row of idx (B, T); yield the (B,) new tokens step by step.
-
-    Ends after max_new_tokens, or earlier once every row has produced a stop token; a row that
-    has stopped keeps yielding its stop token. Prompts longer than block_size keep their end.
-    """
-    B, T = idx.shape
-    if T == 0:
-        raise ValueError("the prompt is empty: give at least one token (e.g. end-of-text)")
-    # The whole context, filled as tokens come. It starts with room for one block of new tokens and
-    # doubles when full: a huge max_new_tokens (a user's "until a stop token") allocates nothing.
-    tokens = idx.new_empty(B, T + min(max_new_tokens, model.config.block_size))
-    tokens[:, :T] = idx
-    kv_cache = KVCache(model.config.n_layer, min(model.config.block_size, T + max_new_tokens))
-    stop = torch.tensor(list(stop_tokens), dtype=idx.dtype, device=idx.device)
-    done = torch.zeros(B, dtype=torch.bool, device=idx.device)
-    with _eval_mode(model):
-        for n in range(T, T + max_new_tokens):
-            if n == tokens.size(1):
-                tokens = torch.cat([tokens, torch.empty_like(tokens)], dim=1)
-            logits = next_logits(model, tokens, n, kv_cache)
-            token = sample_next_token(logits, temperature=temperature, top_k=top_k, top_p=top_p,
-                                      repetition_penalty=repetition_penalty, seen=tokens[:, :n],
-                                      frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
-                                      generated=tokens[:, T:n], generator=generator)
-            if len(stop_tokens):
-                token = torch.where(done, tokens[:, n - 1], token)  # a stopped row repeats its stop token
-                done |= torch.isin(token, stop)
-            tokens[:, n] = token
-            yield token
-            if len(stop_tokens) and done.all():  # the one host sync per step, only with stop tokens
-                return
-
-
-def generate(model, idx, max_new_tokens, **kwargs):
-    """generate_stream collected: the new tokens of each row, each cut before its first stop token."""
-    steps = list(generate_stream(model, idx, max_new_tokens, **kwargs))
-    if not steps:
-        return [[] for _ in range(idx.size(0))]
-    stop = set(kwargs.get("stop_tokens", ()))
-    rows = torch.stack(steps, dim=1).tolist()  # (B, steps)
-    return [next((row[:i] for i, t in enumerate(row) if t in stop), row) for row in rows]
-
-
-@torch.inference_mode()
-def beam_search(model, idx, max_new_tokens, num_beams, *, stop_tokens=(), length_penalty=1.0):
-    """Beam search's best continuation of one prompt idx (1, T): its new tokens, stop token excluded.
-
-    A hypothesis scores sum(log-probs of its new tokens) / (number of new tokens) ** length_penalty;
-    a stop token counts as a token (ending has a probability too). Each step keeps the num_beams
-    best running hypotheses; one that ends in a stop token is set aside as finished. The search
-    ends at max_new_tokens, or once num_beams hypotheses are finished and no running one scores
-    better than the worst of them so far. No randomness: the same input gives the same output.
-    """
-    if idx.size(0) != 1 or idx.size(1) == 0 or num_beams < 1:
-        raise ValueError(f"beam_search takes one non-empty prompt (1, T) and num_beams >= 1; "
-                         f"got {tuple(idx.shape)} and {num_beams}")
-    T = idx.size(1)
-    stop = set(stop_tokens)
-    tokens = idx.repeat(num_beams, 1)  # (beams, n): every beam starts as the prompt ...
-    scores = torch.full((num_beams,), float("-inf"), device=idx.device)
-    scores[0] = 0.0  # ... but only beam 0 is live, so the first step does not pick duplicates
-    kv_cache = KVCache(model.config.n_layer, min(model.config.block_size, T + max_new_tokens))
-    finished = []  # (score, new tokens without the stop token)
-    with _eval_mode(model):
-        for n in range(T, T + max_new_tokens):
-            logprobs = F.log_softmax(next_logits(model, tokens, n, kv_cache).float(), dim=-1)  # (beams, V)
-            V = logprobs.size(-1)
-            totals = (scores[:, None] + logprobs).view(-1)
-            # Enough candidates that num_beams survive even if every beam's best ones are stop tokens.
-            top, flat = totals.topk(min(num_beams * (1 + len(stop)), totals.numel()))
-            length_norm = (n + 1 - T) ** length_penalty
-            rows, new_tokens, new_scores = [], [], []
-            for total, i in zip(top.tolist(), flat.tolist()):
-                row, token = divmod(i, V)
-                if token in stop:
-                    if total > float("-inf"):
-                        finished.append((total / length_norm, tokens[row, T:n].tolist()))
-                elif len(rows) < num_beams:
-                    rows.append(row)
-                    new_tokens.append(token)
-                    new_scores.append(total)
-            rows = torch.tensor(rows, device=idx.device)
-            # Each step copies the kept beams anyway, so they grow by one column as they go: nothing
-            # is allocated for max_new_tokens up front (a huge one means "until a stop token").
-            tokens = torch.cat([tokens[rows], torch.tensor(new_tokens, device=idx.device)[:, None]], dim=1)
-            scores = torch.tensor(new_scores, device=idx.device)
-            kv_cache.reorder(rows)
-            if len(finished) >= num_beams:
-                worst_kept = sorted(s for s, _ in finished)[-num_beams]
-                if scores.max().item() / length_norm < worst_kept:
-                    break
-        else:
-            length_norm = max(max_new_tokens, 1) ** length_penalty
-            finished += [(s / length_norm, tokens[i, T:].tolist()) for i, s in enumerate(scores.tolist())]
-    if not finished:
-        return []
-    return max(finished, key=lambda f: f[0])[1]  # max keeps the first of equal scores: deterministic
 
 
 # ----------------------------------------------------------------------------------------------
@@ -742,7 +480,7 @@ def attention_weights(model, idx):
     hooks = [block.attn.c_attn.register_forward_hook(lambda module, args, out: outputs.append(out))
              for block in model.transformer.h]
     try:
-        with _eval_mode(model):
+        with eval_mode(model):
             model(idx)
     finally:
         for hook in hooks:

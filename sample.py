@@ -11,9 +11,9 @@
 
 Design choices:
 - The checkpoint is all it needs: the tokenizer travels inside it (tokenizer.load_tokenizer).
-  The model and its engine (sampling, the KV cache, beam search) are gpt.py's; choosing and
-  loading the checkpoint, and cutting the text at stop strings, engine.py's (serve.py shares
-  both); device and precision common.py's. This file only drives them.
+  The model is gpt.py's; loading it, decoding (the KV cache, sampling, beam search) and cutting
+  the text at stop strings engine.py's, as for serve.py; device and precision common.py's. This
+  file only drives them.
 - stdout carries only model text (or the tables asked for); what was loaded, notices and errors
   go to stderr, so `python sample.py ... > out.txt` keeps a clean file.
 - Streaming prints text once it is final (engine.TextStream): never half a UTF-8 character (a
@@ -38,8 +38,8 @@ import torch
 import torch.nn.functional as F
 
 from common import ArgumentParser, UserError, pyplot, run_main, save_figure, sync
-from engine import TextStream, load_model
-from gpt import attention_weights, beam_search, generate_stream
+from engine import TextStream, beam_search, generate_stream, load_model
+from gpt import attention_weights
 from tokenizer import END, render_chat
 
 SEPARATOR = "---------------"

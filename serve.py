@@ -57,8 +57,7 @@ except ImportError as e:
 import torch
 
 from common import ArgumentParser, UserError, run_main
-from engine import TextStream, find_checkpoint, load_model
-from gpt import generate_stream
+from engine import TextStream, find_checkpoint, generate_stream, load_model
 from tokenizer import END, PLAIN_STOP, render_chat
 
 PAGE = Path(__file__).resolve().parent / "static" / "chat.html"

@@ -54,7 +54,8 @@ import torch
 
 from common import (UserError, atomic_write_text, autocast_context, maybe_compile, measure_peak_flops,
                     peak_memory_mb, print0, pyplot, resolve_device, resolve_dtype, run_main, save_figure, sync)
-from gpt import GPT, GPTConfig, generate, is_hub_model_id, load_checkpoint, model_from_checkpoint, save_checkpoint
+from engine import generate
+from gpt import GPT, GPTConfig, is_hub_model_id, load_checkpoint, model_from_checkpoint, save_checkpoint
 from tokenizer import load_tokenizer
 
 # -----------------------------------------------------------------------------

@@ -19,7 +19,8 @@ import sample
 import train
 from common import UserError
 from conftest import ROOT, assert_one_line_error, main_in_process, run_in_process, run_script
-from gpt import GPT, GPTConfig, generate
+from engine import generate
+from gpt import GPT, GPTConfig
 from test_train import losses, metrics, torchrun, train_run
 from tokenizer import CHAT_SPECIALS, END, Tokenizer, load_tokenizer, render_chat
 

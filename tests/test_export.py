@@ -17,6 +17,7 @@ from conftest import assert_one_line_error, main_in_process, require, run_in_pro
 from hypothesis import given, settings, strategies as st
 
 import export
+import engine
 import gpt
 import sample
 from common import UserError
@@ -120,7 +121,7 @@ def test_generation_fills_the_context_unless_told_otherwise(exported):
 @pytest.mark.parametrize("stop", [EOT, END])
 def test_generation_stops_where_ours_stops(stop, trained_checkpoint, tmp_path):
     """A chat model's generation ends at end-of-text and at <|end|>, in transformers as in
-    gpt.generate: a model made to emit `stop` ends after it, where a full context would follow."""
+    engine.generate: a model made to emit `stop` ends after it, where a full context would follow."""
     model, tokenizer, _ = export.load_for_export(trained_checkpoint("bpe"))
     tokenizer = tokenizer.with_chat_specials()
     model.grow_vocab(tokenizer.vocab_size)
@@ -135,7 +136,7 @@ def test_generation_stops_where_ours_stops(stop, trained_checkpoint, tmp_path):
     prompt = torch.tensor([tokenizer.encode(PROMPT)])
     with torch.no_grad():
         ids = theirs.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False)[0].tolist()
-    ours = gpt.generate(model, prompt, 32 - prompt.shape[1], temperature=0, stop_tokens=export.hf_end_ids(tokenizer))
+    ours = engine.generate(model, prompt, 32 - prompt.shape[1], temperature=0, stop_tokens=export.hf_end_ids(tokenizer))
     assert ids[prompt.shape[1]:] == ours[0] + [stop_id]
 
 

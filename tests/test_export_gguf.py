@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import export
+import engine
 import gpt
 from common import UserError
 from conftest import assert_one_line_error, main_in_process, require
@@ -130,10 +131,10 @@ def test_llama_cpp_tokenizes_and_decodes_as_ours(exported, held_out, kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_greedy_tokens_match_in_f32(exported, held_out, kind):
-    """llama.cpp's greedy continuation of a prompt is ours (gpt.generate, temperature 0), 64 tokens."""
+    """llama.cpp's greedy continuation of a prompt is ours (engine.generate, temperature 0), 64 tokens."""
     path, model, tokenizer = exported(kind, "f32")
     prompt = tokenizer.encode(in_vocabulary(tokenizer, held_out))[:16]
-    ours = gpt.generate(model, torch.tensor([prompt]), 64, temperature=0.0)[0]
+    ours = engine.generate(model, torch.tensor([prompt]), 64, temperature=0.0)[0]
     llm = load_llama(path, BLOCK)
     theirs = []
     for token in llm.generate(prompt, temp=0.0, repeat_penalty=1.0):

@@ -2,7 +2,7 @@
 
 model.onnx's logits and keys/values against our forward and KVCache at two shapes and in chunks; a
 greedy loop in numpy (the prompt with empty pasts, then one token per step with the presents, the
-window sliding as ours) against gpt.generate token for token; float16; the files beside the graph.
+window sliding as ours) against engine.generate token for token; float16; the files beside the graph.
 """
 import json
 import sys
@@ -14,6 +14,7 @@ from tokenizers import Tokenizer
 from conftest import assert_one_line_error, main_in_process, require
 
 import export
+import engine
 import gpt
 from tokenizer import load_tokenizer
 
@@ -60,7 +61,7 @@ def run(sess, input_ids, past=None):
 def onnx_greedy(folder, prompt, steps):
     """Greedy decoding in numpy and onnxruntime alone, shapes from export.json: model.onnx on the
     prompt with empty pasts, then on each new token with the presents; when the cache holds
-    block_size tokens, the last block_size again with empty pasts (gpt.next_logits's sliding
+    block_size tokens, the last block_size again with empty pasts (engine.next_logits's sliding
     window). Returns (tokens (B, steps), each step's (B, V) logits, each step's window)."""
     meta = json.loads((folder / "export.json").read_text(encoding="utf-8"))
     sess = session(folder)
@@ -90,13 +91,13 @@ def test_logits_and_cache_match_ours_at_any_batch_and_length(exported):
         logits, present = run(sess, idx.numpy())
         with torch.no_grad():
             ours, _ = model(idx, targets=idx)  # with targets: logits at every position
-            cache = gpt.KVCache(model.config.n_layer, T)
+            cache = engine.KVCache(model.config.n_layer, T, rows=B)
             model(idx, kv_cache=cache)
         assert logits.shape == (B, T, V)
         np.testing.assert_allclose(logits, ours.numpy(), rtol=0, atol=FP32_TOL)
         for layer in range(model.config.n_layer):
-            np.testing.assert_allclose(present[2 * layer], cache.k[layer].numpy(), rtol=0, atol=FP32_TOL)
-            np.testing.assert_allclose(present[2 * layer + 1], cache.v[layer].numpy(), rtol=0, atol=FP32_TOL)
+            np.testing.assert_allclose(present[2 * layer], cache.k[layer, :, :, :T].numpy(), rtol=0, atol=FP32_TOL)
+            np.testing.assert_allclose(present[2 * layer + 1], cache.v[layer, :, :, :T].numpy(), rtol=0, atol=FP32_TOL)
         first, rest = idx[:, :2].numpy(), idx[:, 2:].numpy()
         chunked, _ = run(sess, rest, run(sess, first)[1])
         np.testing.assert_allclose(chunked, ours[:, 2:].numpy(), rtol=0, atol=FP32_TOL)
@@ -105,12 +106,12 @@ def test_logits_and_cache_match_ours_at_any_batch_and_length(exported):
 @pytest.mark.parametrize("kind", ["char", "bpe"])
 def test_cached_onnx_loop_gives_our_greedy_tokens(exported, kind):
     """64 greedy steps past block_size 32 through model.onnx's cache (the window sliding as ours)
-    give gpt.generate's tokens for two prompts at once, and every step's logits are model.onnx's
+    give engine.generate's tokens for two prompts at once, and every step's logits are model.onnx's
     on the whole window without a cache: the cache is not stale, the positions not shifted."""
     model, tokenizer, folder = exported(kind)
     ids = tokenizer.encode(PROMPT)
     prompt = torch.tensor([ids, ids[::-1]])  # two different rows of one length
-    ours = gpt.generate(model, prompt, 64, temperature=0)
+    ours = engine.generate(model, prompt, 64, temperature=0)
     tokens, step_logits, windows = onnx_greedy(folder, prompt.numpy(), 64)
     assert tokens.tolist() == ours
     sess = session(folder)

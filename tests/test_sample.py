@@ -26,7 +26,8 @@ import engine
 import gpt
 import sample
 from conftest import ROOT, assert_one_line_error, main_in_process, run_script
-from gpt import GPT, GPTConfig, beam_search, generate, quantize_int8
+from engine import beam_search, generate, quantize_int8
+from gpt import GPT, GPTConfig
 from common import UserError
 from tokenizer import load_tokenizer
 
@@ -166,7 +167,7 @@ def test_samples_have_the_asked_length_and_follow_the_seed(random_ckpt, cli):
 
 
 def test_greedy_is_gpt_generate_at_temperature_0(random_ckpt, tokenizer):
-    """Two routes to greedy text, the CLI's stream and gpt.generate in-process: guards against a
+    """Two routes to greedy text, the CLI's stream and engine.generate in-process: guards against a
     setting lost on the way to the engine, and against diagnostics mixed into stdout."""
     result = ok(run(random_ckpt, "--start", PROMPT, "--max_new_tokens=30", "--temperature=0"))
     idx = torch.tensor([tokenizer.encode(PROMPT)])
@@ -175,7 +176,7 @@ def test_greedy_is_gpt_generate_at_temperature_0(random_ckpt, tokenizer):
 
 
 def test_int8_greedy_is_generate_of_the_quantized_model(random_ckpt, tokenizer, monkeypatch, capsys):
-    """--int8 must reach the engine as gpt.quantize_int8's model (not be ignored, not quantize
+    """--int8 must reach the engine as engine.quantize_int8's model (not be ignored, not quantize
     something else), and the loaded line must say so. Both routes run the same int8 kernels on
     the same inputs, so their tokens are equal by construction."""
     result = ok(main_in_process(monkeypatch, capsys, sample.main, ["--ckpt", random_ckpt, "--device=cpu", "--start", PROMPT,
@@ -318,7 +319,7 @@ HUGE = "--max_new_tokens=1000000000000"  # a user's "until --stop, end-of-text o
 
 def test_huge_max_new_tokens_generates_until_the_stop_string(random_ckpt, tokenizer, cli):
     """--max_new_tokens 10**12 allocates nothing in proportion to it, and with --stop gives the
-    text gpt.generate gives for the same seed with the stop string's token as a stop token: the
+    text engine.generate gives for the same seed with the stop string's token as a stop token: the
     same draws, cut where the stop string begins."""
     result = ok(cli(random_ckpt, "--start", PROMPT, HUGE, "--stop=e", "--seed=3", "--temperature=1"))
     idx = torch.tensor([tokenizer.encode(PROMPT)])
@@ -368,7 +369,7 @@ def test_chat_commands_change_their_settings_and_quit_exits_0(random_ckpt, cli):
 
 
 def test_chat_keeps_the_conversation_and_ends_at_end_of_input(random_ckpt, tokenizer, cli):
-    """The second reply must see the first turn (greedy, so comparable with gpt.generate)."""
+    """The second reply must see the first turn (greedy, so comparable with engine.generate)."""
     result = ok(cli(random_ckpt, "--chat", "--temperature=0", "--max_new_tokens=6",
                     input="ROMEO:\nJULIET:\n"))
     model = load_model(random_ckpt)
@@ -382,7 +383,7 @@ def test_chat_keeps_the_conversation_and_ends_at_end_of_input(random_ckpt, token
 def test_chat_context_is_the_text_shown_cut_at_the_stop_string(monkeypatch, capsys, tokenizer):
     """After a reply cut by --stop, the context is the text shown, without the stop string's tokens
     (the user never saw them): the next reply continues the text shown (greedy, so comparable with
-    gpt.generate)."""
+    engine.generate)."""
     model = varied_gpt(tokenizer)
     run_chat(monkeypatch, model, tokenizer, ["ROMEO:", "JULIET:"], "--temperature=0", "--max_new_tokens=12",
              "--stop=j")

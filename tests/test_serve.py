@@ -24,7 +24,8 @@ import common
 import engine
 import gpt
 from conftest import ROOT, run_script
-from gpt import GPT, GPTConfig, generate
+from engine import generate
+from gpt import GPT, GPTConfig
 from tokenizer import END, PLAIN_STOP, Tokenizer, render_chat
 
 from conftest import require
@@ -227,7 +228,7 @@ def test_greedy_completion_equals_sample_py(client, ckpt):
 
 
 def test_penalties_reach_the_engine(client, ckpt, tokenizer):
-    """frequency/presence/repetition penalties and top_k give the text gpt.generate gives with them."""
+    """frequency/presence/repetition penalties and top_k give the text engine.generate gives with them."""
     c = completion(client, temperature=0, max_tokens=20, frequency_penalty=0.7, presence_penalty=0.3,
                    extra_body={"top_k": 5, "repetition_penalty": 1.3})  # this server's extensions
     [new] = generate(load_model(ckpt), torch.tensor([tokenizer.encode(PROMPT)]), 20, temperature=0, top_k=5,
