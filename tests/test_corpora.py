@@ -330,6 +330,43 @@ def test_hf_dataset_from_the_cache_equals_the_same_files_read_locally(records, t
     assert_one_line_error(absent, "hf://datasets/someone/absent", "HF_HUB_OFFLINE=1")
 
 
+SPLITS_CARD = """---
+configs:
+- config_name: default
+  data_files:
+  - split: train
+    path: data/train-*
+  - split: validation
+    path: data/validation-*
+---
+"""
+
+
+@pytest.mark.parametrize("card, flags, picked", [
+    (SPLITS_CARD, ["--hf_split", "validation"], ["data/validation-0.jsonl"]),
+    (None, ["--hf_split", "validation"], ["data/validation-0.jsonl"]),
+    (SPLITS_CARD, ["--hf_files", "extra/*.jsonl"], ["extra/a.jsonl", "extra/b.jsonl"]),
+], ids=["split of the card's config", "split in the file names", "files"])
+def test_hf_split_and_hf_files_read_the_files_they_name(card, flags, picked, records, gpt2, tmp_path):
+    """--hf_split reads the files of that split, which the dataset card's config names or else whose
+    path names the split; --hf_files GLOB reads the repository's files matching GLOB instead."""
+    parts = {"data/train-0.jsonl": records[:20], "data/validation-0.jsonl": records[20:40],
+             "extra/a.jsonl": records[40:50], "extra/b.jsonl": records[50:], "extra/notes.md": ["not data"]}
+    files = {name: write_records(tmp_path / name.replace("/", "-"), texts) for name, texts in parts.items()}
+    if card:
+        files["README.md"] = card.encode()
+    hub = tmp_path / "hub"
+    cached_repo(hub, "datasets", "someone/splits", files)
+    result = run_script("prepare.py", "--input", "hf://datasets/someone/splits", *flags, "--tokenizer", "gpt2",
+                        "--val_fraction", "0.2", "--out", tmp_path / "out", env=offline_env(hub), timeout=120)
+    assert result.returncode == 0, result.stderr
+    meta, docs = read_split_docs(tmp_path / "out")
+    assert [i["url"] for i in meta["inputs"]] == [f"hf://datasets/someone/splits/{name}" for name in picked]
+    assert meta["split"] == "by_document"
+    expected = [gpt2.encode_ordinary(t.replace("\r\n", "\n")) for name in picked for t in parts[name]]
+    assert Counter(map(tuple, docs)) == Counter(map(tuple, expected))
+
+
 def test_hf_model_id_from_the_cache(records, tmp_path):
     """GPT.from_pretrained, sample.py --ckpt and train.py init_from take a Hub model id, read from the
     hub cache offline; a local folder of the same name wins; another model_type is one error line."""
