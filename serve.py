@@ -5,22 +5,26 @@
     curl -s http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
         -d '{"prompt": "ROMEO:", "max_tokens": 50, "temperature": 0.8}'
 
-POST /v1/completions and /v1/chat/completions (both stream with "stream": true), GET /v1/models,
-GET /health, and GET / : a chat page (static/chat.html) that talks to /v1/chat/completions.
-Needs FastAPI and uvicorn (pip install fastapi uvicorn); nothing else does.
+POST /v1/completions and /v1/chat/completions (both stream with "stream": true; logprobs, echo),
+GET /v1/models and /v1/models/{id}, GET /health, GET /metrics (Prometheus), and GET / : a chat
+page (static/chat.html) that talks to /v1/chat/completions.
+Needs FastAPI, uvicorn and prometheus_client (pip install fastapi uvicorn prometheus_client).
 
 Design choices:
 - A thin shell around the engine: engine.load_model loads the model as sample.py does,
-  gpt.generate_stream generates, engine.TextStream cuts text at stop strings, and
+  engine.Engine generates, engine.TextStream cuts text at stop strings, and
   tokenizer.render_chat renders a conversation. This file turns requests into those calls and
   their tokens into OpenAI's responses.
-- One thread runs the model (Worker). Every request becomes a job in its list, and it takes
-  turns: one token for each job, then again, so concurrent streams advance together. A job is one
-  prompt's n choices, generated as n rows of one generate_stream, with its own random generator
-  (from "seed"): what a request gets never depends on what else is running.
+- One thread runs the model (Worker) with continuous batching (engine.Engine): every step
+  decodes one token for each running request in one forward, then prefills new prompts in chunks
+  of --prefill_tokens, so concurrent streams share each read of the weights. At most --max_batch
+  sequences run at once (a request's n choices are n of them); up to --max_queue requests wait,
+  first come first served, and beyond that a request gets a 429 with Retry-After. Each request
+  draws from its own generator (from "seed"): what it gets never depends on what else runs.
 - The event loop never waits on the model: the worker hands each job's text to its queue with
-  call_soon_threadsafe. A client that disconnects cancels its jobs, and the worker drops them
-  before their next token. Ctrl-C or SIGTERM ends every job at once (its client gets a 503).
+  call_soon_threadsafe. A client that disconnects cancels its jobs, and the engine drops them at
+  its next step. Ctrl-C or SIGTERM ends every job at once (its client gets a 503).
+- logprobs are log-softmax of the model's raw logits, before temperature, penalties or top-k/p.
 - A prompt longer than the context keeps its end; usage.prompt_tokens counts the tokens used.
   A chat-tuned model's reply ends at <|end|>, a base model's where the plain template's next
   "User:" turn would begin (tokenizer.PLAIN_STOP).
@@ -50,23 +54,36 @@ try:
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
     from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-    from pydantic import BaseModel, ConfigDict, Field, model_validator
+    from fastapi.responses import PlainTextResponse
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+    from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
     from starlette.exceptions import HTTPException
 except ImportError as e:
-    sys.exit(f"error: serve.py needs {e.name}: pip install fastapi uvicorn")
+    sys.exit(f"error: serve.py needs {e.name}: pip install fastapi uvicorn prometheus_client")
 import torch
 
+import engine
 from common import ArgumentParser, UserError, run_main
-from engine import TextStream, find_checkpoint, generate_stream, load_model
+from engine import Engine, TextStream, find_checkpoint, load_model
 from tokenizer import END, PLAIN_STOP, render_chat
 
 PAGE = Path(__file__).resolve().parent / "static" / "chat.html"
 MAX_CHOICES = 16  # n x prompts of one request
-MAX_ROWS = 64  # sequences (a job's n each) the worker takes turns on; later jobs wait in its queue
 MAX_BODY = 1 << 20  # bytes of a request body
 
 # -----------------------------------------------------------------------------
 # Requests and responses: OpenAI's fields, described by these models in /openapi.json.
+
+def integral(value):
+    """7.0 -> 7: a JSON number with an integral value is an integer, as OpenAI's API takes it."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def integer(**bounds):
+    """The type of an integer field with Field's bounds (ge, le...): it takes 7 and 7.0, not 7.5,
+    "7" or true. (The bounds come before the conversion, so /openapi.json shows them.)"""
+    return Annotated[int, Field(**bounds), BeforeValidator(integral)]
+
 
 NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 Penalty = Annotated[float, Field(ge=-2, le=2)]
@@ -74,8 +91,8 @@ Stop = Annotated[str, Field(min_length=1)]
 
 
 class Strict(BaseModel):
-    """A request body: values of the declared type only (no "1" for 1); a null is the default;
-    fields OpenAI has and this server does not use (user, logit_bias...) are ignored."""
+    """A request body: values of the declared type only (no "1" for 1; an integer() takes 1.0); a
+    null is the default; fields OpenAI has and this server does not use (user, logit_bias...) are ignored."""
     model_config = ConfigDict(strict=True, extra="ignore")
 
     @model_validator(mode="before")
@@ -90,19 +107,19 @@ class StreamOptions(Strict):
 
 class Sampling(Strict):
     model: str | None = Field(None, description="ignored: the server has one model")
-    max_tokens: int | None = Field(None, ge=1, description="new tokens per choice, at most the "
-                                   "server's --max_tokens (default: 16 for completions, that cap for chat)")
+    max_tokens: integer(ge=1) | None = Field(None, description="new tokens per choice, at most the "
+                                             "server's --max_tokens (default: 16 for completions, that cap for chat)")
     temperature: NonNegative = Field(1.0, description="0 = greedy")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling; 1 = off")
-    top_k: int = Field(0, ge=0, description="extension: sample from the k most likely tokens; 0 = off")
+    top_k: integer(ge=0) = Field(0, description="extension: sample from the k most likely tokens; 0 = off")
     repetition_penalty: float = Field(1.0, gt=0, allow_inf_nan=False,
                                       description="extension: CTRL's penalty on every token in the context; 1 = off")
     frequency_penalty: Penalty = Field(0.0, description="logit -= count x this, over the completion's tokens")
     presence_penalty: Penalty = Field(0.0, description="logit -= this, for each token the completion holds")
-    n: int = Field(1, ge=1, le=MAX_CHOICES, description="choices per prompt")
+    n: integer(ge=1, le=MAX_CHOICES) = Field(1, description="choices per prompt")
     stop: Stop | Annotated[list[Stop], Field(max_length=4)] | None = Field(
         None, description="up to 4 strings; the text ends before the first one that appears")
-    seed: int | None = Field(None, ge=-2**63, lt=2**64, description="the same seed gives the same text")
+    seed: integer(ge=-2**63, lt=2**64) | None = Field(None, description="the same seed gives the same text")
     stream: bool = False
     stream_options: StreamOptions | None = None
 
@@ -110,7 +127,10 @@ class Sampling(Strict):
 class CompletionRequest(Sampling):
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=MAX_CHOICES)]
     echo: bool = Field(False, description="put the prompt before each choice's text")
-    logprobs: int | None = Field(None, description="not supported")
+    max_tokens: integer(ge=0) | None = Field(None, description="new tokens per choice, at most the server's "
+                                             "--max_tokens (default 16); 0 with echo scores the prompt only")
+    logprobs: integer(ge=0, le=5) | None = Field(None, description="each token's logprob and those of "
+                                                 "the most likely N alternatives")
 
 
 class Message(Strict):
@@ -120,7 +140,9 @@ class Message(Strict):
 
 class ChatRequest(Sampling):
     messages: list[Message] = Field(min_length=1)
-    logprobs: bool = Field(False, description="not supported")
+    logprobs: bool = Field(False, description="each token's logprob")
+    top_logprobs: integer(ge=0, le=20) | None = Field(None, description="with logprobs: the N most likely "
+                                                      "alternatives at each token too")
 
 
 class Usage(BaseModel):
@@ -130,10 +152,17 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None] = Field(description="null for the first token of an echoed prompt")
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int] = Field(description="where each token's text starts in the choice's text")
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None
 
 
@@ -151,10 +180,24 @@ class ChatMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob]
+
+
 class ChatChoice(BaseModel):
     index: int
     message: ChatMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: Literal["stop", "length"]
 
 
@@ -208,18 +251,21 @@ def error_response(e: APIError):
 # The model's thread
 
 class Job:
-    """One prompt's n choices: n rows of one generate_stream, with their texts and finish reasons.
+    """One prompt's n choices: an engine Request, and the text of each choice as it is generated.
 
-    The worker thread drives it (start, take); the request's coroutine reads what it sends to
-    `events`: (choice index, new text, finish reason or None, completion tokens), then None.
-    `sampling`: generate_stream's keyword arguments (stop_tokens among them)."""
+    The worker thread hands it each Output of its request (take); the request's coroutine reads
+    what it sends to `events`: (choice index, new text, finish reason or None, completion tokens,
+    logprob entries of the new tokens), then None at the end, or an Exception."""
 
-    def __init__(self, ids, first_index, n, max_tokens, sampling, seed, stops, events):
-        self.ids, self.first_index, self.n, self.max_tokens = ids, first_index, n, max_tokens
-        self.sampling, self.seed, self.stops, self.stop_tokens = sampling, seed, stops, sampling["stop_tokens"]
+    def __init__(self, request, first_index, tokenizer, stops, events):
+        self.request, self.first_index, self.tokenizer = request, first_index, tokenizer
+        self.request.job = self
         self.events, self.loop = events, asyncio.get_running_loop()
-        self.cancelled = threading.Event()
-        self.steps = None
+        self.texts = [TextStream(tokenizer, stops) for _ in range(request.n)]
+        self.counts = [0] * request.n
+        self.submitted = time.perf_counter()
+        self.last_token = [None] * request.n  # when each choice's latest token came (metrics)
+        self.ended = 0  # choices whose last event is sent
 
     def send(self, event):
         try:
@@ -227,101 +273,138 @@ class Job:
         except RuntimeError:  # the event loop has closed: the server is stopping
             pass
 
-    def start(self, model, tokenizer, device):
-        idx = torch.tensor([self.ids] * self.n, dtype=torch.long, device=device)
-        generator = torch.Generator(device).manual_seed(self.seed)
-        self.steps = generate_stream(model, idx, self.max_tokens, **self.sampling, generator=generator)
-        self.texts = [TextStream(tokenizer, self.stops) for _ in range(self.n)]
-        self.counts, self.finished = [0] * self.n, [False] * self.n
-
-    def take(self, tokens):
-        """Turn one step's tokens (one per row) into events; False once every choice has ended."""
-        for row, token in enumerate(tokens):
-            if self.finished[row]:
-                continue
-            self.counts[row] += 1
-            text = self.texts[row]
-            new = "" if token in self.stop_tokens else text.add(token)
-            if token in self.stop_tokens or text.stopped:
-                self.end(row, new, "stop")
-            elif self.counts[row] == self.max_tokens:
-                self.end(row, new, "length")
-            elif new:
-                self.send((self.first_index + row, new, None, self.counts[row]))
-        return not all(self.finished)
-
-    def end(self, row, new, reason):
-        self.finished[row] = True
-        self.send((self.first_index + row, new + self.texts[row].finish(), reason, self.counts[row]))
+    def take(self, out, engine, metrics):
+        """One Output of the engine: its text (cut at a stop string, which ends the choice) as an event."""
+        i, token, reason = out.index, out.token, out.finish_reason
+        now = time.perf_counter()
+        if token is not None:
+            metrics.observe_token(now - (self.last_token[i] or self.submitted), first=self.last_token[i] is None)
+            self.last_token[i] = now
+            self.counts[i] += 1
+        entries = []
+        text = self.texts[i]
+        if token is not None and token not in self.request.stop_tokens:
+            new = text.add(token)
+            if out.logprob is not None:
+                entries.append((token, out.logprob, out.top_logprobs))
+            if text.stopped:  # a stop string: the choice ends here
+                reason = "stop"
+                engine.finish(self.request, i)
+        else:
+            new = ""
+        if reason:
+            self.send((self.first_index + i, new + text.finish(), reason, self.counts[i], entries))
+            self.ended += 1
+            if self.ended == self.request.n:
+                self.send(None)
+        elif new or entries:
+            self.send((self.first_index + i, new, None, self.counts[i], entries))
 
     def close(self, error=None):
-        if self.steps is not None:
-            self.steps.close()
+        self.request.cancel()
         if error is not None:
             self.send(error)
         self.send(None)
 
 
-class Worker:
-    """The one thread that runs the model: it takes turns on the jobs, one token each."""
+class Metrics:
+    """What /metrics reports, in Prometheus' text format (prometheus_client's registry)."""
 
-    def __init__(self, model, tokenizer, device, ctx):
-        self.model, self.tokenizer, self.device, self.ctx = model, tokenizer, device, ctx
+    def __init__(self, worker):
+        self.registry = CollectorRegistry()
+        Gauge("gpt_requests_running", "requests being generated", registry=self.registry).set_function(
+            lambda: worker.engine.running())
+        Gauge("gpt_requests_waiting", "requests waiting for rows of the batch", registry=self.registry).set_function(
+            worker.waiting)
+        self.requests = Counter("gpt_requests", "requests received", registry=self.registry)
+        self.prompt_tokens = Counter("gpt_prompt_tokens", "prompt tokens received", registry=self.registry)
+        self.tokens = Counter("gpt_generated_tokens", "tokens generated", registry=self.registry)
+        buckets = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+        self.first_token = Histogram("gpt_time_to_first_token_seconds", "from a request's arrival to its "
+                                     "first token", buckets=buckets, registry=self.registry)
+        self.per_token = Histogram("gpt_time_per_output_token_seconds", "between two tokens of a choice",
+                                   buckets=buckets, registry=self.registry)
+
+    def observe_token(self, seconds, first):
+        self.tokens.inc()
+        (self.first_token if first else self.per_token).observe(seconds)
+
+    def text(self):
+        return generate_latest(self.registry)
+
+
+class Worker:
+    """The one thread that runs the model. It owns the Engine: between steps it admits the jobs
+    submitted, and hands every Output of a step to its job. At most max_queue requests wait for
+    rows; beyond them submit refuses with 429."""
+
+    def __init__(self, model, tokenizer, ctx, max_batch, prefill_tokens, max_queue):
+        self.tokenizer, self.ctx, self.max_queue = tokenizer, ctx, max_queue
+        self.engine = Engine(model, max_rows=max_batch, prefill_tokens=prefill_tokens)
         self.inbox = queue.SimpleQueue()
         self.thread = threading.Thread(target=self.run, name="model", daemon=True)
-        self.running = 0  # jobs being generated (GET /health shows it)
+        self.metrics = Metrics(self)
+        self.stopping = False
 
-    def submit(self, job):
-        self.inbox.put(job)
+    def waiting(self):
+        """Requests submitted and not admitted yet (read from other threads: a close count)."""
+        return self.inbox.qsize() + len(self.engine.waiting)
+
+    def submit(self, jobs):
+        if self.stopping or not self.thread.is_alive():
+            raise APIError("the server is shutting down", status=503, type="server_error")
+        if self.waiting() + len(jobs) > self.max_queue:
+            raise APIError(f"the server is busy: {self.waiting()} requests are waiting (--max_queue "
+                           f"{self.max_queue}); retry shortly", status=429, type="rate_limit_error",
+                           code="server_busy")
+        for job in jobs:
+            self.inbox.put(job)
 
     def shutdown(self):
         """End every job now (their clients get a 503 error) and stop the thread."""
+        self.stopping = True
         self.inbox.put(None)
 
     def run(self):
-        active = []
+        jobs = {}  # the jobs the engine holds, by request
         with self.ctx:  # autocast is per thread: this is the thread that runs the model
             while True:
-                while not active or (not self.inbox.empty() and sum(job.n for job in active) < MAX_ROWS):
+                while not self.engine.has_work() or not self.inbox.empty():
                     job = self.inbox.get()  # blocks only while there is nothing to do
                     if job is None:
-                        while not self.inbox.empty():
-                            active.append(self.inbox.get())
-                        for job in filter(None, active):
-                            job.close(APIError("the server is shutting down", status=503, type="server_error"))
-                        self.running = 0
-                        return
-                    active.append(job)
-                self.running = len(active)
-                active = [job for job in active if self.step(job)]
-                self.running = len(active)
+                        return self.close_all(list(jobs.values()), APIError(
+                            "the server is shutting down", status=503, type="server_error"))
+                    try:
+                        self.engine.add(job.request)
+                        jobs[id(job.request)] = job
+                    except ValueError as e:  # more choices than rows, a prompt too long to score
+                        job.close(APIError(str(e)))
+                try:
+                    for out in self.engine.step():
+                        out.request.job.take(out, self.engine, self.metrics)
+                except Exception as e:  # a bug, not a bad request: each client gets a 500, the log the traceback
+                    traceback.print_exc()
+                    self.close_all(list(jobs.values()), e)
+                    self.engine = Engine(self.engine.model, self.engine.max_rows, self.engine.prefill_tokens)
+                jobs = {key: job for key, job in jobs.items() if not (job.request.done or job.request.cancelled)}
 
-    def step(self, job):
-        """One token for each of the job's choices; False when the job is over."""
-        if job.cancelled.is_set():  # its client has gone
-            job.close()
-            return False
-        try:
-            if job.steps is None:
-                job.start(self.model, self.tokenizer, self.device)
-            going = job.take(next(job.steps).tolist())
-        except StopIteration:  # only after max_tokens, which take() has ended already
-            going = False
-        except Exception as e:  # a bug, not a bad request: the client gets a 500, the log the traceback
-            traceback.print_exc()
-            job.close(e)
-            return False
-        if not going:
-            job.close()
-        return going
+    def close_all(self, jobs, error):
+        while not self.inbox.empty():
+            job = self.inbox.get()
+            if job is not None:
+                jobs.append(job)
+        for job in jobs:
+            if not job.request.done:
+                job.close(error)
 
 
 # -----------------------------------------------------------------------------
 # The HTTP API
 
-def build_app(model, tokenizer, device, ctx, name, api_key=None, max_tokens=1024):
+def build_app(model, tokenizer, ctx, name, api_key=None, max_tokens=1024, max_batch=16, prefill_tokens=256,
+              max_queue=64):
     """The FastAPI app serving `model` under the id `name`, its worker started and stopped with it."""
-    worker = Worker(model, tokenizer, device, ctx)
+    worker = Worker(model, tokenizer, ctx, max_batch, prefill_tokens, max_queue)
     block_size = model.config.block_size
     started = int(time.time())
 
@@ -331,19 +414,21 @@ def build_app(model, tokenizer, device, ctx, name, api_key=None, max_tokens=1024
         yield
         worker.shutdown()
 
+    errors = {400: {"model": ErrorResponse}, **({401: {"model": ErrorResponse}} if api_key is not None else {})}
     app = FastAPI(title="gpt", summary="OpenAI-compatible API for one GPT checkpoint", lifespan=lifespan,
-                  responses={400: {"model": ErrorResponse}, 401: {"model": ErrorResponse}})
+                  responses=errors)
     app.add_middleware(BodyLimit, limit=MAX_BODY)
     app.state.worker = worker  # Server.handle_exit stops it at a signal
-    bearer = HTTPBearer(auto_error=False)
+    def open_access():  # no --api_key: nothing to check, and /openapi.json declares no authentication
+        pass
 
-    def authorize(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)):
-        if api_key is None:
-            return
+    def key_required(credentials: HTTPAuthorizationCredentials | None = Depends(HTTPBearer(auto_error=False))):
         given = credentials.credentials if credentials else ""
         if not hmac.compare_digest(given.encode(), api_key.encode()):
             raise APIError("invalid or missing API key: send the header 'Authorization: Bearer KEY'",
                            status=401, code="invalid_api_key")
+
+    authorize = open_access if api_key is None else key_required  # the /v1 routes' dependency
 
     @app.exception_handler(APIError)
     async def api_error(request, e):
@@ -354,8 +439,10 @@ def build_app(model, tokenizer, device, ctx, name, api_key=None, max_tokens=1024
         return error_response(validation_error(e.errors()))
 
     @app.exception_handler(HTTPException)
-    async def http_error(request, e):  # 404, 405...
-        return error_response(APIError(str(e.detail), status=e.status_code))
+    async def http_error(request, e):  # 404, 405 (with its Allow header)...
+        response = error_response(APIError(str(e.detail), status=e.status_code))
+        response.headers.update(e.headers or {})
+        return response
 
     @app.exception_handler(Exception)
     async def internal_error(request, e):  # the traceback goes to the server's log, never to the client
@@ -364,21 +451,20 @@ def build_app(model, tokenizer, device, ctx, name, api_key=None, max_tokens=1024
     # A chat-tuned model ends its turn with <|end|>; every model ends a document with end-of-text.
     stop_tokens = tuple(t for t in (tokenizer.specials.get(END), tokenizer.eot_id) if t is not None)
 
-    def sampling(req):
-        """(max_tokens, generate_stream's keyword arguments, seed, stop strings) of a request, checked."""
-        limit = req.max_tokens or (max_tokens if isinstance(req, ChatRequest) else 16)  # OpenAI's defaults
+    def settings(req):
+        """(max_tokens, engine.Sampling, seed, stop strings) of a request, checked."""
+        limit = max_tokens if isinstance(req, ChatRequest) else 16  # OpenAI's defaults
+        limit = limit if req.max_tokens is None else req.max_tokens
         if limit > max_tokens:
             raise APIError(f"max_tokens must be at most {max_tokens} (the server's --max_tokens), got {limit}",
                            param="max_tokens")
-        if req.logprobs is not None and req.logprobs is not False:
-            raise APIError("logprobs is not supported by this server", param="logprobs")
-        settings = dict(temperature=req.temperature, top_k=req.top_k or None,
-                        top_p=req.top_p if req.top_p < 1 else None, repetition_penalty=req.repetition_penalty,
-                        frequency_penalty=req.frequency_penalty, presence_penalty=req.presence_penalty,
-                        stop_tokens=stop_tokens)
+        sampling = engine.Sampling(temperature=req.temperature, top_k=req.top_k or None,
+                                   top_p=req.top_p if req.top_p < 1 else None,
+                                   repetition_penalty=req.repetition_penalty,
+                                   frequency_penalty=req.frequency_penalty, presence_penalty=req.presence_penalty)
         seed = random.randrange(2**63) if req.seed is None else req.seed
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        return limit, settings, seed, stops
+        return limit, sampling, seed, stops
 
     def encode(text, param):
         try:
@@ -386,20 +472,22 @@ def build_app(model, tokenizer, device, ctx, name, api_key=None, max_tokens=1024
         except UserError as e:  # a character a char-level model does not know
             raise APIError(str(e), param=param) from None
 
-    def start_jobs(prompts, req, stops):
+    def start_jobs(prompts, req, stops, logprobs=None, prompt_logprobs=False):
         """Submit one job per prompt (token lists); returns (jobs, their event queue, prompt tokens used)."""
-        if not worker.thread.is_alive():
-            raise APIError("the server is shutting down", status=503, type="server_error")
         if len(prompts) * req.n > MAX_CHOICES:
             raise APIError(f"{len(prompts)} prompts x n={req.n} choices is more than {MAX_CHOICES}", param="n")
-        limit, settings, seed, more_stops = sampling(req)
+        limit, sampling, seed, more_stops = settings(req)
         events = asyncio.Queue()
         # A prompt longer than the context keeps its end; prompt i draws from seed + i.
-        jobs = [Job(ids[-block_size:], i * req.n, req.n, limit, settings, (seed + i) % 2**64, stops + more_stops, events)
+        jobs = [Job(engine.Request(ids[-block_size:], limit, n=req.n, sampling=sampling, stop_tokens=stop_tokens,
+                                   seed=(seed + i) % 2**64, logprobs=logprobs, prompt_logprobs=prompt_logprobs),
+                    i * req.n, tokenizer, stops + more_stops, events)
                 for i, ids in enumerate(prompts)]
-        for job in jobs:
-            worker.submit(job)
-        return jobs, events, sum(len(job.ids) for job in jobs)
+        worker.submit(jobs)
+        worker.metrics.requests.inc(len(jobs))
+        used = sum(len(job.request.prompt) for job in jobs)
+        worker.metrics.prompt_tokens.inc(used)
+        return jobs, events, used
 
     async def results(jobs, events, request):
         """Each event of the jobs until all have ended; cancels them if the client goes away."""
@@ -420,7 +508,25 @@ def build_app(model, tokenizer, device, ctx, name, api_key=None, max_tokens=1024
                     yield event
         finally:
             for job in jobs:
-                job.cancelled.set()
+                job.request.cancel()
+
+    def text_of(token):
+        return tokenizer.decode([token])
+
+    def completion_logprobs(entries, offset=0):
+        """OpenAI's completions logprobs object of (token, logprob, top) entries; offset: where the first starts."""
+        tokens = [text_of(token) for token, _, _ in entries]
+        offsets = [offset + sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+        return dict(tokens=tokens, token_logprobs=[lp for _, lp, _ in entries],
+                    top_logprobs=[None if top is None else {text_of(t): lp for t, lp in top} for _, _, top in entries],
+                    text_offset=offsets)
+
+    def chat_logprobs(entries):
+        """OpenAI's chat logprobs object ({"content": [...]}) of (token, logprob, top) entries."""
+        def item(token, logprob):
+            return dict(token=text_of(token), logprob=logprob, bytes=list(text_of(token).encode()))
+        return dict(content=[{**item(token, lp), "top_logprobs": [item(t, tlp) for t, tlp in top]}
+                             for token, lp, top in entries])
 
     # --- routes ------------------------------------------------------------------------------
 
@@ -430,11 +536,23 @@ def build_app(model, tokenizer, device, ctx, name, api_key=None, max_tokens=1024
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "running": worker.running, "queued": worker.inbox.qsize()}
+        return {"status": "ok", "running": worker.engine.running(), "waiting": worker.waiting()}
+
+    @app.get("/metrics", response_class=PlainTextResponse,
+             description="Prometheus' text format: requests running and waiting, tokens, latencies")
+    async def metrics():
+        return PlainTextResponse(worker.metrics.text(), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models", dependencies=[Depends(authorize)])
     async def models() -> ModelList:
         return ModelList(data=[ModelCard(id=name, created=started, context_length=block_size)])
+
+    @app.get("/v1/models/{model:path}", dependencies=[Depends(authorize)], responses={404: {"model": ErrorResponse}})
+    async def model_card(model: str) -> ModelCard:  # an id may have slashes, as a checkpoint's path does
+        if model != name:
+            raise APIError(f"the model '{model}' does not exist: this server has '{name}'", param="model",
+                           status=404, code="model_not_found")
+        return ModelCard(id=name, created=started, context_length=block_size)
 
     @app.post("/v1/completions", dependencies=[Depends(authorize)], response_model=Completion,
               responses={200: {"content": {"text/event-stream": {}},
@@ -445,24 +563,40 @@ def build_app(model, tokenizer, device, ctx, name, api_key=None, max_tokens=1024
         if not all(prompts):  # an empty prompt starts from end-of-text, or a char model's newline
             raise APIError("an empty prompt starts from a newline, and this model's characters include none",
                            param="prompt")
-        jobs, events, used = start_jobs(prompts, req, [])
+        scored = req.echo and req.logprobs is not None  # the prompt's own logprobs (lm-evaluation-harness)
+        jobs, events, used = start_jobs(prompts, req, [], req.logprobs, prompt_logprobs=scored)
         head = dict(id=f"cmpl-{uuid.uuid4().hex}", object="text_completion", created=int(time.time()), model=name)
         echo = [texts[i // req.n] if req.echo else "" for i in range(len(prompts) * req.n)]
+
+        def prompt_entries(i):  # the echoed prompt's (token, logprob, top) entries, once it is scored
+            request_ = jobs[i // req.n].request
+            return [(t, lp, top) for t, (lp, top) in zip(request_.prompt, request_.prompt_logprobs)] if scored else []
+
         if req.stream:
             async def chunks():
-                completion_tokens = 0
-                for i, text in enumerate(echo):
-                    if text:
-                        yield {**head, "choices": [dict(index=i, text=text, logprobs=None, finish_reason=None)]}
-                async for i, text, reason, count in results(jobs, events, request):
+                completion_tokens, offsets = 0, [len(text) for text in echo]
+                async for i, text, reason, count, entries in results(jobs, events, request):
+                    if echo[i] is not None:  # the echoed prompt first, once its logprobs exist
+                        first = prompt_entries(i)
+                        logprobs = completion_logprobs(first) if req.logprobs is not None else None
+                        if echo[i] or first:
+                            yield {**head, "choices": [dict(index=i, text=echo[i], logprobs=logprobs, finish_reason=None)]}
+                        echo[i] = None
                     completion_tokens += count if reason else 0
-                    yield {**head, "choices": [dict(index=i, text=text, logprobs=None, finish_reason=reason)]}
+                    logprobs = completion_logprobs(entries, offsets[i]) if req.logprobs is not None else None
+                    offsets[i] += sum(len(text_of(t)) for t, _, _ in entries)
+                    yield {**head, "choices": [dict(index=i, text=text, logprobs=logprobs, finish_reason=reason)]}
                 if req.stream_options and req.stream_options.include_usage:
                     yield {**head, "choices": [], "usage": usage(used, completion_tokens)}
             return event_stream(chunks())
-        texts, reasons, completion_tokens = await collect(results(jobs, events, request), echo)
-        choices = [CompletionChoice(index=i, text=text, finish_reason=reason)
-                   for i, (text, reason) in enumerate(zip(texts, reasons))]
+        texts, reasons, completion_tokens, entries = await collect(results(jobs, events, request), echo)
+        choices = []
+        for i, (text, reason) in enumerate(zip(texts, reasons)):
+            logprobs = None
+            if req.logprobs is not None:
+                first = prompt_entries(i)
+                logprobs = completion_logprobs(first + entries[i], len(echo[i]) - sum(len(text_of(t)) for t, _, _ in first))
+            choices.append(CompletionChoice(index=i, text=text, logprobs=logprobs, finish_reason=reason))
         return Completion(**head, choices=choices, usage=usage(used, completion_tokens))
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)], response_model=ChatCompletion,
@@ -475,7 +609,8 @@ def build_app(model, tokenizer, device, ctx, name, api_key=None, max_tokens=1024
         except UserError as e:  # a character a char-level model does not know
             raise APIError(str(e), param="messages") from None
         stops = [] if tokenizer.is_chat else [PLAIN_STOP]  # a base model's reply ends where it starts the next turn
-        jobs, events, used = start_jobs([ids], req, stops)
+        top = (req.top_logprobs or 0) if req.logprobs else None
+        jobs, events, used = start_jobs([ids], req, stops, top)
         head = dict(id=f"chatcmpl-{uuid.uuid4().hex}", object="chat.completion.chunk",
                     created=int(time.time()), model=name)
         if req.stream:
@@ -484,9 +619,10 @@ def build_app(model, tokenizer, device, ctx, name, api_key=None, max_tokens=1024
                 for i in range(req.n):
                     yield {**head, "choices": [dict(index=i, delta=dict(role="assistant", content=""),
                                                     logprobs=None, finish_reason=None)]}
-                async for i, text, reason, count in results(jobs, events, request):
-                    if text:
-                        yield {**head, "choices": [dict(index=i, delta=dict(content=text), logprobs=None,
+                async for i, text, reason, count, entries in results(jobs, events, request):
+                    logprobs = chat_logprobs(entries) if req.logprobs else None
+                    if text or entries:
+                        yield {**head, "choices": [dict(index=i, delta=dict(content=text), logprobs=logprobs,
                                                         finish_reason=None)]}
                     if reason:
                         completion_tokens += count
@@ -494,8 +630,9 @@ def build_app(model, tokenizer, device, ctx, name, api_key=None, max_tokens=1024
                 if req.stream_options and req.stream_options.include_usage:
                     yield {**head, "choices": [], "usage": usage(used, completion_tokens)}
             return event_stream(chunks())
-        texts, reasons, completion_tokens = await collect(results(jobs, events, request), [""] * req.n)
-        choices = [ChatChoice(index=i, message=ChatMessage(content=text), finish_reason=reason)
+        texts, reasons, completion_tokens, entries = await collect(results(jobs, events, request), [""] * req.n)
+        choices = [ChatChoice(index=i, message=ChatMessage(content=text), finish_reason=reason,
+                              logprobs=chat_logprobs(entries[i]) if req.logprobs else None)
                    for i, (text, reason) in enumerate(zip(texts, reasons))]
         return ChatCompletion(id=head["id"], created=head["created"], model=name, choices=choices,
                               usage=usage(used, completion_tokens))
@@ -520,13 +657,15 @@ def event_stream(chunks):
 
 
 async def collect(events, texts):
-    """(texts, finish reasons, completion tokens) of whole choices from their events; texts: each choice's start."""
-    texts, reasons, tokens = list(texts), [None] * len(texts), 0
-    async for i, text, reason, count in events:
+    """(texts, finish reasons, completion tokens, logprob entries) of whole choices from their
+    events; texts: each choice's start."""
+    texts, reasons, tokens, entries = list(texts), [None] * len(texts), 0, [[] for _ in texts]
+    async for i, text, reason, count, new_entries in events:
         texts[i] += text
+        entries[i] += new_entries
         if reason:
             reasons[i], tokens = reason, tokens + count
-    return texts, reasons, tokens
+    return texts, reasons, tokens, entries
 
 
 def usage(prompt_tokens, completion_tokens):
@@ -596,9 +735,23 @@ def parse_args(argv):
     p.add_argument("--api_key", metavar="KEY", help="require the header 'Authorization: Bearer KEY'")
     p.add_argument("--max_tokens", type=int, default=1024, metavar="N",
                    help="the most new tokens a request may ask for per choice (default 1024)")
+    p.add_argument("--max_batch", type=int, default=16, metavar="N",
+                   help="the most sequences decoded together, each a request's choice (default 16; fewer "
+                   "if their KV cache passes --kv_cache_gb)")
+    p.add_argument("--kv_cache_gb", type=float, default=4.0, metavar="GB",
+                   help="memory for the KV cache: each sequence takes a whole context's keys and values "
+                   "(default 4)")
+    p.add_argument("--prefill_tokens", type=int, default=256, metavar="N",
+                   help="prompt tokens prefilled per step beside the decoding ones: a long prompt takes "
+                   "several steps instead of stalling the streams (default 256)")
+    p.add_argument("--max_queue", type=int, default=64, metavar="N",
+                   help="requests that may wait for a row; beyond them a request gets 429 (default 64)")
     args = p.parse_args(argv)
-    if args.max_tokens < 1:
-        raise UserError(f"--max_tokens must be an integer >= 1, got {args.max_tokens}")
+    for name in ("max_tokens", "max_batch", "prefill_tokens", "max_queue"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be an integer >= 1, got {getattr(args, name)}")
+    if not args.kv_cache_gb > 0:
+        raise UserError(f"--kv_cache_gb must be > 0, got {args.kv_cache_gb}")
     if not 0 <= args.port < 65536:
         raise UserError(f"--port must be 0..65535, got {args.port}")
     if args.int8 and args.dtype not in ("auto", "bfloat16"):
@@ -627,12 +780,19 @@ def main():
     args = parse_args(sys.argv[1:])
     path = find_checkpoint(args.ckpt, args.out_dir)
     model, tokenizer, device, ctx, loaded = load_model(path, None, args.device, args.dtype, args.int8)
+    row_gb = engine.cache_bytes_per_row(model.config) / 2**30
+    max_batch = min(args.max_batch, int(args.kv_cache_gb / row_gb))
+    if max_batch < 1:
+        raise UserError(f"--kv_cache_gb {args.kv_cache_gb:g} holds no sequence of this model ({row_gb:.2f} GB each)")
     sock = listen(args.host, args.port)
     print(loaded, file=sys.stderr)
+    print(f"batching up to {max_batch} sequences ({max_batch * row_gb:.2f} GB of KV cache), prefilling "
+          f"{args.prefill_tokens} prompt tokens per step, {args.max_queue} requests waiting at most", file=sys.stderr)
     if not is_loopback(args.host):
         print(f"warning: --host {args.host} serves the model to every machine that can reach this one"
               f"{'' if args.api_key else '; --api_key KEY makes clients send a key'}", file=sys.stderr)
-    app = build_app(model, tokenizer, device, ctx, str(path), args.api_key, args.max_tokens)
+    app = build_app(model, tokenizer, ctx, str(path), args.api_key, args.max_tokens, max_batch,
+                    args.prefill_tokens, args.max_queue)
     host, port = sock.getsockname()[:2]
     print(f"serving {path} at http://{host}:{port}/ (chat page) and http://{host}:{port}/v1 (OpenAI API); "
           "Ctrl-C stops", file=sys.stderr, flush=True)

@@ -271,7 +271,9 @@ BAD = [  # (path, body or raw bytes, status, param, words in the message)
     ("/v1/completions", {"max_tokens": 3}, 400, "prompt", "Field required"),
     ("/v1/completions", {"prompt": 5}, 400, "prompt", "valid string"),
     ("/v1/completions", {"prompt": PROMPT, "max_tokens": "5"}, 400, "max_tokens", "valid integer"),
-    ("/v1/completions", {"prompt": PROMPT, "max_tokens": -1}, 400, "max_tokens", "greater than or equal to 1"),
+    ("/v1/completions", {"prompt": PROMPT, "max_tokens": -1}, 400, "max_tokens", "greater than or equal to 0"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "max_tokens",
+     "greater than or equal to 1"),
     ("/v1/completions", {"prompt": PROMPT, "max_tokens": CAP + 1}, 400, "max_tokens", "--max_tokens"),
     ("/v1/completions", {"prompt": PROMPT, "max_tokens": 10**30}, 400, "max_tokens", "--max_tokens"),
     ("/v1/completions", {"prompt": PROMPT, "temperature": -0.5}, 400, "temperature", "greater than or equal to 0"),
@@ -282,7 +284,9 @@ BAD = [  # (path, body or raw bytes, status, param, words in the message)
     ("/v1/completions", {"prompt": [PROMPT] * 4, "n": 5}, 400, "n", "more than 16"),
     ("/v1/completions", {"prompt": PROMPT, "stop": ""}, 400, "stop", "at least 1 character"),
     ("/v1/completions", {"prompt": PROMPT, "stream": "yes"}, 400, "stream", "valid boolean"),
-    ("/v1/completions", {"prompt": PROMPT, "logprobs": 2}, 400, "logprobs", "not supported"),
+    ("/v1/completions", {"prompt": PROMPT, "logprobs": 6}, 400, "logprobs", "less than or equal to 5"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21},
+     400, "top_logprobs", "less than or equal to 20"),
     ("/v1/completions", {"prompt": "ROMEO: ∆"}, 400, "prompt", "'∆' (U+2206)"),
     ("/v1/completions", b"x" * (5 << 20), 413, None, "larger than"),
     ("/v1/chat/completions", {"messages": []}, 400, "messages", "at least 1 item"),
@@ -339,7 +343,7 @@ def test_concurrent_streams_each_get_what_they_get_alone(client):
 
 def wait_until_idle(server, timeout=10):
     deadline = time.monotonic() + timeout
-    while (health := request(server, "GET", "/health")[1])["running"] or health["queued"]:
+    while (health := request(server, "GET", "/health")[1])["running"] or health["waiting"]:
         assert time.monotonic() < deadline, health
         time.sleep(0.05)
 
@@ -464,7 +468,7 @@ def test_without_fastapi_one_line_names_the_install():
     code = f"import sys; sys.modules['fastapi'] = None; sys.argv = ['serve.py']; exec(open({str(ROOT / 'serve.py')!r}).read())"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert result.returncode == 1
-    assert result.stderr.strip() == "error: serve.py needs fastapi: pip install fastapi uvicorn"
+    assert result.stderr.strip() == "error: serve.py needs fastapi: pip install fastapi uvicorn prometheus_client"
     for name in ("gpt", "engine", "tokenizer", "common", "prepare", "train", "sample", "bench"):
         assert not re.search(r"^\s*(import|from) (fastapi|uvicorn)", (ROOT / f"{name}.py").read_text(), re.M), name
 
