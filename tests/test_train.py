@@ -1023,13 +1023,24 @@ def test_a_wsd_run_whose_steps_slow_down_decides_again_and_never_changes_a_used_
     """Under a time budget a WSD run decides its length again at each log step while its LR is
     flat: steps that slow after the first decision give a shorter run that ends within the budget,
     and every step's LR is the final schedule's."""
-    decide, clock = train.decide_budget, time.time
-    t0 = clock()
+    now, step_s = [0.0], [0.1]  # the run's clock, which only its steps and evaluations move
+    step, evaluate, decide = train.train_step, train.evaluate, train.decide_budget
+
+    def timed_step(*args, **kwargs):
+        now[0] += step_s[0]
+        return step(*args, **kwargs)
+
+    def timed_evaluate(*args, **kwargs):
+        now[0] += 0.5
+        return evaluate(*args, **kwargs)
 
     def decide_then_slow_down(*args, **kwargs):
-        monkeypatch.setattr(time, "time", lambda: t0 + 3 * (clock() - t0))  # every step now takes 3x
+        step_s[0] = 0.3  # from the first decision on, every step takes 3x as long
         return decide(*args, **kwargs)
 
+    monkeypatch.setattr(time, "time", lambda: now[0])
+    monkeypatch.setattr(train, "train_step", timed_step)
+    monkeypatch.setattr(train, "evaluate", timed_evaluate)
     monkeypatch.setattr(train, "decide_budget", decide_then_slow_down)
     out = tmp_path / "out"
     result = run_in_process(train.main, *TINY, f"--dataset={char_data}", f"--out_dir={out}", *WSD,
