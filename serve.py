@@ -237,14 +237,15 @@ class ErrorResponse(BaseModel):
 class APIError(Exception):
     """A request the server refuses: OpenAI's error object with this status."""
 
-    def __init__(self, message, param=None, status=400, type="invalid_request_error", code=None):
+    def __init__(self, message, param=None, status=400, type="invalid_request_error", code=None, headers=None):
         super().__init__(message)
         self.message, self.param, self.status, self.type, self.code = message, param, status, type, code
+        self.headers = headers
 
 
 def error_response(e: APIError):
     detail = ErrorDetail(message=e.message, type=e.type, param=e.param, code=e.code)
-    return JSONResponse(ErrorResponse(error=detail).model_dump(), status_code=e.status)
+    return JSONResponse(ErrorResponse(error=detail).model_dump(), status_code=e.status, headers=e.headers)
 
 
 # -----------------------------------------------------------------------------
@@ -356,7 +357,7 @@ class Worker:
         if self.waiting() + len(jobs) > self.max_queue:
             raise APIError(f"the server is busy: {self.waiting()} requests are waiting (--max_queue "
                            f"{self.max_queue}); retry shortly", status=429, type="rate_limit_error",
-                           code="server_busy")
+                           code="server_busy", headers={"Retry-After": "1"})
         for job in jobs:
             self.inbox.put(job)
 
