@@ -669,24 +669,69 @@ def test_pickled_checkpoint_is_refused(tmp_path):
         gpt.load_checkpoint(path)
 
 
+KILLED_WRITER = """
+import io, os, sys, time
+import torch
+sys.path.insert(0, sys.argv[3])
+from gpt import save_checkpoint
+
+path, moment = sys.argv[1], sys.argv[2]
+armed, fsyncs = False, 0
+save, fsync, replace = torch.save, os.fsync, os.replace
+
+
+def stop_here(where):  # the second save waits at `moment` to be killed
+    if armed and where == moment:
+        print(where, flush=True)
+        time.sleep(600)
+
+
+def half_saved(obj, f):
+    if armed and moment == "writing":
+        buffer = io.BytesIO()
+        save(obj, buffer)
+        with open(f, "wb") as out:
+            out.write(buffer.getvalue()[:buffer.tell() // 2])
+        stop_here("writing")
+    save(obj, f)
+
+
+def counted_fsync(fd):
+    global fsyncs
+    fsyncs += 1
+    stop_here("file fsync" if fsyncs % 2 else "folder fsync")
+    fsync(fd)
+
+
+def stopped_replace(src, dst):
+    stop_here("rename")
+    replace(src, dst)
+
+
+torch.save, os.fsync, os.replace = half_saved, counted_fsync, stopped_replace
+for i in (1, 2):
+    armed = i == 2
+    save_checkpoint({"model": {"w": torch.full((1000,), float(i))}, "i": i}, path)
+print("not stopped", flush=True)
+"""
+
+
 def test_a_killed_writer_never_leaves_a_broken_checkpoint(tmp_path):
-    """SIGKILL during save_checkpoint: the file on disk is always the old or the new checkpoint."""
-    path = tmp_path / "ckpt.pt"
-    writer = (
-        "import sys, torch; sys.path.insert(0, %r); from gpt import save_checkpoint\n"
-        "i = 0\n"
-        "while True:\n"
-        "    i += 1\n"
-        "    save_checkpoint({'model': {'w': torch.full((4_000_000,), float(i))}, 'i': i}, %r)\n"
-        "    print(i, flush=True)\n" % (str(ROOT), str(path)))
-    for attempt in range(5):
-        proc = subprocess.Popen([sys.executable, "-c", writer], stdout=subprocess.PIPE, text=True)
-        proc.stdout.readline()  # one complete save exists
-        time.sleep(0.05 + 0.07 * attempt)  # land the kill at different moments of a save
-        proc.kill()
-        proc.wait()
-        ckpt = torch.load(path, weights_only=True)
-        assert (ckpt["model"]["w"] == ckpt["i"]).all()
+    """SIGKILL at each moment of save_checkpoint replacing a checkpoint (half of the new file
+    written, before its fsync, before the rename, after it) leaves the old checkpoint whole until
+    the rename and the new one whole from then on."""
+    moments = {"writing": 1, "file fsync": 1, "rename": 1, "folder fsync": 2}  # the checkpoint then
+    writers = {moment: subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(tmp_path / f"{i}.pt"), moment,
+                                         str(ROOT)], stdout=subprocess.PIPE, text=True)
+               for i, moment in enumerate(moments)}
+    for i, (moment, proc) in enumerate(writers.items()):
+        try:
+            assert proc.stdout.readline().strip() == moment  # it waits there
+        finally:
+            proc.kill()
+            proc.communicate()
+        ckpt = torch.load(tmp_path / f"{i}.pt", weights_only=True)
+        assert ckpt["i"] == moments[moment] and (ckpt["model"]["w"] == ckpt["i"]).all(), moment
 
 
 def test_plot_draws_the_loss_curves(char_data, out_dir, monkeypatch):
