@@ -139,13 +139,18 @@ DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
 def resolve_device(name):
-    """'auto' picks cuda, then mps, then cpu; asking for a device that is absent is an error."""
+    """'auto' picks cuda, then mps, then cpu; asking for a device that is absent is an error.
+
+    A CUDA device comes back with its index ('cuda' is the current one, normally 'cuda:0') and
+    is made the current device: calls that take no device (synchronize, the RNG state,
+    pin_memory) then act on the GPU this process computes on, not on GPU 0."""
     import torch
 
     if name == "auto":
         if torch.cuda.is_available():
-            return "cuda"
-        return "mps" if torch.backends.mps.is_available() else "cpu"
+            name = "cuda"
+        else:
+            return "mps" if torch.backends.mps.is_available() else "cpu"
     kind = name.split(":")[0]
     if kind == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device '{name}' requested but CUDA is not available here (try --device=cpu)")
@@ -153,6 +158,18 @@ def resolve_device(name):
         raise UserError(f"device '{name}' requested but MPS is not available here (try --device=cpu)")
     if kind not in ("cpu", "cuda", "mps"):
         raise UserError(f"unknown device '{name}' (use auto, cpu, cuda, cuda:N or mps)")
+    if kind == "cuda":
+        try:
+            index = torch.device(name).index
+        except RuntimeError:  # 'cuda:x'
+            raise UserError(f"unknown device '{name}' (use auto, cpu, cuda, cuda:N or mps)") from None
+        index = torch.cuda.current_device() if index is None else index
+        count = torch.cuda.device_count()
+        if index >= count:
+            raise UserError(f"device '{name}' requested but this machine has {count} CUDA device(s): "
+                            f"cuda:0 to cuda:{count - 1}")
+        torch.cuda.set_device(index)
+        return f"cuda:{index}"
     # There is one CPU device: 'cpu:0' would tag checkpoint storages that torch.load cannot map.
     return "cpu" if kind == "cpu" else name
 
@@ -178,6 +195,15 @@ def cpu_has_bf16():
     return torch.backends.cpu.get_cpu_capability().startswith("AVX512") and isa_allows_bf16
 
 
+def cuda_has_bf16(device):
+    """True on GPUs that compute in bf16 natively: compute capability 8.0 (Ampere) and later, and
+    AMD's. torch.cuda.is_bf16_supported() also counts emulation, so it is True on a V100, T4 or
+    P100 too, where bf16 runs several times slower than fp16 (and without flash attention)."""
+    import torch
+
+    return bool(torch.version.hip) or torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def resolve_dtype(name, device):
     """'auto': bf16 where the hardware runs it natively, fp16 on older CUDA GPUs, else fp32."""
     import torch
@@ -185,7 +211,7 @@ def resolve_dtype(name, device):
     kind = device.split(":")[0]
     if name == "auto":
         if kind == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.bfloat16 if cuda_has_bf16(device) else torch.float16
         if kind == "cpu" and cpu_has_bf16():
             return torch.bfloat16
         return torch.float32
@@ -210,7 +236,7 @@ def sync(device):
     import torch
 
     if device.startswith("cuda"):
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
     elif device.startswith("mps"):
         torch.mps.synchronize()
 
@@ -288,7 +314,8 @@ def maybe_compile(model, device, ctx, batch_size, block_size):
         # dimension dynamic, and inductor's code for that is slower).
         x, y = (torch.zeros(batch_size, block_size, dtype=torch.long, device=device) for _ in range(2))
         # fork_rng: the warm-up's dropout must not draw from the run's random numbers, which a
-        # resume has just restored (resuming would no longer be exact)
+        # resume has just restored (resuming would no longer be exact); on CUDA, those of the
+        # model's GPU, whose index resolve_device names
         cuda_devices = [torch.device(device).index or 0] if device.startswith("cuda") else []
         with torch.random.fork_rng(devices=cuda_devices), ctx:
             compiled(x, y)  # two tensors: dynamo would specialise the graph on `idx is targets`

@@ -109,8 +109,8 @@ class Settings:
                                         "log step until the decay starts); 0 = off")
     # system
     device: str = setting("auto", "'auto' (cuda, then mps, then cpu) | 'cpu' | 'cuda' | 'cuda:1' | 'mps'")
-    dtype: str = setting("auto", "'auto' (bf16 where native, fp16 on older GPUs, else fp32) | 'float32' "
-                                 "| 'bfloat16' | 'float16'")
+    dtype: str = setting("auto", "'auto' (bf16 where native, fp16 on older GPUs, fp32 with fsdp there, else "
+                                 "fp32) | 'float32' | 'bfloat16' | 'float16'")
     compile: bool = setting(False, "torch.compile the model (falls back with a warning where it fails; with "
                                    "fsdp, each Block, without the fallback)")
     backend: str = setting("auto", "DDP/FSDP backend: 'auto' (nccl on CUDA, gloo otherwise) | 'nccl' | 'gloo'")
@@ -470,7 +470,10 @@ def setup_runtime(cfg):
     device = resolve_device(device)
     dtype = resolve_dtype(cfg["dtype"], device)
     if cfg["fsdp"] and dtype == torch.float16:  # GradScaler's skipped steps would have to agree across shards
-        raise UserError("fsdp trains in bfloat16 or float32, not float16: pass --dtype=bfloat16 (or float32)")
+        if cfg["dtype"] != "auto":
+            raise UserError("fsdp trains in bfloat16 or float32, not float16: pass --dtype=bfloat16 (or float32)")
+        dtype = torch.float32
+        print0(f"dtype auto: {device} has no native bfloat16 and fsdp does not train in float16, so float32")
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=(dtype == torch.float16))
     return Runtime(rank, local_rank, world_size, device, dtype, autocast_context(device, dtype), scaler,
                    fsdp=cfg["fsdp"])

@@ -1,0 +1,117 @@
+"""The CUDA paths, checked on a CPU: the device facts (capability, name, device count, RNG
+calls) are faked where a decision reads them, and DDP runs on gloo. What each test guards is in
+its docstring: precision per GPU generation, TF32, which GPU a process uses, RNG and scaler state
+across a resume, DDP before compile, how a checkpoint is read, the process group's end, and
+`bench.py gpu` on a machine with nothing but this repository."""
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import types
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import bench
+import common
+import gpt
+import tokenizer
+import train
+from common import UserError
+from conftest import ROOT, run_in_process
+from test_train import TINY, losses, metrics, train_run
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """torch.cuda as two GPUs (cuda:0 of compute capability 8.0, cuda:1 of 7.0 unless a test
+    changes `capability`), whose bf16 check counts emulation as torch's does; the calls that
+    take a device, or the current one, are recorded in `calls`."""
+    gpu = types.SimpleNamespace(capability={0: (8, 0), 1: (7, 0)}, name="NVIDIA A100-SXM4-80GB", current=0,
+                                calls=[])
+
+    def index(device=None):
+        if device is None:
+            return gpu.current
+        return device if isinstance(device, int) else torch.device(device).index or 0
+
+    def set_device(device):
+        gpu.current = index(device)
+        gpu.calls.append(("set_device", gpu.current))
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(gpu.capability))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: gpu.current)
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: gpu.capability[index(device)])
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: gpu.name)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: gpu.calls.append(("synchronize", device)))
+    monkeypatch.setattr(torch.cuda, "set_rng_state",
+                        lambda state, device="cuda": gpu.calls.append(("set_rng_state", device)))
+    yield gpu
+    common._peak_flops.cache_clear()  # peaks measured or looked up for the fake GPU
+
+
+# ----------------------------------------------------------------------------------------------
+# Precision: bf16 only where a GPU runs it natively; TF32 for float32 matmuls
+
+
+@pytest.mark.parametrize("capability, dtype", [((6, 0), torch.float16), ((7, 0), torch.float16),
+                                               ((7, 5), torch.float16), ((8, 0), torch.bfloat16),
+                                               ((8, 9), torch.bfloat16), ((9, 0), torch.bfloat16)])
+def test_auto_dtype_is_bf16_from_ampere_on_and_fp16_before(fake_gpu, capability, dtype):
+    """torch.cuda.is_bf16_supported() is True on a P100, V100 or T4 too (it counts emulation, several
+    times slower than fp16): `auto` must choose by compute capability, fp16 below 8.0, so that those
+    GPUs train in fp16 with a GradScaler."""
+    fake_gpu.capability[0] = capability
+    assert common.resolve_dtype("auto", "cuda:0") == dtype
+
+
+def test_auto_dtype_asks_the_gpu_the_process_runs_on(fake_gpu):
+    """On a machine with an Ampere cuda:0 and an older cuda:1, a process on cuda:1 gets fp16."""
+    assert common.resolve_dtype("auto", "cuda:1") == torch.float16
+    assert common.resolve_dtype("auto", "cuda:0") == torch.bfloat16
+
+
+def runtime_for(monkeypatch, device, *args):
+    """train.setup_runtime for the settings of `args`, as one process on `device`."""
+    monkeypatch.setattr(train, "setup_distributed", lambda cfg: (0, 0, 1, device))
+    return train.setup_runtime(train.load_config([*TINY, *args, f"--device={device}"]))
+
+
+def test_fsdp_with_auto_dtype_on_a_gpu_without_bf16_trains_in_fp32_and_says_so(fake_gpu, monkeypatch, capsys):
+    """FSDP does not train in fp16 (its GradScaler's skipped steps would have to agree across
+    shards): `auto` on a GPU without native bf16 gives fp32 under fsdp, with one line saying why;
+    an explicit float16 stays an error."""
+    rt = runtime_for(monkeypatch, "cuda:1", "--fsdp", "--dtype=auto")
+    assert rt.dtype == torch.float32 and not rt.scaler.is_enabled()
+    assert "cuda:1 has no native bfloat16 and fsdp does not train in float16, so float32" in capsys.readouterr().out
+    with pytest.raises(UserError, match="fsdp trains in bfloat16 or float32"):
+        runtime_for(monkeypatch, "cuda:1", "--fsdp", "--dtype=float16")
+
+
+# ----------------------------------------------------------------------------------------------
+# The GPU a process runs on
+
+
+def test_a_cuda_device_becomes_the_current_one_with_its_index(fake_gpu):
+    """One process on cuda:1 must sync, save and restore RNG state, pin memory and check bf16 on
+    cuda:1, not GPU 0: resolve_device makes it the current device and names its index."""
+    assert common.resolve_device("cuda:1") == "cuda:1"
+    assert ("set_device", 1) in fake_gpu.calls and fake_gpu.current == 1
+    common.sync("cuda:1")
+    assert fake_gpu.calls[-1] == ("synchronize", "cuda:1")
+    fake_gpu.current = 0
+    assert common.resolve_device("cuda") == "cuda:0" and common.resolve_device("auto") == "cuda:0"
+    with pytest.raises(UserError, match="has 2 CUDA device"):
+        common.resolve_device("cuda:2")
+    with pytest.raises(UserError, match="unknown device 'cuda:x'"):
+        common.resolve_device("cuda:x")
