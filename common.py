@@ -13,6 +13,7 @@ import argparse
 import difflib
 import functools
 import os
+import re
 import sys
 import time
 from contextlib import nullcontext
@@ -222,6 +223,19 @@ def resolve_dtype(name, device):
     return getattr(torch, name)
 
 
+def use_tf32(device):
+    """Let float32 matmuls on a CUDA GPU with TF32 tensor cores (compute capability 8.0 and later)
+    use them: torch.set_float32_matmul_precision("high"), inputs rounded to a 10-bit mantissa,
+    sums in fp32, several times the throughput. Returns True where it did; elsewhere (a CPU, an
+    older GPU) nothing changes."""
+    import torch
+
+    if not device.startswith("cuda") or torch.version.hip or torch.cuda.get_device_capability(device) < (8, 0):
+        return False
+    torch.set_float32_matmul_precision("high")
+    return True
+
+
 def autocast_context(device, dtype):
     """Mixed precision for the forward pass: weights stay fp32, matmuls run in `dtype`."""
     import torch
@@ -256,11 +270,21 @@ def peak_memory_mb(device):
 
 
 # Dense bf16/fp16 tensor-core peaks (FLOP/s) of common cards, from their data sheets; MFU on CUDA
-# is reported against these (a matmul probe reaches only 60-80% of them).
-# The first key found in the device's name wins: an SXM H100 calls itself "NVIDIA H100 80GB HBM3".
+# is reported against these (a matmul probe reaches only 60-80% of them). A key matches whole words
+# of the device's name ("NVIDIA A100-SXM4-80GB" is an A100, "NVIDIA RTX A1000" is not), and the
+# first key that matches wins: an SXM H100 calls itself "NVIDIA H100 80GB HBM3".
 GPU_PEAK_FLOPS = {"H200": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12,
                   "A100": 312e12, "L40S": 362e12, "L40": 181e12, "L4": 121e12, "A10G": 70e12, "A10": 125e12,
                   "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12}
+
+
+def gpu_peak_flops(name):
+    """The dense bf16/fp16 peak of the card called `name` (torch.cuda.get_device_name), or None
+    for a card not in GPU_PEAK_FLOPS."""
+    for card, peak in GPU_PEAK_FLOPS.items():
+        if re.search(rf"(?<![A-Za-z0-9]){re.escape(card)}(?![A-Za-z0-9])", name):
+            return peak
+    return None
 
 
 def measure_peak_flops(device, dtype):
@@ -277,10 +301,9 @@ def _peak_flops(device, dtype, threads):
     import torch
 
     if device.startswith("cuda") and dtype != torch.float32:
-        name = torch.cuda.get_device_name(device)
-        for card, peak in GPU_PEAK_FLOPS.items():
-            if card in name:
-                return peak
+        peak = gpu_peak_flops(torch.cuda.get_device_name(device))
+        if peak:
+            return peak
     best = 0.0
     for n in ((2048, 4096) if device.startswith("cuda") else (256, 512, 1024, 2048)):
         a = torch.randn(n, n, device=device, dtype=dtype)

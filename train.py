@@ -53,7 +53,8 @@ import numpy as np
 import torch
 
 from common import (UserError, atomic_write_text, autocast_context, maybe_compile, measure_peak_flops,
-                    peak_memory_mb, print0, pyplot, resolve_device, resolve_dtype, run_main, save_figure, sync)
+                    peak_memory_mb, print0, pyplot, resolve_device, resolve_dtype, run_main, save_figure, sync,
+                    use_tf32)
 from engine import generate
 from gpt import GPT, GPTConfig, is_hub_model_id, load_checkpoint, model_from_checkpoint, save_checkpoint
 from tokenizer import load_tokenizer
@@ -111,6 +112,8 @@ class Settings:
     device: str = setting("auto", "'auto' (cuda, then mps, then cpu) | 'cpu' | 'cuda' | 'cuda:1' | 'mps'")
     dtype: str = setting("auto", "'auto' (bf16 where native, fp16 on older GPUs, fp32 with fsdp there, else "
                                  "fp32) | 'float32' | 'bfloat16' | 'float16'")
+    tf32: bool = setting(True, "float32 runs on CUDA GPUs from Ampere on: matmuls on TF32 tensor cores (a 10-bit "
+                               "mantissa, several times faster); False: exact float32")
     compile: bool = setting(False, "torch.compile the model (falls back with a warning where it fails; with "
                                    "fsdp, each Block, without the fallback)")
     backend: str = setting("auto", "DDP/FSDP backend: 'auto' (nccl on CUDA, gloo otherwise) | 'nccl' | 'gloo'")
@@ -146,8 +149,8 @@ LR_KEYS = ("learning_rate", "min_lr", "warmup_iters", "lr_decay_iters", "decay_l
            "cooldown_frac")
 # What a resumed run may change (one line says so); anything else would make it another run.
 CHANGEABLE_ON_RESUME = ("eval_interval", "eval_iters", "log_interval", "patience", "always_save_checkpoint",
-                        "dropout", "grad_clip", "device", "dtype", "compile", "backend", "fsdp", "grad_checkpoint",
-                        "tensorboard_log", "wandb_log", "wandb_project", "wandb_run_name",
+                        "dropout", "grad_clip", "device", "dtype", "tf32", "compile", "backend", "fsdp",
+                        "grad_checkpoint", "tensorboard_log", "wandb_log", "wandb_project", "wandb_run_name",
                         "eval_sample_tokens", "eval_sample_prompt")
 
 
@@ -474,6 +477,8 @@ def setup_runtime(cfg):
             raise UserError("fsdp trains in bfloat16 or float32, not float16: pass --dtype=bfloat16 (or float32)")
         dtype = torch.float32
         print0(f"dtype auto: {device} has no native bfloat16 and fsdp does not train in float16, so float32")
+    if dtype == torch.float32 and cfg["tf32"] and use_tf32(device):
+        print0(f"float32 matmuls on {device} run on TF32 tensor cores (--tf32=False: exact float32)")
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=(dtype == torch.float16))
     return Runtime(rank, local_rank, world_size, device, dtype, autocast_context(device, dtype), scaler,
                    fsdp=cfg["fsdp"])

@@ -60,6 +60,14 @@ def fake_gpu(monkeypatch):
     common._peak_flops.cache_clear()  # peaks measured or looked up for the fake GPU
 
 
+@pytest.fixture
+def float32_matmul_precision():
+    """torch's float32 matmul precision, put back after the test."""
+    saved = torch.get_float32_matmul_precision()
+    yield
+    torch.set_float32_matmul_precision(saved)
+
+
 # ----------------------------------------------------------------------------------------------
 # Precision: bf16 only where a GPU runs it natively; TF32 for float32 matmuls
 
@@ -96,6 +104,36 @@ def test_fsdp_with_auto_dtype_on_a_gpu_without_bf16_trains_in_fp32_and_says_so(f
     assert "cuda:1 has no native bfloat16 and fsdp does not train in float16, so float32" in capsys.readouterr().out
     with pytest.raises(UserError, match="fsdp trains in bfloat16 or float32"):
         runtime_for(monkeypatch, "cuda:1", "--fsdp", "--dtype=float16")
+
+
+@pytest.mark.parametrize("device, args, tf32", [("cuda:0", [], True), ("cuda:0", ["--tf32=False"], False),
+                                                ("cuda:1", [], False), ("cpu", [], False)])
+def test_float32_runs_on_ampere_gpus_use_tf32_unless_told_not_to(fake_gpu, monkeypatch, capsys,
+                                                                 float32_matmul_precision, device, args, tf32):
+    """A float32 run on a GPU with TF32 tensor cores (capability 8.0 on) sets float32 matmuls to
+    "high" precision and says so; --tf32=False keeps them exact, and an older GPU or a CPU is left
+    as it is."""
+    torch.set_float32_matmul_precision("highest")
+    runtime_for(monkeypatch, device, "--dtype=float32", *args)
+    assert torch.get_float32_matmul_precision() == ("high" if tf32 else "highest")
+    assert ("run on TF32 tensor cores (--tf32=False: exact float32)" in capsys.readouterr().out) == tf32
+
+
+@pytest.mark.parametrize("name, peak", [
+    ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA A100 80GB PCIe", 312e12), ("NVIDIA RTX A1000", None),
+    ("NVIDIA A10", 125e12), ("NVIDIA A10G", 70e12), ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
+    ("NVIDIA H100 NVL", 835e12), ("NVIDIA H200", 989e12), ("NVIDIA L4", 121e12), ("NVIDIA L40S", 362e12),
+    ("NVIDIA L40", 181e12), ("Tesla T4", 65e12), ("Tesla V100-SXM2-16GB", 125e12),
+    ("NVIDIA GeForce RTX 4090", 165e12), ("NVIDIA RTX A4000", None), ("NVIDIA GeForce RTX 3090 Ti", 71e12)])
+def test_a_gpu_name_gets_the_peak_of_the_card_it_names_in_whole_words(name, peak):
+    """MFU's denominator: a table key matches whole words of the device name, so an "RTX A1000"
+    is not an A100 (a 6x too low MFU), nor an L40S an L40 or an A10G an A10."""
+    assert common.gpu_peak_flops(name) == peak
+
+
+def test_mfu_on_a_known_gpu_is_against_its_data_sheet_peak(fake_gpu):
+    common._peak_flops.cache_clear()
+    assert common.measure_peak_flops("cuda:0", torch.bfloat16) == 312e12
 
 
 # ----------------------------------------------------------------------------------------------
