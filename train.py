@@ -597,14 +597,15 @@ def check_logging_packages(cfg):
 def restore(ckpt, raw_model, optimizer, scaler, batch_rng, rt, seed):
     """Continue exactly where a checkpoint left off: optimizer, scaler, batch stream, RNG."""
     load_optimizer_state(raw_model, optimizer, ckpt["optimizer"], rt)
-    scaler.load_state_dict(ckpt["scaler"])
+    if ckpt["scaler"]:  # a bf16 or fp32 run stores a disabled scaler's {}: fp16 then starts its scale afresh
+        scaler.load_state_dict(ckpt["scaler"])
     batch_rng.bit_generator.state = ckpt["rng"]["batches"]
     if ckpt["rng"]["world_size"] == rt.world_size == 1:
         torch.set_rng_state(ckpt["rng"]["torch"].cpu())
-    else:  # per-rank dropout streams are not saved; re-seed them, distinct per rank and step
+        if rt.device_type == "cuda" and "cuda" in ckpt["rng"]:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu(), rt.device)
+    else:  # per-rank dropout streams are not saved; re-seed them (CPU and CUDA), distinct per rank and step
         torch.manual_seed(seed + rt.rank + 1000 * ckpt["iter_num"])
-    if rt.device_type == "cuda" and "cuda" in ckpt["rng"]:
-        torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu())
     return Progress(ckpt["iter_num"], ckpt["best_val_loss"], ckpt["evals_since_best"], ckpt["elapsed_s"])
 
 
@@ -1027,7 +1028,7 @@ def train(cfg):
         if full:
             rng = dict(batches=batch_rng.bit_generator.state, torch=torch.get_rng_state(), world_size=rt.world_size)
             if rt.device_type == "cuda":
-                rng["cuda"] = torch.cuda.get_rng_state()
+                rng["cuda"] = torch.cuda.get_rng_state(rt.device)
             state |= dict(optimizer=optimizer_state, scaler=rt.scaler.state_dict(), rng=rng, budget=budget,
                           evals_since_best=progress.evals_since_best,
                           elapsed_s=progress.elapsed_s + time.time() - t_start)

@@ -153,3 +153,53 @@ def test_a_cuda_device_becomes_the_current_one_with_its_index(fake_gpu):
         common.resolve_device("cuda:2")
     with pytest.raises(UserError, match="unknown device 'cuda:x'"):
         common.resolve_device("cuda:x")
+
+
+# ----------------------------------------------------------------------------------------------
+# Resuming: RNG and scaler state
+
+
+def resume_state(model, optimizer, scaler_state, world_size):
+    """What restore() reads from a ckpt.pt written by a run of `world_size` processes."""
+    return dict(optimizer=optimizer.state_dict(), scaler=scaler_state,
+                rng=dict(batches=np.random.default_rng(0).bit_generator.state, torch=torch.get_rng_state(),
+                         cuda=torch.zeros(16, dtype=torch.uint8), world_size=world_size),
+                iter_num=10, best_val_loss=2.0, evals_since_best=0, elapsed_s=1.0)
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    return gpt.GPT(gpt.GPTConfig(block_size=8, vocab_size=16, n_layer=1, n_head=2, n_embd=8))
+
+
+def restore_as(ckpt, rank, world_size, device, scaler):
+    model = tiny_model()
+    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    rt = train.Runtime(rank, rank, world_size, device, torch.float32, contextlib.nullcontext(), scaler)
+    return train.restore(ckpt, model, optimizer, scaler, np.random.default_rng(1), rt, seed=1337)
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_a_multi_gpu_resume_reseeds_each_ranks_cuda_generator(fake_gpu, world_size):
+    """The stored CUDA generator is rank 0's: restoring it on every rank after a DDP or FSDP resume
+    gives all ranks the same dropout masks. It is restored only where the CPU's is (one process
+    resumed as one), on the process's own GPU; otherwise every rank re-seeds."""
+    model = tiny_model()
+    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    ckpt = resume_state(model, optimizer, {}, world_size)
+    restore_as(ckpt, 1 if world_size == 2 else 0, world_size, "cuda:1", torch.amp.GradScaler("cpu", enabled=False))
+    restored = [call for call in fake_gpu.calls if call[0] == "set_rng_state"]
+    assert restored == ([("set_rng_state", "cuda:1")] if world_size == 1 else [])
+
+
+def test_resuming_a_bf16_or_fp32_run_in_fp16_starts_a_fresh_scaler():
+    """A bf16 or fp32 run stores its disabled GradScaler's state, {}; an enabled one (fp16) refuses
+    {} with a RuntimeError. The resume then starts the scale afresh; a stored fp16 scale is kept."""
+    model = tiny_model()
+    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    scaler = torch.amp.GradScaler("cpu", enabled=True)
+    progress = restore_as(resume_state(model, optimizer, {}, 1), 0, 1, "cpu", scaler)
+    assert progress.iter_num == 10 and scaler.get_scale() == 2.0**16
+    stored = torch.amp.GradScaler("cpu", init_scale=8.0, enabled=True).state_dict()
+    restore_as(resume_state(model, optimizer, stored, 1), 0, 1, "cpu", scaler)
+    assert scaler.get_scale() == 8.0
