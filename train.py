@@ -870,15 +870,20 @@ def budget_spent(cfg, budget, it, step_s, used_s, rt):
 # Training
 
 def step_model(raw_model, cfg, rt, batches):
-    """The model the training steps call: compiled if cfg says so, in DDP under torchrun; with fsdp,
-    raw_model itself, sharded in place (so the optimizer is made after this, on the shards)."""
+    """The model the training steps call: in DDP under torchrun, then compiled if cfg says so; with
+    fsdp, raw_model itself, sharded in place (so the optimizer is made after this, on the shards)."""
     raw_model.grad_checkpoint = cfg["grad_checkpoint"]
     if rt.fsdp:
         return shard_model(raw_model, cfg, rt)
-    model = maybe_compile(raw_model, rt.device, rt.ctx, batches.B, batches.T) if cfg["compile"] else raw_model
+    model = raw_model
     if rt.distributed:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
+    if cfg["compile"]:
+        # DDP first: compiling DDP's module splits its graph at DDP's gradient buckets (dynamo's
+        # DDPOptimizer), so each bucket's all-reduce overlaps the backward of the layers before it.
+        # A model compiled before DDP wraps it has one backward graph, and every all-reduce after it.
+        model = maybe_compile(model, rt.device, rt.ctx, batches.B, batches.T)
     return model
 
 

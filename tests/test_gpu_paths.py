@@ -203,3 +203,55 @@ def test_resuming_a_bf16_or_fp32_run_in_fp16_starts_a_fresh_scaler():
     stored = torch.amp.GradScaler("cpu", init_scale=8.0, enabled=True).state_dict()
     restore_as(resume_state(model, optimizer, stored, 1), 0, 1, "cpu", scaler)
     assert scaler.get_scale() == 8.0
+
+
+# ----------------------------------------------------------------------------------------------
+# DDP, then compile
+
+
+@pytest.fixture
+def one_process_group():
+    """A gloo process group of this process alone (DDP's real reducer, no second process)."""
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    yield
+    torch.distributed.destroy_process_group()
+
+
+def test_compile_wraps_ddp_rather_than_ddp_a_compiled_model(monkeypatch, one_process_group):
+    """torch.compile must see the DDP module: dynamo then splits the graph at DDP's gradient buckets
+    so that their all-reduces overlap the backward (a compiled model inside DDP leaves them all
+    after it). The compile warm-up's forward through DDP, with no backward after it, must not
+    disturb the first training step."""
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda model: compiled.append(model) or model)
+    rt = train.Runtime(0, 0, 2, "cpu", torch.float32, contextlib.nullcontext(),
+                       torch.amp.GradScaler("cpu", enabled=False))
+    cfg = train.DEFAULTS | dict(compile=True, grad_checkpoint=False)
+    raw_model = tiny_model()
+    model = train.step_model(raw_model, cfg, rt, types.SimpleNamespace(B=2, T=8))
+    assert len(compiled) == 1 and isinstance(compiled[0], torch.nn.parallel.DistributedDataParallel)
+    assert compiled[0].module is raw_model and model is compiled[0]
+    x = torch.randint(0, 16, (2, 8))
+    model.require_backward_grad_sync = True
+    _, loss = model(x, x)
+    loss.backward()
+    assert all(p.grad is not None for p in raw_model.parameters())
+
+
+@pytest.mark.slow
+def test_two_compiled_ddp_ranks_train_as_one_eager_process(char_data, tmp_path):
+    """torch.compile of the DDP module on 2 gloo ranks (the graph split at DDP's buckets, each
+    bucket all-reduced from inside the compiled backward) gives one eager process's losses with
+    twice the accumulation."""
+    settings = ["--max_iters=6", "--eval_interval=6", "--log_interval=1", "--gradient_accumulation_steps=2"]
+    train_run(char_data, tmp_path / "one", *settings)
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"),
+         *TINY, f"--dataset={char_data}", f"--out_dir={tmp_path / 'ddp'}", *settings, "--compile=True"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "torch.compile failed" not in result.stdout
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "ddp")
+    assert sorted(two) == list(range(1, 7))
+    for it in one:
+        assert two[it] == pytest.approx(one[it], rel=1e-4), it
