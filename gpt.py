@@ -420,9 +420,12 @@ def save_checkpoint(obj, path):
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
-def load_checkpoint(path, device="cpu", mmap=False):
+def load_checkpoint(path, device="cpu", mmap=True):
     """Load a checkpoint written by save_checkpoint; never unpickles arbitrary objects. mmap=True
-    reads tensors only when touched (for a checkpoint's settings without its weights)."""
+    maps the file and reads a tensor only when it is touched: a resume checkpoint's AdamW moments
+    (twice the weights) cost nothing until the optimizer takes them, its settings nothing more.
+    Leave `device` at the CPU and let model_from_checkpoint move the weights: a GPU there would
+    receive every tensor of the file."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
@@ -441,13 +444,15 @@ def load_checkpoint(path, device="cpu", mmap=False):
 
 
 def model_from_checkpoint(ckpt, device="cpu", dropout=0.0):
-    """Build the GPT a checkpoint describes and load its weights."""
+    """Build the GPT a checkpoint describes on `device` and copy its weights in (from a checkpoint
+    on the CPU: no second copy of the model there)."""
     try:
-        model = GPT(GPTConfig(**{**ckpt["model_args"], "dropout": dropout}))
+        with torch.device(device):
+            model = GPT(GPTConfig(**{**ckpt["model_args"], "dropout": dropout}))
         model.load_state_dict(ckpt["model"])
     except (TypeError, ValueError, RuntimeError) as e:  # unknown field, size mismatch, missing key
         raise UserError(f"checkpoint's weights do not match its model_args: {str(e).splitlines()[0]}") from None
-    return model.to(device)
+    return model
 
 
 @contextlib.contextmanager

@@ -721,7 +721,7 @@ def build_model(cfg, vocab_size, tokenizer, device):
             raise UserError(f"cannot load {path}: {e}") from None
         ckpt = {"model_args": asdict(model.config), "tokenizer": None}  # GPT-2's own BPE
     else:
-        ckpt = load_checkpoint(path, device)
+        ckpt = load_checkpoint(path)  # mapped into CPU memory: of its tensors only the weights go to `device`
         model = model_from_checkpoint(ckpt, device, cfg["dropout"])
     check_compatible(cfg, ckpt, vocab_size, tokenizer, path, resume=(init == "resume"))
     if model.config.vocab_size < vocab_size:  # a base model meets the chat markers (check_compatible allowed it)

@@ -255,3 +255,41 @@ def test_two_compiled_ddp_ranks_train_as_one_eager_process(char_data, tmp_path):
     assert sorted(two) == list(range(1, 7))
     for it in one:
         assert two[it] == pytest.approx(one[it], rel=1e-4), it
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading a checkpoint: to the CPU, mapped; only the weights go to the device
+
+
+def test_a_checkpoint_is_read_to_the_cpu_and_only_its_weights_reach_the_device(tmp_path, monkeypatch):
+    """ckpt.pt holds AdamW's two moments beside the weights: read with map_location=cuda they
+    would all land on the GPU (GPT-2 XL: ~19 GB before the model exists), and under FSDP each
+    rank would read the whole file into its own memory. The file is mapped into CPU memory and
+    the model built on the device takes only the weights ("meta" stands in for the GPU)."""
+    model = tiny_model()
+    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    _, loss = model(torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 8, dtype=torch.long))
+    loss.backward()
+    optimizer.step()
+    tok = tokenizer.Tokenizer("char", chars="abcdefghijklmnop")
+    path = tmp_path / "ckpt.pt"
+    gpt.save_checkpoint(dict(model=model.state_dict(), model_args=asdict(model.config), tokenizer=tok.to_dict(),
+                             optimizer=optimizer.state_dict(), config={}, iter_num=1, best_val_loss=1.0), path)
+    loads = []
+    real_load = torch.load
+
+    def recording_load(*args, **kwargs):
+        loads.append(kwargs)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", recording_load)
+    cfg = train.DEFAULTS | dict(init_from=str(path), n_layer=1, n_head=2, n_embd=8, block_size=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # copying into meta parameters is a no-op, and torch says so
+        loaded, ckpt = train.build_model(cfg, tok.vocab_size, tok, "meta")
+    assert [(k["map_location"], k["mmap"]) for k in loads] == [("cpu", True)]
+    assert {p.device.type for p in loaded.parameters()} == {"meta"}
+    assert ckpt["optimizer"]["state"][0]["exp_avg"].device.type == "cpu"
+    on_cpu = gpt.model_from_checkpoint(gpt.load_checkpoint(path), "cpu")
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(on_cpu.state_dict()[name], tensor), name
