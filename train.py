@@ -420,6 +420,7 @@ class Runtime:
     ctx: object  # autocast, or a no-op in fp32
     scaler: torch.amp.GradScaler  # a no-op unless fp16
     fsdp: bool = False  # the model is sharded over the ranks (shard_model), not copied to each (DDP)
+    in_process_group: bool = False  # started by torchrun (one process or more): the group to leave at the end
 
     @property
     def distributed(self):
@@ -481,7 +482,7 @@ def setup_runtime(cfg):
         print0(f"float32 matmuls on {device} run on TF32 tensor cores (--tf32=False: exact float32)")
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=(dtype == torch.float16))
     return Runtime(rank, local_rank, world_size, device, dtype, autocast_context(device, dtype), scaler,
-                   fsdp=cfg["fsdp"])
+                   fsdp=cfg["fsdp"], in_process_group=torch.distributed.is_initialized())
 
 
 class Batches:
@@ -1152,7 +1153,7 @@ def train(cfg):
     if stop:
         print0(f"stopped by {signal.Signals(stop).name} at iter {progress.iter_num}; {out_dir / 'ckpt.pt'} "
                f"resumes it (--init_from=resume)")
-    if rt.distributed:
+    if rt.in_process_group:  # one process under torchrun too: NCCL warns at exit about a group left open
         # Wait for rank 0's last checkpoint: a rank that tears down gloo while another still
         # works can abort ("terminate called without an active exception").
         torch.distributed.barrier()
@@ -1214,7 +1215,7 @@ def lr_find(cfg):
            f"for reference, the minimum-loss lr / 10: {lowest / 10:.2e}")
     if rt.master:
         plot_lr_find(cfg, lrs, losses, steepest, lowest)
-    if rt.distributed:
+    if rt.in_process_group:
         torch.distributed.barrier()
         del model  # DDP's reducer holds the process group: release it before the group goes
         torch.distributed.destroy_process_group()

@@ -68,6 +68,12 @@ def float32_matmul_precision():
     torch.set_float32_matmul_precision(saved)
 
 
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 # ----------------------------------------------------------------------------------------------
 # Precision: bf16 only where a GPU runs it natively; TF32 for float32 matmuls
 
@@ -293,3 +299,24 @@ def test_a_checkpoint_is_read_to_the_cpu_and_only_its_weights_reach_the_device(t
     on_cpu = gpt.model_from_checkpoint(gpt.load_checkpoint(path), "cpu")
     for name, tensor in model.state_dict().items():
         assert torch.equal(on_cpu.state_dict()[name], tensor), name
+
+
+# ----------------------------------------------------------------------------------------------
+# The process group ends with the run, one process or more
+
+
+@pytest.mark.parametrize("mode", [[], ["--lr_find", "--lr_find_iters=4"]])
+def test_one_process_under_torchrun_leaves_its_process_group(char_data, tmp_path, monkeypatch, mode):
+    """torchrun with --nproc_per_node=1 joins a process group of one; the run (training or the LR
+    range test) must destroy it before it ends, or NCCL warns at exit that it leaked."""
+    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())).items():
+        monkeypatch.setenv(key, value)
+    try:
+        result = run_in_process(train.main, *TINY, f"--dataset={char_data}", f"--out_dir={tmp_path / 'out'}",
+                                "--max_iters=2", "--eval_interval=2", "--eval_iters=1", *mode)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+        assert not torch.distributed.is_initialized()
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
