@@ -19,6 +19,7 @@ import math
 import os
 import re
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -773,39 +774,68 @@ GPU_RUNS = {  # a row's name: (train.py settings, under torchrun, a long run)
     "bf16 FSDP, 1 GPU": (dict(dtype="bfloat16", fsdp=True), True, False),
     "bf16 grad_checkpoint": (dict(dtype="bfloat16", grad_checkpoint=True), False, False),
 }
-GPT2_VOCAB = {"kind": "gpt2", "vocab_size": 50257, "eot_id": 50256}  # meta.json's entry for GPT-2's BPE
+GPT2_VOCAB_SIZE = 50257  # GPT-2's BPE: the model's embedding and head are GPT-2 small's
 RANDOM_IDS = 1024  # random tokens are ids below this: the loss can fall from ln(50257) = 10.8 to ln(1024) = 6.9
 GPU_LOG_INTERVAL = 5
+GPU_TIME_LIMIT_S = 600  # the runs and decoding; a training run may take what is left, less DECODE_RESERVE_S
+DECODE_RESERVE_S = 60
+
+
+def placeholder_vocab(size=GPT2_VOCAB_SIZE):
+    """meta.json's tokenizer entry for a vocabulary of `size` placeholder characters (U+0100 on,
+    none a surrogate): random token ids need no text, so the runs need no tiktoken files, which a
+    machine without network cannot fetch."""
+    return {"kind": "char", "chars": [chr(0x100 + i) for i in range(size)], "vocab_size": size, "eot_id": None}
 
 
 def random_token_dataset(folder, tokens, seed=0):
-    """A dataset in prepare.py's format (train.bin, val.bin, meta.json) of uniformly random GPT-2
-    ids below RANDOM_IDS: a model learns which ids occur, so its loss falls within a few steps."""
+    """A dataset in prepare.py's format (train.bin, val.bin, meta.json) of uniformly random ids
+    below RANDOM_IDS in a vocabulary of GPT-2's size: a model learns which ids occur, so its loss
+    falls within a few steps."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     for split, n in (("train", tokens), ("val", tokens // 10)):
         rng.integers(0, RANDOM_IDS, size=n, dtype=np.uint16).tofile(folder / f"{split}.bin")
-    meta = dict(format_version=1, tokenizer=GPT2_VOCAB, vocab_size=GPT2_VOCAB["vocab_size"],
-                eot_id=GPT2_VOCAB["eot_id"], dtype="uint16")
+    meta = dict(format_version=1, tokenizer=placeholder_vocab(), vocab_size=GPT2_VOCAB_SIZE, eot_id=None,
+                dtype="uint16")
     (folder / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
     return folder
 
 
-def training_run(settings, torchrun, data_dir, out_dir, steps, model=GPU_MODEL, batch_size=12, device="cuda"):
+def training_run(settings, torchrun, data_dir, out_dir, steps, model=GPU_MODEL, batch_size=12, device="cuda",
+                 timeout=None):
     """train.py for `steps` steps with `settings` on top of a short run's (under torchrun with
     one process when `torchrun`); returns its metrics.jsonl records and None, or the records it
-    wrote and the line that says what went wrong (its error, or torch.compile's fallback to eager)."""
+    wrote and the line that says what went wrong (its error, torch.compile's fallback to eager,
+    or that it ran past `timeout` seconds, when it is stopped with every process it started)."""
     settings = dict(model, dataset=data_dir, out_dir=out_dir, device=device, batch_size=batch_size,
                     gradient_accumulation_steps=1, max_iters=steps, lr_decay_iters=steps,
                     warmup_iters=steps // 10, eval_interval=steps, eval_iters=2,
                     log_interval=GPU_LOG_INTERVAL) | settings  # evaluations at the first and last step
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"] if torchrun else []
     cmd = [sys.executable, *launcher, ROOT / "train.py", *(f"--{k}={v}" for k, v in settings.items())]
-    result = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
+    proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # a process group of its own, to signal as one
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+        timed_out = False
+    except subprocess.TimeoutExpired:
+        # SIGTERM: train.py stops at its next step; torchrun passes it on to its workers (each in
+        # a session of its own) and kills those that have not stopped 30 s later
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            stdout, stderr = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            stdout, stderr = "", ""  # a worker left behind may hold the pipes open
+        timed_out = True
     metrics = Path(out_dir) / "metrics.jsonl"
     records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
-    lines = (result.stderr + result.stdout).strip().splitlines() or [f"exit status {result.returncode}"]
-    if result.returncode == 0:  # train.py falls back to eager with a warning: here that is a failure
+    if timed_out:
+        return records, f"stopped after {timeout:.0f} s, the time left of the check"
+    lines = (stderr + stdout).strip().splitlines() or [f"exit status {proc.returncode}"]
+    if proc.returncode == 0:  # train.py falls back to eager with a warning: here that is a failure
         return records, next((line for line in lines if "torch.compile failed" in line), None)
     error = next((line for line in reversed(lines) if line.startswith("error:")), lines[-1])
     return records, error[:160]  # one line of the table
@@ -890,40 +920,58 @@ def gpu_table(rows):
     return lines
 
 
+def gpu_rows(args, runs=GPU_RUNS, device="cuda", model=GPU_MODEL, peaks=None, time_limit_s=GPU_TIME_LIMIT_S):
+    """The table's rows: each of `runs` through train.py on `device` (random tokens, or
+    args.dataset), then the decoding checks, all within time_limit_s. peaks: FLOP/s per dtype
+    name, MFU's denominators. A run that fails, or that the time left cannot hold, is a FAIL row."""
+    config = GPTConfig(vocab_size=GPT2_VOCAB_SIZE, **model)
+    with torch.device("meta"):
+        flops_per_token = GPT(config).flops_per_token()
+    deadline = time.monotonic() + time_limit_s
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = args.dataset or random_token_dataset(Path(tmp) / "random", 5_000_000)
+        for name, (settings, torchrun, long_run) in runs.items():
+            print(f"  running {name} ...", file=sys.stderr, flush=True)
+            steps = args.steps if long_run else args.short_steps
+            planned = memory_plan(config, args.batch_size, config.block_size, settings["dtype"], 1,
+                                  settings.get("fsdp", False), settings.get("grad_checkpoint", False))["total"]
+            seconds = deadline - DECODE_RESERVE_S - time.monotonic()
+            if seconds < 1:
+                rows.append(dict(run=name, planned_gb=planned / GB, result="FAIL: not run, no time left"))
+                continue
+            with tempfile.TemporaryDirectory() as out_dir:  # its checkpoints (2 GB) go as soon as it is read
+                records, error = training_run(settings, torchrun, data_dir, out_dir, steps, model=model,
+                                              batch_size=args.batch_size, device=device, timeout=seconds)
+            rows.append(training_row(name, records, error, flops_per_token, peaks[settings["dtype"]], planned))
+    print("  running decode ...", file=sys.stderr, flush=True)
+    torch.manual_seed(0)
+    try:
+        rows += gpu_decode_rows(GPT(config).to(device).eval(), args.new_tokens, args.repeats)
+    except (RuntimeError, ValueError) as e:  # out of memory, a kernel that fails: a row of the table
+        rows.append(dict(run="decode", result=f"FAIL: {type(e).__name__}: {str(e).splitlines()[0][:120]}"))
+    return rows
+
+
 def gpu_bench(args):
+    """Needs only this repository and a CUDA GPU: the tokens are random (no tiktoken files, no
+    network), and the whole check ends within --time_limit seconds."""
     if not torch.cuda.is_available():
         raise UserError("bench.py gpu needs a CUDA GPU; torch.cuda.is_available() is False here "
                         f"(torch {torch.__version__})")
-    if (SHARED / "tiktoken").is_dir():  # GPT-2's BPE files without network, as in tests/conftest.py
-        os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken"))
     props = torch.cuda.get_device_properties(0)
-    config = GPTConfig(vocab_size=GPT2_VOCAB["vocab_size"], **GPU_MODEL)
-    with torch.device("meta"):
-        flops_per_token = GPT(config).flops_per_token()
     peaks = {dtype: measure_peak_flops("cuda", getattr(torch, dtype)) for dtype in ("bfloat16", "float16")}
     measured = {dtype: matmul_flops(getattr(torch, dtype)) for dtype in peaks}
     print(f"gpu: {props.name}, {props.total_memory / GB:.0f} GB, torch {torch.__version__}, CUDA {torch.version.cuda}; "
           f"GPT-2 small, micro-batch {args.batch_size} x {GPU_MODEL['block_size']}, "
-          + (f"dataset {args.dataset}" if args.dataset else f"random tokens (ids < {RANDOM_IDS})"))
+          + (f"dataset {args.dataset}" if args.dataset else
+             f"random tokens (ids < {RANDOM_IDS} of a {GPT2_VOCAB_SIZE:,}-token vocabulary)"))
     print("  MFU against the dense peak: " + ", ".join(
         f"{dtype} {peaks[dtype] / 1e12:,.0f} TFLOPS (an 8192^3 matmul measures {measured[dtype] / 1e12:,.0f})"
         for dtype in peaks) + "; planned: `bench.py memory`'s estimate of the eager step")
     print(f"  decoding: batch 1, a 16-token prompt, {args.new_tokens} greedy tokens (a step is one token), "
           f"GPT-2 small's shape with random weights")
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        data_dir = args.dataset or random_token_dataset(Path(tmp) / "random", 5_000_000)
-        for name, (settings, torchrun, long_run) in GPU_RUNS.items():
-            print(f"  running {name} ...", file=sys.stderr, flush=True)
-            steps = args.steps if long_run else args.short_steps
-            with tempfile.TemporaryDirectory() as out_dir:  # its checkpoints (2 GB) go as soon as it is read
-                records, error = training_run(settings, torchrun, data_dir, out_dir, steps, batch_size=args.batch_size)
-            planned = memory_plan(config, args.batch_size, config.block_size, settings["dtype"], 1,
-                                  settings.get("fsdp", False), settings.get("grad_checkpoint", False))["total"]
-            rows.append(training_row(name, records, error, flops_per_token, peaks[settings["dtype"]], planned))
-    print("  running decode ...", file=sys.stderr, flush=True)
-    torch.manual_seed(0)
-    rows += gpu_decode_rows(GPT(config).to("cuda").eval(), args.new_tokens, args.repeats)
+    rows = gpu_rows(args, peaks=peaks, time_limit_s=args.time_limit)
     print("\n".join(gpu_table(rows)))
     failed = [row["run"] for row in rows if row["result"].startswith("FAIL")]
     if failed:
@@ -1003,6 +1051,9 @@ def main():
     p.add_argument("--dataset", help="train on this prepare.py dataset (GPT-2's BPE) instead of random tokens")
     p.add_argument("--new_tokens", type=int, default=128, help="greedy tokens per decoding run")
     p.add_argument("--repeats", type=int, default=3, help="timed decoding runs per method; the median is shown")
+    p.add_argument("--time_limit", type=float, default=GPU_TIME_LIMIT_S,
+                   help="seconds the training runs and decoding may take in all; a run that would pass it is "
+                        "stopped, a FAIL row")
     p.set_defaults(run=gpu_bench)
 
     args = parser.parse_args()

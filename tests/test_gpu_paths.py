@@ -320,3 +320,104 @@ def test_one_process_under_torchrun_leaves_its_process_group(char_data, tmp_path
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------
+# bench.py gpu: nothing but this repository and a GPU
+
+BARE_MACHINE_RUNS = {name: (settings | dict(dtype="float32" if settings["dtype"] == "float16" else settings["dtype"],
+                                            compile=False, learning_rate=1e-2), torchrun, long_run)
+                     for name, (settings, torchrun, long_run) in bench.GPU_RUNS.items()}
+TINY_MODEL = dict(n_layer=1, n_head=2, n_embd=32, block_size=16)
+
+
+@pytest.fixture
+def bare_machine(tmp_path, monkeypatch):
+    """No tiktoken files (an empty cache folder) and no network (a proxy that refuses), for this
+    process and the ones it starts."""
+    (tmp_path / "empty_cache").mkdir()
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty_cache"))
+    for proxy in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
+        monkeypatch.setenv(proxy, "http://127.0.0.1:9")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+
+
+def test_the_gpu_checks_dataset_needs_no_tiktoken_files(tmp_path, monkeypatch):
+    """`bench.py gpu` is the first thing run on a lent GPU machine, which has no tiktoken cache and
+    no network: its random tokens come with a tokenizer of GPT-2's vocabulary size that loads
+    without GPT-2's BPE files."""
+    def no_gpt2_files():
+        raise UserError("GPT-2's BPE files are not cached and could not be downloaded")
+
+    monkeypatch.setattr(tokenizer, "gpt2_encoding", no_gpt2_files)
+    data = bench.random_token_dataset(tmp_path / "random", 1000)
+    tok = tokenizer.load_tokenizer(data)
+    assert tok.vocab_size == 50257 == bench.GPT2_VOCAB_SIZE
+    ids = np.fromfile(data / "train.bin", dtype=np.uint16)
+    assert len(ids) == 1000 and ids.max() < bench.RANDOM_IDS
+
+
+@pytest.mark.slow
+def test_the_gpu_check_runs_its_rows_on_a_cpu_with_nothing_but_this_repository(bare_machine, capsys):
+    """Everything `bench.py gpu` does but the GPU's own kernels, on a CPU at a tiny size, with no
+    tiktoken files and no network: each training run through train.py (bf16 where the GPU's is,
+    fp32 for fp16, eager; FSDP under torchrun with one process), then the decoding checks, every
+    row "ok"; the table prints a line per row."""
+    args = types.SimpleNamespace(dataset=None, steps=10, short_steps=10, batch_size=4, new_tokens=8, repeats=1)
+    rows = bench.gpu_rows(args, runs=BARE_MACHINE_RUNS, device="cpu", model=TINY_MODEL,
+                          peaks={"bfloat16": 1e9, "float32": 1e9})
+    assert [row["run"] for row in rows] == [*bench.GPU_RUNS, "decode fp32, KV cache", "decode fp32, recompute",
+                                            "decode bf16, KV cache"]
+    for row in rows:
+        assert row["result"].startswith("ok"), row
+    assert len(bench.gpu_table(rows)) == 1 + len(rows)
+
+
+def test_the_gpu_check_prints_one_table_and_fails_on_any_failed_row(monkeypatch, fake_gpu):
+    """`bench.py gpu` prints its header and one table, then exits 1 with one error line naming the
+    failed checks; with every row ok it exits 0."""
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: types.SimpleNamespace(name=fake_gpu.name, total_memory=80e9))
+    monkeypatch.setattr(bench, "matmul_flops", lambda dtype: 250e12)
+    outcome = {"bf16 + compile": "ok", "decode fp32, KV cache": "FAIL: its tokens differ from recompute's"}
+    monkeypatch.setattr(bench, "gpu_rows", lambda args, peaks, time_limit_s: [
+        dict(run=name, result=result) for name, result in outcome.items()])
+    result = run_in_process(bench.main, "gpu")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == ["error: 1 of 2 checks failed: decode fp32, KV cache"]
+    assert result.stdout.count("  run ") == 1 and "312 TFLOPS" in result.stdout
+    outcome["decode fp32, KV cache"] = "ok: = recompute"
+    assert run_in_process(bench.main, "gpu").returncode == 0
+
+
+def processes_with(text):
+    """The pids of the processes whose command line holds `text`."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and text.encode() in (proc / "cmdline").read_bytes():
+                pids.append(int(proc.name))
+        except OSError:  # gone meanwhile
+            pass
+    return pids
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds the run's processes in /proc")
+def test_a_training_run_past_its_time_is_stopped_with_its_processes(tmp_path):
+    """The check ends within its time limit: a train.py run under torchrun still going when its
+    share of the time is spent is stopped, its launcher and its worker, and its row says why."""
+    data = bench.random_token_dataset(tmp_path / "random", 20_000)
+    out = tmp_path / "out"
+    returned = []
+    run = threading.Thread(target=lambda: returned.append(bench.training_run(
+        dict(dtype="float32"), True, data, out, 100_000, model=TINY_MODEL, batch_size=4, device="cpu", timeout=20)))
+    run.start()
+    run.join(timeout=150)  # 20 s, then at most torchrun's 30 s to stop its worker
+    left = processes_with(f"--out_dir={out}")
+    for pid in left:  # this test's own runs: a worker left behind would hold training_run's pipes
+        os.kill(pid, signal.SIGKILL)
+    run.join()
+    assert left == []
+    assert returned[0][1] == "stopped after 20 s, the time left of the check"
