@@ -516,11 +516,11 @@ def serve_checkpoint(shape_name, folder):
     return path, tok
 
 
-def start_server(ckpt, device, log):
-    """`serve.py --ckpt ckpt` on 127.0.0.1, a free port: (process, port)."""
+def start_server(ckpt, device, log, *args):
+    """`serve.py --ckpt ckpt ARGS` on 127.0.0.1, a free port: (process, port)."""
     with open(log, "w") as f:
         proc = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--ckpt", str(ckpt), "--port", "0",
-                                 "--device", device], stdout=f, stderr=f)
+                                 "--device", device, *map(str, args)], stdout=f, stderr=f)
     while not (m := re.search(r"at http://127\.0\.0\.1:(\d+)/", Path(log).read_text())):
         if proc.poll() is not None:
             raise UserError(f"serve.py did not start: {Path(log).read_text().strip()}")
@@ -529,8 +529,8 @@ def start_server(ckpt, device, log):
 
 
 def stream_completion(port, prompt, max_tokens, seed, n=1):
-    """(seconds to the first text, seconds to the end, completion tokens of its n choices) of one
-    streamed completion."""
+    """(seconds to the first text, the seconds of each later chunk after the one before it, and
+    completion tokens of its n choices) of one streamed completion."""
     body = dict(prompt=prompt, max_tokens=max_tokens, seed=seed, n=n, stream=True, stream_options={"include_usage": True})
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=3600)
     t0 = time.perf_counter()
@@ -538,23 +538,25 @@ def stream_completion(port, prompt, max_tokens, seed, n=1):
     response = conn.getresponse()
     if response.status != 200:
         raise UserError(f"serve.py answered {response.status}: {response.read().decode()}")
-    first, tokens = None, 0
+    arrivals, tokens = [], 0
     for line in response:  # server-sent events: `data: {chunk}` lines
         if line.startswith(b"data: {"):
             chunk = json.loads(line[6:])
-            if first is None and any(choice["text"] for choice in chunk["choices"]):
-                first = time.perf_counter() - t0
+            if any(choice["text"] for choice in chunk["choices"]):
+                arrivals.append(time.perf_counter() - t0)
             tokens = chunk["usage"]["completion_tokens"] if chunk.get("usage") else tokens
     conn.close()
-    return first, time.perf_counter() - t0, tokens
+    return arrivals[0], [b - a for a, b in zip(arrivals, arrivals[1:])], tokens
 
 
-def serve_round(port, clients, prompt, max_tokens, n=1):
-    """(median time to first token, aggregate tokens/s, median tokens/s of a choice after its
-    request's first token) of `clients` streaming completions of n choices each, started together."""
+def serve_round(port, clients, prompt, max_tokens, spread_s=0.0, n=1):
+    """One round of `clients` streaming completions (n choices each), started together or, with
+    spread_s, one every spread_s / clients seconds: (total tokens/s over the round's wall time,
+    times to first token, times between a stream's tokens)."""
     results = [None] * clients
 
     def client(i):
+        time.sleep(i * spread_s / clients)
         results[i] = stream_completion(port, prompt, max_tokens, seed=i, n=n)
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
     t0 = time.perf_counter()
@@ -563,12 +565,15 @@ def serve_round(port, clients, prompt, max_tokens, n=1):
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
-    return (statistics.median(r[0] for r in results), sum(r[2] for r in results) / wall,
-            statistics.median((r[2] / n - 1) / (r[1] - r[0]) for r in results))
+    return sum(r[2] for r in results) / wall, [r[0] for r in results], [gap for r in results for gap in r[1]]
+
+
+def percentile(values, q):
+    return float(np.percentile(values, q)) if values else float("nan")
 
 
 def engine_alone(ckpt, ids, new_tokens, device, repeats):
-    """(first token's seconds, tokens/s after it) of gpt.generate_stream on the checkpoint as
+    """(first token's seconds, tokens/s after it) of engine.generate_stream on the checkpoint as
     serve.py loads it, in a thread of this process as serve.py's worker runs it: the reference
     without HTTP, JSON and the event loop."""
     model, _, device, ctx, _ = load_model(ckpt, device=device)
@@ -579,12 +584,14 @@ def engine_alone(ckpt, ids, new_tokens, device, repeats):
         with ctx:
             for i in range(repeats + 1):
                 generator = torch.Generator(device).manual_seed(i)
+                sync(device)
                 t0 = time.perf_counter()
                 steps = generate_stream(model, idx, new_tokens, generator=generator)
-                next(steps)
+                next(steps)  # a CPU tensor: the step has finished on the device
                 t1 = time.perf_counter()
                 for _ in steps:
                     pass
+                sync(device)
                 if i:
                     firsts.append(t1 - t0)
                     rates.append((new_tokens - 1) / (time.perf_counter() - t1))
@@ -596,8 +603,9 @@ def engine_alone(ckpt, ids, new_tokens, device, repeats):
 
 def serve_bench(args):
     print(f"serve.py on {args.device}: {machine()}")
-    print(f"each client streams {args.new_tokens} new tokens after a {args.prompt_tokens}-token prompt; "
-          f"median of {args.repeats} rounds after a warm-up request")
+    print(f"each client streams {args.new_tokens} new tokens after a {args.prompt_tokens}-token prompt; burst: "
+          f"all clients start at once; spread: one every {args.spread_s:g} s / clients; median of "
+          f"{args.repeats} rounds after a warm-up request; latencies over every stream of those rounds")
     with tempfile.TemporaryDirectory() as folder:
         for shape_name in args.shapes:
             ckpt, tok = serve_checkpoint(shape_name, folder)
@@ -605,20 +613,30 @@ def serve_bench(args):
             print(f"\n  {shape_name}: {SERVE_SHAPES[shape_name]}")
             first, rate = engine_alone(ckpt, tok.encode(prompt), args.new_tokens, args.device, args.repeats)
             print(f"    engine alone (generate_stream, no server): first token {first * 1000:,.0f} ms, "
-                  f"then {rate:,.0f} tokens/s")
-            proc, port = start_server(ckpt, args.device, Path(folder) / "serve.log")
-            try:
-                stream_completion(port, prompt, args.new_tokens, seed=0)
-                print(f"    {'clients':>7} {'first token':>12} {'tokens/s, all':>14} {'tokens/s, each':>15}")
-                # Last, one request of n choices: n rows of one forward, what batching gives.
-                for clients, n in [(clients, 1) for clients in args.clients] + [(1, max(args.clients))]:
-                    rounds = [serve_round(port, clients, prompt, args.new_tokens, n) for _ in range(args.repeats)]
-                    ttft, total, each = (statistics.median(r[i] for r in rounds) for i in range(3))
-                    label = str(clients) if n == 1 else f"1, n={n}"
-                    print(f"    {label:>7} {ttft * 1000:>9,.0f} ms {total:>14,.0f} {each:>15,.0f}")
-            finally:
-                proc.terminate()
-                proc.wait()
+                  f"then {rate:,.1f} tokens/s")
+            print(f"    {'server':<16} {'clients':>7} {'arrivals':>8} {'tokens/s':>9} {'x 1 client':>10} "
+                  f"{'first token p50':>15} {'p99':>7} {'per token p50':>13} {'p99':>7}")
+            # The reference: --max_batch 1 runs one request at a time, first come first served.
+            runs = [(args.max_batch, [(clients, spread) for spread in (0.0, args.spread_s) for clients in args.clients]),
+                    (1, [(max(args.clients), 0.0)])]
+            single = None
+            for max_batch, rows in runs:
+                proc, port = start_server(ckpt, args.device, Path(folder) / "serve.log", "--max_batch", max_batch,
+                                          "--max_queue", max(64, *args.clients))
+                try:
+                    stream_completion(port, prompt, args.new_tokens, seed=0)
+                    for clients, spread in rows:
+                        rounds = [serve_round(port, clients, prompt, args.new_tokens, spread) for _ in range(args.repeats)]
+                        total = statistics.median(r[0] for r in rounds)
+                        firsts, gaps = [t for r in rounds for t in r[1]], [g for r in rounds for g in r[2]]
+                        single = single or total  # the first row: one client, a burst
+                        print(f"    {'--max_batch ' + str(max_batch):<16} {clients:>7} {'spread' if spread else 'burst':>8} "
+                              f"{total:>9,.1f} {total / single:>9.2f}x {percentile(firsts, 50) * 1000:>12,.0f} ms "
+                              f"{percentile(firsts, 99) * 1000:>4,.0f} ms {percentile(gaps, 50) * 1000:>10,.1f} ms "
+                              f"{percentile(gaps, 99) * 1000:>4,.0f} ms")
+                finally:
+                    proc.terminate()
+                    proc.wait()
 
 
 def machine():
@@ -1025,9 +1043,11 @@ def main():
 
     p = modes.add_parser("serve", help="serve.py: time to first token and tokens/s for concurrent streaming clients")
     p.add_argument("--shapes", nargs="+", choices=list(SERVE_SHAPES), default=["small", "gpt2"])
-    p.add_argument("--clients", nargs="+", type=int, default=[1, 4, 16], help="concurrent clients per row")
+    p.add_argument("--clients", nargs="+", type=int, default=[1, 2, 4, 8, 16], help="concurrent clients per row")
     p.add_argument("--prompt_tokens", type=int, default=16)
     p.add_argument("--new_tokens", type=int, default=48, help="per client (16 + 48 fit small's block of 64)")
+    p.add_argument("--max_batch", type=int, default=16, help="serve.py's --max_batch (its default: 16)")
+    p.add_argument("--spread_s", type=float, default=1.0, help="spread arrivals: clients start over this many seconds")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds per row; the median is shown")
     p.add_argument("--device", default="cpu")
     p.set_defaults(run=serve_bench)

@@ -368,7 +368,8 @@ class Request:
     ("length"), or when the caller calls engine.finish. seed or generator: where its draws come
     from (its own, so a request's text never depends on the others running beside it).
     logprobs: None, or how many most likely alternatives each Output reports with its token's.
-    prompt_logprobs: fill self.prompt_logprobs with each prompt token's logprob (None first).
+    prompt_logprobs: fill self.prompt_logprobs with each prompt token's (logprob, top alternatives),
+    as token_logprobs gives them ((None, None) for the first token).
     cancel() may be called from any thread: the engine drops the request at its next step.
     """
 
@@ -382,7 +383,7 @@ class Request:
         self.sampling, self.stop_tokens = sampling, frozenset(stop_tokens)
         self.seed, self.generator = seed, generator
         self.logprobs, self.want_prompt_logprobs = logprobs, prompt_logprobs
-        self.prompt_logprobs = [None] if prompt_logprobs else None
+        self.prompt_logprobs = [(None, None)] if prompt_logprobs else None  # (logprob, top) per prompt token
         self.cancelled = False
         self.choices = []  # its Sequences, made when it is admitted
         self.seen = self.counts = None  # (n, V) penalty state, made at its first token if it has penalties
@@ -413,6 +414,11 @@ Output = namedtuple("Output", "request index token logprob top_logprobs finish_r
 Output.__doc__ = """One event of a step: choice `index` of `request` got `token` (None when it ended
 without one), with its logprob and top alternatives if the request asked; finish_reason is
 "stop" or "length" on its last event, else None."""
+
+
+def cache_bytes_per_row(config, dtype_bytes=4):
+    """Bytes of one Engine row's KV cache: keys and values of every layer for a whole context."""
+    return 2 * config.n_layer * (config.block_size + 1) * config.n_embd * dtype_bytes
 
 
 class Engine:
@@ -514,8 +520,8 @@ class Engine:
         if scoring:  # position i predicts token i + 1, within the prompt
             targets = seq.tokens[start + 1:min(start + chunk + 1, len(request.prompt))]
             if targets:
-                lp = F.log_softmax(logits[0, :len(targets)].float(), dim=-1)
-                request.prompt_logprobs += lp.gather(1, torch.tensor(targets, device=self.device)[:, None])[:, 0].tolist()
+                request.prompt_logprobs += token_logprobs(logits[0, :len(targets)],
+                                                          torch.tensor(targets, device=self.device), request.logprobs)
         if self.to_feed(seq) > 0:
             return []
         return self.next_tokens([seq], logits[:, -1, :])

@@ -173,16 +173,20 @@ def test_train_rows_and_their_agreement(monkeypatch, capsys):
 
 
 def test_serve_smoke(monkeypatch, capsys):
-    """The serving benchmark starts serve.py, streams from 1 and 2 concurrent clients, then one
-    request of n=2 choices, and prints one row each: time to first token, tokens/s of all
-    clients together and of each choice."""
+    """The serving benchmark starts serve.py, streams from 1 and 2 concurrent clients (a burst,
+    then spread arrivals), then 2 clients on --max_batch 1, and prints one row each: total
+    tokens/s, its ratio to one client's, first-token and per-token latencies (p50, p99)."""
     out = bench_output(monkeypatch, capsys, "serve", "--shapes", "tiny", "--clients", 1, 2, "--new_tokens", 4,
-                       "--repeats", 1)
-    rows = re.findall(r"^ +(\d+|1, n=2) +([0-9,]+) ms +([0-9,]+) +([0-9,]+)$", out, re.M)
-    assert [row[0] for row in rows] == ["1", "2", "1, n=2"], out
-    for _, first, total, each in rows:
-        assert 0 <= number(first) < math.inf  # a first token may take < 0.5 ms, printed as 0
-        assert_positive(number(total), number(each))
+                       "--repeats", 1, "--spread_s", 0.1)
+    rows = re.findall(r"^ +--max_batch (\d+) +(\d+) +(burst|spread) +([0-9,.]+) +([0-9.]+)x +([0-9,]+) ms +([0-9,]+) ms "
+                      r"+([0-9,.]+) ms +([0-9,]+) ms$", out, re.M)
+    assert [row[:3] for row in rows] == [("16", "1", "burst"), ("16", "2", "burst"), ("16", "1", "spread"),
+                                         ("16", "2", "spread"), ("1", "2", "burst")], out
+    for _, _, _, total, ratio, *latencies in rows:
+        assert_positive(number(total))
+        assert abs(number(ratio) - number(total) / number(rows[0][3])) <= 0.01 + 0.005 * number(ratio)
+        assert all(0 <= number(latency) < math.inf for latency in latencies)  # < 0.5 ms prints 0
+        assert number(latencies[0]) <= number(latencies[1]) and number(latencies[2]) <= number(latencies[3])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -218,11 +218,11 @@ def test_prompt_logprobs_are_the_models_loss_on_the_prompt():
     [prompt] = prompts([16], seed=5)
     request = Request(prompt, 0, prompt_logprobs=True)
     tokens, _, _ = run_engine(Engine(model, prefill_tokens=5), [request])
-    assert tokens == [[[]]] and request.prompt_logprobs[0] is None and len(request.prompt_logprobs) == 16
+    assert tokens == [[[]]] and request.prompt_logprobs[0] == (None, None) and len(request.prompt_logprobs) == 16
     idx = torch.tensor([prompt])
     with torch.no_grad():
         _, loss = model(idx[:, :-1], idx[:, 1:])
-    mean = -sum(request.prompt_logprobs[1:]) / 15
+    mean = -sum(lp for lp, _ in request.prompt_logprobs[1:]) / 15
     assert abs(mean - loss.item()) <= 1e-5 * loss.item()
 
 
