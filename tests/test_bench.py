@@ -20,6 +20,41 @@ TINY_DECODE = ("decode", "--n_layer", 1, "--n_head", 2, "--n_embd", 32, "--vocab
                "--block_size", 32, "--new_tokens", 8, "--repeats", 1)
 
 
+def varied_gpt(config):
+    """GPT(config) whose greedy tokens vary (as tests/test_gpt.py's varied_model): GPT-2's init
+    repeats one token, which any decoder, right or wrong, would repeat too."""
+    model = GPT(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.startswith(("transformer.wte", "transformer.wpe")):
+                p.add_(torch.randn_like(p) * 0.3)
+    return model
+
+
+@pytest.fixture
+def decoded(monkeypatch):
+    """bench.py's decoding on varied_gpt's models: {method: its tokens}, filled as bench runs."""
+    outputs = {}
+    timed = bench.median_seconds
+
+    def median_seconds(fns, repeats):
+        seconds, results = timed(fns, repeats)
+        outputs.update(results)
+        return seconds, results
+
+    monkeypatch.setattr(bench, "GPT", varied_gpt)
+    monkeypatch.setattr(bench, "median_seconds", median_seconds)
+    return outputs
+
+
+def assert_same_varied_tokens(outputs, methods, new_tokens=8):
+    """Each of `methods` gave kv-cache's greedy tokens, and those are not one token repeated."""
+    tokens = outputs["kv-cache"]
+    assert len(tokens) == new_tokens and len(set(tokens)) > 2, tokens
+    for name in methods:
+        assert list(outputs[name]) == list(tokens), name
+
+
 def bench_output(monkeypatch, capsys, *argv):
     """What `python bench.py *argv` prints, run inside this process."""
     monkeypatch.setattr(sys, "argv", ["bench.py", *map(str, argv)])
@@ -63,9 +98,10 @@ def speedup(out, label):
     return float(re.search(rf"{re.escape(label)}:? +([0-9.]+)x", out).group(1))
 
 
-def test_decode_rows_and_their_agreement(monkeypatch, capsys):
+def test_decode_rows_and_their_agreement(monkeypatch, capsys, decoded):
     """Every method has its row (the int8 copy and Hugging Face's generate too); the speed-ups are
-    the ratios of the rates; the float32 methods give the same greedy tokens."""
+    the ratios of the rates; the float32 methods give the same greedy tokens, on a model whose
+    greedy tokens vary, and the row that says so reports it."""
     pytest.importorskip("transformers", reason="transformers is not installed (test-only dependency)")
     out = bench_output(monkeypatch, capsys, *TINY_DECODE, "--int8", "--no_exports")
     assert "8 new tokens (greedy), float32" in out.splitlines()[0]
@@ -77,9 +113,10 @@ def test_decode_rows_and_their_agreement(monkeypatch, capsys):
     for other in ("kv-cache", "recompute", "hf-generate"):
         assert_ratio(speedup(int8_line, f"vs {other}"), rates["kv-cache-int8"], rates[other], 0.1, 0.1)
     assert "  same tokens from every float32 method: yes" in out.splitlines()
+    assert_same_varied_tokens(decoded, ["recompute", "hf-generate"])
 
 
-def test_decode_rows_of_the_exports(monkeypatch, capsys):
+def test_decode_rows_of_the_exports(monkeypatch, capsys, decoded):
     """export.py's ONNX graph (onnxruntime) and GGUF files (llama.cpp f32, f16, q8_0) of the same
     weights get their rows and speed-ups; onnxruntime and llama.cpp's f32 give our greedy tokens."""
     for package in ("onnxruntime", "onnxscript", "gguf", "llama_cpp"):
@@ -91,12 +128,14 @@ def test_decode_rows_of_the_exports(monkeypatch, capsys):
     for name in exports:
         assert_ratio(speedup(out, f"kv-cache vs {name}"), rates["kv-cache"], rates[name], 0.1, 0.1)
     assert "  same tokens from every float32 method: yes" in out.splitlines()
+    assert_same_varied_tokens(decoded, ["recompute", "onnxruntime", "llama.cpp-f32"])
     for name in ("llama.cpp-f16", "llama.cpp-q8_0"):
         assert re.search(rf"^  {re.escape(name)}: the first \d+ of 8 tokens are kv-cache's$", out, re.M)
 
 
-def test_decode_past_block_size_skips_only_hugging_face(monkeypatch, capsys):
-    """Both our decoders crop the context to block_size, so any length works, and still agree;
+def test_decode_past_block_size_skips_only_hugging_face(monkeypatch, capsys, decoded):
+    """Both our decoders crop the context to block_size, so any length works, and still agree (on
+    a model whose greedy tokens vary);
     HF's GPT-2 cannot go past n_positions, so it is skipped with the reason instead of crashing."""
     out = bench_output(monkeypatch, capsys, *TINY_DECODE, "--prompt_tokens", 40)
     rates = {name: rate for name, (rate, _) in decode_rows(out).items()}
@@ -104,6 +143,7 @@ def test_decode_past_block_size_skips_only_hugging_face(monkeypatch, capsys):
     assert_ratio(speedup(out, "kv-cache vs recompute"), rates["kv-cache"], rates["recompute"], 0.1, 0.1)
     assert "  hf-generate: skipped (the context passes block_size, and HF's GPT-2 cannot slide its window)" in out
     assert "  same tokens from every float32 method: yes" in out.splitlines()
+    assert_same_varied_tokens(decoded, ["recompute"])
 
 
 def test_prepare_rows_and_the_token_count(monkeypatch, capsys, shakespeare_path, korean_path):
@@ -355,13 +395,16 @@ def test_training_row_fails_on_an_error_a_nonfinite_loss_or_one_that_does_not_fa
     assert line.split() == ["crashed", "1.0", "FAIL:", "error:", "boom"]  # only the planned GB besides
 
 
-def test_gpu_decode_rows_agree_with_recompute():
-    """The decoding check's KV cache gives recomputing's greedy tokens (fp32, on a CPU here),
-    and each row's ms per token is its rate's inverse."""
+def test_gpu_decode_rows_agree_with_recompute(decoded):
+    """The decoding check's KV cache gives recomputing's greedy tokens (fp32, on a CPU here; past
+    block_size, on a model whose greedy tokens vary), its row says so, and each row's ms per
+    token is its rate's inverse."""
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=64, **TINY_MODEL)).eval()
+    model = varied_gpt(GPTConfig(vocab_size=64, **TINY_MODEL)).eval()
     rows = bench.gpu_decode_rows(model, new_tokens=8, repeats=1)
     assert [row["run"] for row in rows] == ["decode fp32, KV cache", "decode fp32, recompute", "decode bf16, KV cache"]
     assert rows[0]["result"] == "ok: = recompute"
+    decoded["kv-cache"] = decoded["decode fp32, KV cache"]
+    assert_same_varied_tokens(decoded, ["decode fp32, recompute"])
     for row in rows:
         assert row["ms"] == pytest.approx(1000 / row["tokens_per_s"], rel=1e-9)
