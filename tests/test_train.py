@@ -39,10 +39,59 @@ def train_run(data, out_dir, *args, check=True):
     return result
 
 
-def torchrun(data, out_dir, *args):
-    """train.py under torchrun with 2 gloo processes (the command line, for Popen or run)."""
+def torchrun(data, out_dir, *args, script=ROOT / "train.py"):
+    """train.py (or `script`) under torchrun with 2 gloo processes (the command line, for Popen or run)."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-            str(ROOT / "train.py"), *TINY, f"--dataset={data}", f"--out_dir={out_dir}", *args]
+            str(script), *TINY, f"--dataset={data}", f"--out_dir={out_dir}", *args]
+
+
+CLOCKED_TRAIN = """
+import os, sys, time
+sys.path.insert(0, {root!r})
+import common, train
+
+now = [0.0]
+time.time = lambda: now[0]
+
+
+def moving(function, seconds):
+    def call(*args, **kwargs):
+        now[0] += seconds
+        return function(*args, **kwargs)
+    return call
+
+
+train.train_step = moving(train.train_step, {step_s!r}[int(os.environ.get("RANK", "0"))])
+train.evaluate = moving(train.evaluate, {eval_s!r})
+common.run_main(train.main)
+"""
+
+
+def clocked_train(folder, step_s, eval_s=0.5):
+    """A script that runs train.py's command line on a clock that only its steps and evaluations
+    move: each step by step_s[rank] seconds, each evaluation by eval_s. A time budget then decides
+    the same lengths however loaded the machine is."""
+    script = folder / "clocked_train.py"
+    script.write_text(CLOCKED_TRAIN.format(root=str(ROOT), step_s=list(step_s), eval_s=eval_s), encoding="utf-8")
+    return script
+
+
+def use_step_clock(monkeypatch, step_s, eval_s=0.5):
+    """clocked_train's clock for train.py run in this process; its step_s may be changed."""
+    clock, step, evaluate = types.SimpleNamespace(now=0.0, step_s=step_s), train.train_step, train.evaluate
+
+    def timed_step(*args, **kwargs):
+        clock.now += clock.step_s
+        return step(*args, **kwargs)
+
+    def timed_evaluate(*args, **kwargs):
+        clock.now += eval_s
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(time, "time", lambda: clock.now)
+    monkeypatch.setattr(train, "train_step", timed_step)
+    monkeypatch.setattr(train, "evaluate", timed_evaluate)
+    return clock
 
 
 def wait_for_logged_losses(proc, out_dir, count, timeout=120):
@@ -1028,11 +1077,15 @@ def test_a_budgeted_run_whose_steps_slow_down_ends_within_its_budget(char_data, 
 def test_ddp_ranks_agree_on_every_decision_of_a_budgeted_wsd_run(char_data, tmp_path):
     """Under torchrun every rank takes the slowest rank's timings, so all decide the same lengths at
     the same log steps (ranks that did not would part at the end, one waiting for the other): the
-    2-rank run ends, and every LR it used is its final schedule's."""
+    2-rank run, whose rank 1 steps slower, decides by rank 1's speed, ends, and every LR it used
+    is its final schedule's."""
     out = tmp_path / "ddp"
+    script = clocked_train(tmp_path, step_s=[0.05, 0.08])
     result = subprocess.run(torchrun(char_data, out, *WSD, "--log_interval=5", "--gradient_accumulation_steps=2",
-                                     "--time_budget_s=5"), cwd=ROOT, capture_output=True, text=True, timeout=120)
+                                     "--time_budget_s=5", script=script),
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "time budget 5 s: 80.0 ms/iter" in result.stdout, result.stdout[-3000:]
     final = gpt.load_checkpoint(out / "ckpt.pt")
     cfg, end = final["config"], final["iter_num"]
     assert decided_lengths(result.stdout)[-1] == cfg["max_iters"] == final["budget"]["max_iters"]
@@ -1068,24 +1121,12 @@ def test_a_wsd_run_whose_steps_slow_down_decides_again_and_never_changes_a_used_
     """Under a time budget a WSD run decides its length again at each log step while its LR is
     flat: steps that slow after the first decision give a shorter run that ends within the budget,
     and every step's LR is the final schedule's."""
-    now, step_s = [0.0], [0.1]  # the run's clock, which only its steps and evaluations move
-    step, evaluate, decide = train.train_step, train.evaluate, train.decide_budget
-
-    def timed_step(*args, **kwargs):
-        now[0] += step_s[0]
-        return step(*args, **kwargs)
-
-    def timed_evaluate(*args, **kwargs):
-        now[0] += 0.5
-        return evaluate(*args, **kwargs)
+    clock, decide = use_step_clock(monkeypatch, step_s=0.1), train.decide_budget
 
     def decide_then_slow_down(*args, **kwargs):
-        step_s[0] = 0.3  # from the first decision on, every step takes 3x as long
+        clock.step_s = 0.3  # from the first decision on, every step takes 3x as long
         return decide(*args, **kwargs)
 
-    monkeypatch.setattr(time, "time", lambda: now[0])
-    monkeypatch.setattr(train, "train_step", timed_step)
-    monkeypatch.setattr(train, "evaluate", timed_evaluate)
     monkeypatch.setattr(train, "decide_budget", decide_then_slow_down)
     out = tmp_path / "out"
     result = run_in_process(train.main, *TINY, f"--dataset={char_data}", f"--out_dir={out}", *WSD,
@@ -1106,18 +1147,19 @@ def test_a_wsd_run_whose_steps_slow_down_decides_again_and_never_changes_a_used_
     assert rows[-1]["elapsed_s"] <= 12
 
 
-def test_a_budgeted_wsd_run_stopped_and_resumed_is_the_run_of_its_final_length(char_data, tmp_path):
+def test_a_budgeted_wsd_run_stopped_and_resumed_is_the_run_of_its_final_length(char_data, tmp_path, monkeypatch):
     """A WSD run under a time budget, stopped while its LR is flat and resumed (which decides its
     length again), gives the losses of a run given that final length from the start."""
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *TINY, f"--dataset={char_data}", *WSD,
-                             "--dropout=0.1", "--log_interval=1", "--time_budget_s=4", f"--out_dir={killed}"],
+    proc = subprocess.Popen([sys.executable, clocked_train(tmp_path, step_s=[0.05]), *TINY, f"--dataset={char_data}",
+                             *WSD, "--dropout=0.1", "--log_interval=1", "--time_budget_s=4", f"--out_dir={killed}"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_logged_losses(proc, killed, 30)  # past the first decision at iter 25
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM, stderr
     stopped_at = gpt.load_checkpoint(killed / "ckpt.pt")["iter_num"]
+    use_step_clock(monkeypatch, step_s=0.05)
     resumed = run_in_process(train.main, "--init_from=resume", f"--out_dir={killed}")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     final = gpt.load_checkpoint(killed / "ckpt.pt")
