@@ -1025,13 +1025,13 @@ def test_iterations_within_a_budget_are_the_most_that_fit(seed):
     assert train.iters_within_budget(left, it, step_s, eval_s, interval) == max(fitting)
 
 
-def test_a_budgeted_run_fixes_its_length_and_resumes_exactly(char_data, tmp_path):
+def test_a_budgeted_run_fixes_its_length_and_resumes_exactly(char_data, tmp_path, monkeypatch):
     """time_budget_s decides max_iters = lr_decay_iters once (printed, stored); a run stopped
     after the decision and resumed gives the losses of the same run never stopped."""
     settings = ["--eval_interval=20", "--log_interval=1", "--dropout=0.1", "--warmup_iters=25"]
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *TINY, f"--dataset={char_data}", *settings,
-                             "--time_budget_s=60", f"--out_dir={killed}"],
+    proc = subprocess.Popen([sys.executable, clocked_train(tmp_path, step_s=[0.05]), *TINY, f"--dataset={char_data}",
+                             *settings, "--time_budget_s=60", f"--out_dir={killed}"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_logged_losses(proc, killed, 30)  # past the decision at iter 22
     proc.send_signal(signal.SIGTERM)
@@ -1042,6 +1042,7 @@ def test_a_budgeted_run_fixes_its_length_and_resumes_exactly(char_data, tmp_path
     assert f"max_iters = lr_decay_iters = {n}" in stdout
     assert ckpt["config"]["max_iters"] == ckpt["config"]["lr_decay_iters"] == n
     assert stopped_at < n, "the budget ended the run before the signal: raise time_budget_s"
+    use_step_clock(monkeypatch, step_s=0.05)
     resumed = run_in_process(train.main, "--init_from=resume", f"--out_dir={killed}", f"--max_iters={stopped_at + 6}")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     train_run(char_data, tmp_path / "straight", *settings, f"--lr_decay_iters={n}", f"--max_iters={stopped_at + 6}")
