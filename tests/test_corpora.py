@@ -234,10 +234,10 @@ def test_vocabulary_over_65536_writes_uint32_and_trains(shakespeare_path, tmp_pa
         return forward(model, idx, *args, **kwargs)
 
     monkeypatch.setattr(gpt.GPT, "forward", recording_forward)
-    result = run_in_process(train.main, f"--dataset={out}", f"--out_dir={tmp_path / 'run'}", "--n_layer=1", "--n_head=2",
-                            "--n_embd=16", "--block_size=32", "--batch_size=4", "--max_iters=3", "--eval_interval=3",
-                            "--eval_iters=1", "--warmup_iters=1", "--lr_decay_iters=3", "--device=cpu",
-                            "--dtype=float32", "--compile=False", "--eval_sample_tokens=0")
+    result = run_in_process(train.main, f"--dataset={out}", f"--out_dir={tmp_path / 'run'}", "--n_layer=1",
+                            "--n_head=2", "--n_embd=16", "--block_size=32", "--batch_size=4", "--max_iters=3",
+                            "--eval_interval=3", "--eval_iters=1", "--warmup_iters=1", "--lr_decay_iters=3",
+                            "--device=cpu", "--dtype=float32", "--compile=False", "--eval_sample_tokens=0")
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "run" / "ckpt.pt").is_file()
     windows = np.lib.stride_tricks.sliding_window_view(train_ids, 33)

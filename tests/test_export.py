@@ -338,7 +338,8 @@ def test_an_export_that_fails_midway_leaves_nothing(failure, trained_checkpoint,
     out = tmp_path / "hf"
     args = [trained_checkpoint("char"), "--to", "hf", "--out", out]
     for extra in ([], ["--force"]):
-        crash = pytest.raises(OSError) if isinstance(failure, OSError) else contextlib.nullcontext()
+        oserror = isinstance(failure, OSError)
+        crash = pytest.raises(OSError, match="^disk full$") if oserror else contextlib.nullcontext()
         with crash:
             result = main_in_process(monkeypatch, capsys, export.main, [*args, *extra])
             assert result.returncode == (130 if isinstance(failure, KeyboardInterrupt) else 1)

@@ -105,7 +105,8 @@ def test_endoftext_in_text_is_plain_text(gpt2, bpe):
     ({"kind": "char"}, "tokenizer description is incomplete or malformed (KeyError: 'chars')"),
     ({"kind": "bpe", "pattern": "x"}, "tokenizer description is incomplete or malformed (KeyError: 'ranks_file')"),
     ({"kind": "wordpiece"}, "unknown tokenizer kind 'wordpiece' (expected char, gpt2 or bpe)"),
-    ({"kind": "char", "chars": ["b", "a"]}, "char vocabulary is corrupt: it must be distinct single characters, sorted"),
+    ({"kind": "char", "chars": ["b", "a"]},
+     "char vocabulary is corrupt: it must be distinct single characters, sorted"),
     ({"kind": "gpt2", "vocab_size": 50304}, "tokenizer says vocab_size 50304 but holds 50257 tokens"),
     ([], "tokenizer description is incomplete or malformed (AttributeError: "),
 ])
@@ -298,7 +299,8 @@ def test_errors_replace_reads_undecodable_bytes_as_u_fffd(tiny_corpus, tmp_path)
         prepare.main(["--input", str(corpus), "--out", str(tmp_path / "strict")])
     prepare.main(["--input", str(corpus), "--errors", "replace", "--out", str(tmp_path / "replaced")])
     text = data.decode()
-    assert one_document_text(tmp_path / "replaced") == text[:1000] + "\ufffd" + text[1000:20_000] + "\ufffd(" + text[20_000:]
+    replaced = text[:1000] + "\ufffd" + text[1000:20_000] + "\ufffd(" + text[20_000:]
+    assert one_document_text(tmp_path / "replaced") == replaced
 
 
 def test_choose_val_docs():
