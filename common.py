@@ -33,7 +33,8 @@ def run_main(main):
     """Run a script's main(); a UserError becomes `error: ...` on stderr and exit status 1.
 
     GPT_DEBUG=1 shows the full traceback instead. Ctrl-C exits with 130 and no traceback; a closed
-    stdout (`python sample.py ... | head`) ends the script quietly. Under torchrun only rank 0
+    stdout (`python sample.py ... | head`) ends the script quietly, with 141 (SIGPIPE's status, as
+    a shell shows for cat there). Under torchrun only rank 0
     prints the error, and every process exits at once, so torchrun's summary stays short.
     """
     try:
@@ -51,7 +52,7 @@ def run_main(main):
         sys.exit(130)
     except BrokenPipeError:  # stdout's reader has gone (`| head`): stop quietly, as cat does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
-        sys.exit(1)
+        sys.exit(128 + 13)  # 128 + SIGPIPE: the status of a process that a closed pipe ended
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -122,6 +122,48 @@ def varied_gpt(tokenizer, seed=1):
     return model.eval()
 
 
+@pytest.fixture(scope="session")
+def varied_ckpt(tokenizer, tmp_path_factory):
+    return save(varied_gpt(tokenizer), tokenizer, tmp_path_factory.mktemp("varied") / "best.pt")
+
+
+@pytest.fixture(scope="session")
+def coarse_int8_ckpt(tokenizer, tmp_path_factory):
+    """varied_gpt with one dead hidden unit per MLP (input weights 0, bias -30: GELU gives exactly
+    0) whose output weights are 30. fp32 never sees them; int8's per-row scale is set by them, so
+    it rounds every other weight of c_proj to a few levels, and its greedy text is another."""
+    model = varied_gpt(tokenizer)
+    with torch.no_grad():
+        for block in model.transformer.h:
+            block.mlp.c_fc.weight[0] = 0.0
+            block.mlp.c_fc.bias[0] = -30.0
+            block.mlp.c_proj.weight[:, 0] = 30.0
+    return save(model, tokenizer, tmp_path_factory.mktemp("coarse_int8") / "best.pt")
+
+
+def cli_model(path):
+    """The model as sample.py loads it to generate on a CPU in fp32 (its weights' layout too)."""
+    return engine.load_model(path, None, "cpu", "float32").model
+
+
+def recorded_generation(monkeypatch):
+    """sample.generate_stream replaced by itself, recording each call: its model, prompt, settings,
+    the state of its generator when called, and the tokens it yielded."""
+    calls, real = [], sample.generate_stream
+
+    def recording(model, idx, max_new_tokens, **kwargs):
+        generator = kwargs["generator"]
+        call = dict(kwargs, model=model, prompt=idx[0].tolist(), max_new_tokens=max_new_tokens, tokens=[],
+                    state=None if generator is None else generator.get_state().clone())
+        calls.append(call)
+        for token in real(model, idx, max_new_tokens, **kwargs):
+            call["tokens"].append(token.item())
+            yield token
+
+    monkeypatch.setattr(sample, "generate_stream", recording)
+    return calls
+
+
 def run_chat(monkeypatch, model, tokenizer, lines, *flags):
     """sample.chat in-process on the typed `lines` (stdout is then pytest's capture)."""
     monkeypatch.setattr(sys, "stdin", io.StringIO("".join(line + "\n" for line in lines)))
@@ -166,6 +208,17 @@ def test_samples_have_the_asked_length_and_follow_the_seed(random_ckpt, cli):
     assert other.stdout != first.stdout
 
 
+def test_the_printed_seed_repeats_the_sample(varied_ckpt, cli):
+    """Without --seed a fresh seed is printed on stderr, and --seed with that value gives the same
+    text again. Two runs without --seed draw two seeds, so two texts (this model's samples vary)."""
+    args = ["--start", PROMPT, "--max_new_tokens=30", "--temperature=1"]
+    runs = [ok(cli(varied_ckpt, *args)) for _ in range(2)]
+    seeds = [re.search(r"^seed (\d+) \(--seed \1 repeats this run\)$", run.stderr, re.M).group(1) for run in runs]
+    assert seeds[0] != seeds[1] and runs[0].stdout != runs[1].stdout
+    again = ok(cli(varied_ckpt, *args, f"--seed={seeds[0]}"))
+    assert again.stdout == runs[0].stdout and "seed" not in again.stderr
+
+
 def test_greedy_is_gpt_generate_at_temperature_0(random_ckpt, tokenizer):
     """Two routes to greedy text, the CLI's stream and engine.generate in-process: guards against a
     setting lost on the way to the engine, and against diagnostics mixed into stdout."""
@@ -175,16 +228,25 @@ def test_greedy_is_gpt_generate_at_temperature_0(random_ckpt, tokenizer):
     assert result.stdout == PROMPT + tokenizer.decode(new) + "\n"
 
 
-def test_int8_greedy_is_generate_of_the_quantized_model(random_ckpt, tokenizer, monkeypatch, capsys):
+def test_int8_greedy_is_generate_of_the_quantized_model(coarse_int8_ckpt, tokenizer, monkeypatch, capsys):
     """--int8 must reach the engine as engine.quantize_int8's model (not be ignored, not quantize
     something else), and the loaded line must say so. Both routes run the same int8 kernels on
-    the same inputs, so their tokens are equal by construction."""
-    result = ok(main_in_process(monkeypatch, capsys, sample.main, ["--ckpt", random_ckpt, "--device=cpu", "--start", PROMPT,
-                                                      "--max_new_tokens=30", "--temperature=0", "--int8"]))
+    the same inputs, so their tokens are equal by construction; on this model int8's greedy text
+    is not fp32's, so an fp32 model passed off as int8 would show."""
+    calls = recorded_generation(monkeypatch)
+    result = ok(main_in_process(monkeypatch, capsys, sample.main, ["--ckpt", coarse_int8_ckpt, "--device=cpu",
+                                                                   "--start", PROMPT, "--max_new_tokens=30",
+                                                                   "--temperature=0", "--int8"]))
     assert "int8 weights" in result.stderr
+    [call] = calls
+    linears = [m for m in call["model"].modules() if isinstance(m, (torch.nn.Linear, engine.Int8Linear))]
+    assert len(linears) == 4 * 2 + 1  # c_attn, attn.c_proj, c_fc, mlp.c_proj per block; the head
+    assert all(isinstance(m, engine.Int8Linear) and m.weight.dtype == torch.int8 for m in linears)
     idx = torch.tensor([tokenizer.encode(PROMPT)])
-    [new] = generate(quantize_int8(load_model(random_ckpt)), idx, 30, temperature=0)
+    [new] = generate(quantize_int8(load_model(coarse_int8_ckpt)), idx, 30, temperature=0)
     assert result.stdout == PROMPT + tokenizer.decode(new) + "\n"
+    [fp32] = generate(load_model(coarse_int8_ckpt), idx, 30, temperature=0)
+    assert len(set(fp32)) > 2 and new != fp32
 
 
 def test_beam_search_prints_gpt_beam_search(random_ckpt, tokenizer, cli):
@@ -340,6 +402,28 @@ def test_ctrl_c_ends_an_endless_generation_with_exit_130(random_ckpt):
     assert proc.returncode == 130 and "interrupted" in err.decode() and "Traceback" not in err.decode()
 
 
+def test_a_closed_stdout_pipe_ends_quietly(random_ckpt):
+    """`python sample.py ... | head -c 20`: once the reader has gone, an endless generation stops at
+    its next write, quietly: no traceback (nor Python's "Exception ignored" at exit) on stderr,
+    exit status 141 (128 + SIGPIPE, what a shell shows for cat in the same place). stdout is
+    buffered, as in a user's pipe: the write that fails leaves text in the buffer, which Python
+    would try to flush again at exit."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "sample.py"), "--ckpt", str(random_ckpt), "--device=cpu",
+                             "--dtype=float32", "--start", PROMPT, HUGE, "--seed=0"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env)
+    head = read_until(proc, lambda out: len(out) >= 20)
+    proc.stdout.close()  # what head does after its 20 bytes
+    try:
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert head.startswith(PROMPT)
+    assert proc.returncode == 141, err.decode()
+    assert err.decode().splitlines() == [f"loaded {random_ckpt} (iter 0, 0.03M parameters, block_size 32, char "
+                                         "tokenizer) on cpu, float32"]
+
+
 def test_prompt_longer_than_block_size_is_cropped_with_a_notice(random_ckpt, cli):
     """Guards against a position-embedding IndexError on a long prompt, or a silent crop."""
     result = ok(cli(random_ckpt, "--start", "ROMEO: " * 10, "--max_new_tokens=3", "--seed=0"))
@@ -368,16 +452,40 @@ def test_chat_commands_change_their_settings_and_quit_exits_0(random_ckpt, cli):
     assert len(reply) == 5 + 1  # the reply after /tokens 5 (a char model never stops early)
 
 
-def test_chat_keeps_the_conversation_and_ends_at_end_of_input(random_ckpt, tokenizer, cli):
-    """The second reply must see the first turn (greedy, so comparable with engine.generate)."""
-    result = ok(cli(random_ckpt, "--chat", "--temperature=0", "--max_new_tokens=6",
-                    input="ROMEO:\nJULIET:\n"))
-    model = load_model(random_ckpt)
-    context = tokenizer.encode("ROMEO:")
-    [first] = generate(model, torch.tensor([context]), 6, temperature=0)
-    context += first + tokenizer.encode("\nJULIET:")
-    [second] = generate(model, torch.tensor([context]), 6, temperature=0)
+def test_chat_keeps_the_conversation_and_ends_at_end_of_input(varied_ckpt, tokenizer, cli):
+    """The second reply continues the whole conversation, not the second line alone (greedy, so
+    comparable with engine.generate on the model as the CLI loads it; this model's replies to the
+    two contexts differ); the chat ends at the end of its input."""
+    result = ok(cli(varied_ckpt, "--chat", "--temperature=0", "--max_new_tokens=6", input="ROMEO:\nJULIET:\n"))
+    model = cli_model(varied_ckpt)
+    greedy = lambda ids: generate(model, torch.tensor([ids]), 6, temperature=0)[0]
+    first = greedy(tokenizer.encode("ROMEO:"))
+    second = greedy(tokenizer.encode("ROMEO:") + first + tokenizer.encode("\nJULIET:"))
+    alone = greedy(tokenizer.encode("JULIET:"))
+    assert len(set(first + second)) > 2 and second != alone
     assert result.stdout == tokenizer.decode(first) + "\n" + tokenizer.decode(second) + "\n"
+
+
+def test_chat_commands_reach_the_generation(varied_ckpt, tokenizer, monkeypatch, capsys):
+    """/temp /tokens /topk /topp /penalty set what the next reply is generated with (top_k 0 and
+    top_p 1 are off: None), and /seed S restarts the random generator from S: after /reset, the
+    same line after /seed S again gets the same reply; without it, the generator goes on and the
+    reply differs (this model's samples vary)."""
+    calls = recorded_generation(monkeypatch)
+    run_chat(monkeypatch, cli_model(varied_ckpt), tokenizer,
+             ["/temp 1.5", "/tokens 12", "/topk 20", "/topp 0.95", "/penalty 1.3", "/seed 7", "ROMEO:",
+              "/reset", "/seed 7", "ROMEO:", "/reset", "ROMEO:",
+              "/topk 0", "/topp 1", "/penalty 1", "/temp 0", "ROMEO:"], "--max_new_tokens=5")
+    seeded = torch.Generator().manual_seed(7).get_state()
+    assert len(calls) == 4 and all(call["prompt"] == tokenizer.encode("ROMEO:") for call in calls[:3])
+    for call in calls[:3]:
+        settings = {k: call[k] for k in ("temperature", "max_new_tokens", "top_k", "top_p", "repetition_penalty")}
+        assert settings == dict(temperature=1.5, max_new_tokens=12, top_k=20, top_p=0.95, repetition_penalty=1.3)
+    assert torch.equal(calls[0]["state"], seeded) and torch.equal(calls[1]["state"], seeded)
+    assert calls[1]["tokens"] == calls[0]["tokens"] and len(calls[0]["tokens"]) == 12
+    assert not torch.equal(calls[2]["state"], seeded) and calls[2]["tokens"] != calls[0]["tokens"]
+    off = {k: calls[3][k] for k in ("temperature", "max_new_tokens", "top_k", "top_p", "repetition_penalty")}
+    assert off == dict(temperature=0.0, max_new_tokens=12, top_k=None, top_p=None, repetition_penalty=1.0)
 
 
 def test_chat_context_is_the_text_shown_cut_at_the_stop_string(monkeypatch, capsys, tokenizer):
@@ -550,6 +658,24 @@ def test_eval_with_stride_block_size_is_the_mean_loss_over_chunks(overfit_ckpt, 
     overlapping, _, count = sample.evaluate(model, tokens, stride=T // 4)
     assert count == len(tokens) - 1
     assert overlapping < loss  # the memorised text is ambiguous only with little context
+
+
+def test_eval_stride_above_block_size_is_refused(random_ckpt, tmp_path, cli):
+    """Windows that end more than block_size tokens apart would leave the tokens between them
+    unscored (a loss of fewer tokens than said): one error line; block_size itself is accepted."""
+    path = tmp_path / "text.txt"
+    path.write_text(PROMPT * 20, encoding="utf-8")
+    assert_one_line_error(cli(random_ckpt, "--eval", path, "--stride=33"), "--stride 33", "block_size 32")
+    assert f"{len(PROMPT) * 20 - 1} tokens scored" in ok(cli(random_ckpt, "--eval", path, "--stride=32")).stdout
+
+
+@pytest.mark.parametrize("text", ["R", ""])
+def test_eval_of_a_file_of_fewer_than_two_tokens_is_one_line(random_ckpt, tmp_path, cli, text):
+    """A token is scored given the one before it: a file of one token (or none) has nothing to
+    score, which is one error line naming the file and its count."""
+    path = tmp_path / "short.txt"
+    path.write_text(text, encoding="utf-8")
+    assert_one_line_error(cli(random_ckpt, "--eval", path), str(path), f"holds {len(text)} token(s)", "at least 2")
 
 
 def test_benchmark_prints_prefill_and_decode_rates(random_ckpt, cli):
