@@ -465,6 +465,15 @@ def test_only_the_chat_markers_may_be_new_to_a_model(chat_data, base_ckpt):
         train.check_compatible(cfg, small, V, CHAT, base_ckpt, resume=False)
 
 
+def test_init_from_a_checkpoint_with_a_larger_block_size_is_one_line(base_data, base_ckpt, tmp_path):
+    """A checkpoint's position embeddings end at its block_size: --block_size may lower it, and one
+    above it is one error line naming both, before anything is written."""
+    result = run_in_process(train.main, f"--dataset={base_data}", f"--init_from={base_ckpt}", "--block_size=96",
+                            "--device=cpu", f"--out_dir={tmp_path / 'out'}")
+    assert_one_line_error(result, "block_size=96", f"{base_ckpt}'s block_size=80")
+    assert result.stdout == "" and not (tmp_path / "out").exists()
+
+
 CHAT_RUN = ["--block_size=72", "--eval_interval=4", "--log_interval=1", "--weight_decay=0.0"]
 
 
