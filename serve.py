@@ -254,9 +254,10 @@ def error_response(e: APIError):
 class Job:
     """One prompt's n choices: an engine Request, and the text of each choice as it is generated.
 
-    The worker thread hands it each Output of its request (take); the request's coroutine reads
-    what it sends to `events`: (choice index, new text, finish reason or None, completion tokens,
-    logprob entries of the new tokens), then None at the end, or an Exception."""
+    The worker thread hands it each Output of its request (take, which returns the events to
+    send); the request's coroutine reads from `events`: (choice index, new text, finish reason or
+    None, completion tokens, logprob entries of the new tokens), then None at the end, or an
+    Exception."""
 
     def __init__(self, request, first_index, tokenizer, stops, events):
         self.request, self.first_index, self.tokenizer = request, first_index, tokenizer
@@ -275,7 +276,7 @@ class Job:
             pass
 
     def take(self, out, engine, metrics):
-        """One Output of the engine: its text (cut at a stop string, which ends the choice) as an event."""
+        """One Output of the engine: the events of its text (cut at a stop string, which ends the choice)."""
         i, token, reason = out.index, out.token, out.finish_reason
         now = time.perf_counter()
         if token is not None:
@@ -294,18 +295,30 @@ class Job:
         else:
             new = ""
         if reason:
-            self.send((self.first_index + i, new + text.finish(), reason, self.counts[i], entries))
             self.ended += 1
-            if self.ended == self.request.n:
-                self.send(None)
-        elif new or entries:
-            self.send((self.first_index + i, new, None, self.counts[i], entries))
+            last = [None] if self.ended == self.request.n else []
+            return [(self.first_index + i, new + text.finish(), reason, self.counts[i], entries)] + last
+        if new or entries:
+            return [(self.first_index + i, new, None, self.counts[i], entries)]
+        return []
 
     def close(self, error=None):
         self.request.cancel()
         if error is not None:
             self.send(error)
         self.send(None)
+
+
+def deliver(outbox):
+    """Put each (job, event) of `outbox` into its job's queue, from the worker thread (every job
+    belongs to the server's one event loop)."""
+    def put_all():
+        for job, event in outbox:
+            job.events.put_nowait(event)
+    try:
+        outbox[0][0].loop.call_soon_threadsafe(put_all)
+    except RuntimeError:  # the event loop has closed: the server is stopping
+        pass
 
 
 class Metrics:
@@ -381,8 +394,11 @@ class Worker:
                     except ValueError as e:  # more choices than rows, a prompt too long to score
                         job.close(APIError(str(e)))
                 try:
-                    for out in self.engine.step():
-                        out.request.job.take(out, self.engine, self.metrics)
+                    # One call into the event loop per step, not per token: each wakes it through a pipe.
+                    outbox = [(job, event) for out in self.engine.step()
+                              for job in [out.request.job] for event in job.take(out, self.engine, self.metrics)]
+                    if outbox:
+                        deliver(outbox)
                 except Exception as e:  # a bug, not a bad request: each client gets a 500, the log the traceback
                     traceback.print_exc()
                     self.close_all(list(jobs.values()), e)
