@@ -581,6 +581,7 @@ class Engine:
         self.retire(seq, reason)
         return Output(seq.request, seq.index, token, None, None, reason)
 
+    @torch.inference_mode()  # retiring may move a row of the cache, an inference tensor
     def finish(self, request, index, reason="stop"):
         """End choice `index` of a running request now (the caller found a stop string)."""
         seq = request.choices[index]

@@ -292,6 +292,26 @@ def test_n_choices_share_the_prompt_and_equal_separate_requests_when_greedy():
     assert choices == [alone] * 3
 
 
+def test_a_choice_finished_by_the_caller_leaves_the_others_as_they_were():
+    """engine.finish (a stop string found by the caller, between steps, outside inference mode)
+    ends one choice of several; its row is filled by the last one, and the choices still running
+    go on with the tokens they get without it."""
+    model = varied_model()
+    [prompt] = prompts([5], seed=12)
+    [alone], _, _ = run_engine(Engine(model, max_rows=4), [greedy_request(prompt, 10, n=4)])
+    engine = Engine(model, max_rows=4)
+    request = greedy_request(prompt, 10, n=4)
+    engine.add(request)
+    got = [[] for _ in range(4)]
+    while engine.has_work():
+        for out in engine.step():
+            got[out.index].append(out.token)
+        if len(got[1]) == 3 and request.choices[1].finish_reason is None:
+            engine.finish(request, 1)
+    assert got == [alone[0], alone[1][:3], alone[2], alone[3]]
+    assert [seq.finish_reason for seq in request.choices] == ["length", "stop", "length", "length"]
+
+
 def test_requests_the_engine_cannot_hold_are_refused():
     """More choices than rows, and a scored prompt longer than the context, are clear errors."""
     engine = Engine(varied_model(), max_rows=2)

@@ -27,26 +27,13 @@ openai = require("openai")
 CAP = 16  # the server's --max_tokens
 ERROR_FIELDS = {"message", "type", "param", "code"}
 
-# Requests that get a 500 today: a stop string that ends one of several choices (of n, or of a
-# list of prompts) while others go on makes the engine move a row of its KV cache outside inference
-# mode ("Inplace update to inference tensor outside InferenceMode is not allowed", from
-# engine.KVCache.copy_row). test_known_500s expects each to fail, strictly, so that it reports the day
-# they pass; the property test excuses a 5xx only for a request like them (several_choices_with_a_stop).
-KNOWN_500S = [
+# A stop string that ends one choice of several (of n, or of a list of prompts) while the others go
+# on: the engine retires that choice's cache row between steps.
+SEVERAL_CHOICES_WITH_A_STOP = [
     ("/v1/completions", {"prompt": PROMPT, "n": 8, "stop": ["a", "o"], "seed": 0}),
     ("/v1/completions", {"prompt": ["ROMEO:", "JULIET:", "A", "B"], "stop": ["a", "o"], "seed": 1}),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "n": 8, "stop": ["a", "o"], "seed": 0}),
 ]
-
-
-def several_choices_with_a_stop(path, body):
-    """A request with a stop string (a chat always has one: the plain template's next "User:") and
-    more than one choice: where the requests of KNOWN_500S lie."""
-    if not isinstance(body, dict):
-        return False
-    n, prompt = body.get("n"), body.get("prompt")
-    several = (isinstance(n, (int, float)) and n > 1) or (isinstance(prompt, list) and len(prompt) > 1)
-    return several and (bool(body.get("stop")) or path == "/v1/chat/completions")
 
 
 # Sampling settings at the edges of float32 (sampling computes in it): below its smallest normal
@@ -260,7 +247,7 @@ def bodies(spec):
 def test_requests_generated_from_the_schema_get_a_2xx_or_an_openai_error(server, bodies, path, data):
     """Whatever body a client builds from /openapi.json's request schema (right or wrong), the answer
     is a 2xx, or a 4xx whose body is OpenAI's error object: never a 5xx, never an error inside a
-    stream. (Excused: a 5xx for a request like those of KNOWN_500S.)"""
+    stream."""
     body = data.draw(bodies[path], label="body")
     raw = json.dumps(body, ensure_ascii=data.draw(st.booleans(), label="ascii")).encode()
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
@@ -273,20 +260,14 @@ def test_requests_generated_from_the_schema_get_a_2xx_or_an_openai_error(server,
     except ValueError:
         answer = text
     event(f"status {response.status}")
-    if several_choices_with_a_stop(path, body) and (response.status >= 500 or '"server_error"' in text):
-        event("a 5xx like those of KNOWN_500S")
-        return
     assert_openai_answer(response.status, response.headers, answer, text)
 
 
-@pytest.mark.xfail(strict=True, reason="a stop that ends one of several choices moves a KV cache row outside "
-                   "inference mode")
-@pytest.mark.parametrize("path, body", KNOWN_500S, ids=[json.dumps(b) for _, b in KNOWN_500S])
+@pytest.mark.parametrize("path, body", SEVERAL_CHOICES_WITH_A_STOP, ids=[json.dumps(b) for _, b in SEVERAL_CHOICES_WITH_A_STOP])
 @pytest.mark.parametrize("stream", [False, True])
-def test_known_500s(server, path, body, stream):
+def test_a_stop_that_ends_one_choice_of_several(server, path, body, stream):
     """A stop string that ends one choice of several leaves the others going: a 200 with every
     choice, never a 500 or an error event."""
-    assert several_choices_with_a_stop(path, body)
     status, headers, answer = call(server, "POST", path, {**body, "stream": stream})
     assert status == 200, answer
     assert_openai_answer(status, headers, answer, answer if isinstance(answer, str) else json.dumps(answer))
