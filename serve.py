@@ -435,6 +435,14 @@ def build_app(model, tokenizer, ctx, name, api_key=None, max_tokens=1024, max_ba
     app = FastAPI(title="gpt", summary="OpenAI-compatible API for one GPT checkpoint", lifespan=lifespan,
                   responses=errors)
     app.add_middleware(BodyLimit, limit=MAX_BODY)
+    schema = app.openapi
+
+    def openapi():  # FastAPI lists a 422 on every route; this server answers a bad body with 400
+        for route in schema()["paths"].values():
+            for operation in route.values():
+                operation["responses"].pop("422", None)
+        return app.openapi_schema
+    app.openapi = openapi
     app.state.worker = worker  # Server.handle_exit stops it at a signal
     def open_access():  # no --api_key: nothing to check, and /openapi.json declares no authentication
         pass
