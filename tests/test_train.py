@@ -769,18 +769,22 @@ def test_a_killed_writer_never_leaves_a_broken_checkpoint(tmp_path):
     """SIGKILL at each moment of save_checkpoint replacing a checkpoint (half of the new file
     written, before its fsync, before the rename, after it) leaves the old checkpoint whole until
     the rename and the new one whole from then on."""
-    moments = {"writing": 1, "file fsync": 1, "rename": 1, "folder fsync": 2}  # the checkpoint then
+    moments = {"writing": 1, "file fsync": 1, "rename": 1, "folder fsync": 2}  # the checkpoint left on disk
     writers = {moment: subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(tmp_path / f"{i}.pt"), moment,
                                          str(ROOT)], stdout=subprocess.PIPE, text=True)
                for i, moment in enumerate(moments)}
-    for i, (moment, proc) in enumerate(writers.items()):
-        try:
+    try:
+        for i, (moment, proc) in enumerate(writers.items()):
             assert proc.stdout.readline().strip() == moment  # it waits there
-        finally:
             proc.kill()
-            proc.communicate()
-        ckpt = torch.load(tmp_path / f"{i}.pt", weights_only=True)
-        assert ckpt["i"] == moments[moment] and (ckpt["model"]["w"] == ckpt["i"]).all(), moment
+            proc.wait()
+            ckpt = torch.load(tmp_path / f"{i}.pt", weights_only=True)
+            assert ckpt["i"] == moments[moment] and (ckpt["model"]["w"] == ckpt["i"]).all(), moment
+    finally:
+        for proc in writers.values():
+            proc.kill()
+            proc.wait()
+            proc.stdout.close()
 
 
 def test_plot_draws_the_loss_curves(char_data, out_dir, monkeypatch):
