@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import bench
-from conftest import assert_one_line_error, run_script
+from conftest import assert_one_line_error, require, run_script
 from gpt import GPT, GPTConfig
 from tokenizer import load_tokenizer
 
@@ -102,7 +102,7 @@ def test_decode_rows_and_their_agreement(monkeypatch, capsys, decoded):
     """Every method has its row (the int8 copy and Hugging Face's generate too); the speed-ups are
     the ratios of the rates; the float32 methods give the same greedy tokens, on a model whose
     greedy tokens vary, and the row that says so reports it."""
-    pytest.importorskip("transformers", reason="transformers is not installed (test-only dependency)")
+    require("transformers", reason="transformers is not installed (test-only dependency)")
     out = bench_output(monkeypatch, capsys, *TINY_DECODE, "--int8", "--no_exports")
     assert "8 new tokens (greedy), float32" in out.splitlines()[0]
     rates = {name: rate for name, (rate, _) in decode_rows(out).items()}
@@ -120,7 +120,7 @@ def test_decode_rows_of_the_exports(monkeypatch, capsys, decoded):
     """export.py's ONNX graph (onnxruntime) and GGUF files (llama.cpp f32, f16, q8_0) of the same
     weights get their rows and speed-ups; onnxruntime and llama.cpp's f32 give our greedy tokens."""
     for package in ("onnxruntime", "onnxscript", "gguf", "llama_cpp"):
-        pytest.importorskip(package, reason=f"{package} is not installed (pip install -r requirements-dev.txt)")
+        require(package, reason=f"{package} is not installed (pip install -r requirements-dev.txt)")
     out = bench_output(monkeypatch, capsys, *TINY_DECODE, "--no_hf")
     rates = {name: rate for name, (rate, _) in decode_rows(out).items()}
     exports = {"onnxruntime", "llama.cpp-f32", "llama.cpp-f16", "llama.cpp-q8_0"}

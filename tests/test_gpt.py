@@ -8,6 +8,7 @@ import torch
 from torch.nn import functional as F
 
 import gpt
+from conftest import require
 from engine import generate
 from gpt import GPT, GPTConfig, attention
 
@@ -310,7 +311,7 @@ def test_mismatched_weights_and_configs_are_clear_errors(tmp_path):
 def test_transformers_gives_the_same_logits_and_greedy_tokens(tmp_path):
     """Our GPT-2 against the reference implementation, on the same random weights: guards the
     architecture (GELU flavour, LayerNorm eps, head split) and the saved layout (Conv1D transposes)."""
-    transformers = pytest.importorskip("transformers", reason="transformers is not installed (test-only dependency)")
+    transformers = require("transformers", reason="transformers is not installed (test-only dependency)")
     for bias in (True, False):
         model = varied_model(bias=bias)
         model.save_pretrained(tmp_path / str(bias))
@@ -326,7 +327,7 @@ def test_transformers_gives_the_same_logits_and_greedy_tokens(tmp_path):
 def test_directory_written_by_transformers_loads_with_the_same_logits(tmp_path):
     """The other direction: GPT2LMHeadModel.save_pretrained's layout (its key names, Conv1D
     shapes, no lm_head) must load into our GPT and compute the same function."""
-    transformers = pytest.importorskip("transformers", reason="transformers is not installed (test-only dependency)")
+    transformers = require("transformers", reason="transformers is not installed (test-only dependency)")
     torch.manual_seed(0)
     config = transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=2,
                                      initializer_range=0.3)

@@ -541,10 +541,8 @@ def test_sigterm_and_ctrl_c_stop_the_server_cleanly_mid_stream(ckpt, tmp_path, s
                      headers={"Content-Type": "application/json"})
         response = conn.getresponse()
         assert response.readline().startswith(b"data: ")
-        t0 = time.monotonic()
         server.proc.send_signal(signum)
-        assert server.proc.wait(timeout=30) == status
-        assert time.monotonic() - t0 < 15
+        assert server.proc.wait(timeout=30) == status  # mid-stream: a stream of CAP tokens would take minutes
         assert "Traceback" not in server.log.read_text(), server.log.read_text()
         conn.close()
     finally:
@@ -654,7 +652,7 @@ def test_the_chat_page_streams_a_reply_and_stops_it(server, browser):
     page.wait_for_function("document.querySelector('#send').disabled === false", timeout=10_000)
     wait_until_idle(server, timeout=5)  # the server dropped the generation
     stopped = reply.inner_text()
-    time.sleep(0.3)
+    page.evaluate("fetch('/health').then(r => r.json())")  # the page's events queued before this have run
     assert reply.inner_text() == stopped and len(stopped) > first
     assert page.locator("#stop").is_disabled()
     page.click("#new")
