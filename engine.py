@@ -25,9 +25,13 @@ Design choices:
   token can end inside one), never the start of a stop string. Only the tokens after the last
   final text are decoded at each step, so a long generation stays linear.
 """
+import contextlib
+import copy
 import itertools
 import math
 import random
+import statistics
+import time
 from collections import deque, namedtuple
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +40,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+import common
 from common import UserError, autocast_context, resolve_device, resolve_dtype
 from gpt import GPT, eval_mode, is_hub_model_id, load_checkpoint, model_from_checkpoint
 from tokenizer import load_tokenizer
@@ -77,14 +82,12 @@ def is_hf_folder(path):
 def load_model(ckpt=None, out_dir=None, device="auto", dtype="auto", int8=False, scoring=False):
     """Loaded(model, tokenizer, device, autocast context, a line saying what was loaded) for the
     checkpoint find_checkpoint picks. `scoring`: the model will score whole windows (sample.py
-    --eval, --analyze) rather than decode token by token, which changes what "auto" means."""
+    --eval, --analyze) under autocast, as training does; otherwise it generates, and a bf16 or
+    fp16 model stores its weights in that format (autocast would re-cast every weight at every
+    step). On a CPU "auto" generates with whichever of fp32 and bf16 weights decodes this model
+    faster here (fastest_cpu_decoding_dtype)."""
     device_name = resolve_device(device)
     run_dtype = resolve_dtype(dtype, device_name)
-    # On a CPU "auto" generates in fp32: decoding reads each weight once per token, and bf16
-    # autocast would re-cast every weight on every step (`sample.py --benchmark --dtype bfloat16`
-    # shows it). Scoring whole windows is where bf16 matmuls win, as in training.
-    if dtype == "auto" and device_name == "cpu" and not scoring:
-        run_dtype = torch.float32
     path = find_checkpoint(ckpt, out_dir)
     if path.is_dir() or is_hub_model_id(path):  # a Hugging Face GPT-2 (folder or Hub id): GPT-2's own BPE
         try:
@@ -109,11 +112,42 @@ def load_model(ckpt=None, out_dir=None, device="auto", dtype="auto", int8=False,
         except RuntimeError as e:
             raise UserError(str(e)) from None
     elif device_name == "cpu":
-        store_linear_weights_transposed(model)  # faster decoding on a CPU (gpt.py says why)
+        store_linear_weights_transposed(model)  # faster decoding on a CPU (store_linear_weights_transposed says why)
+        if dtype == "auto" and not scoring:
+            run_dtype = fastest_cpu_decoding_dtype(model)
+    ctx = autocast_context(device_name, run_dtype)
+    weights = ""
+    if not scoring and not int8 and run_dtype != torch.float32:
+        model.to(run_dtype)
+        ctx, weights = contextlib.nullcontext(), " weights"
     description = (f"loaded {path} ({what}, {params / 1e6:.2f}M parameters, block_size "
                    f"{model.config.block_size}, {tokenizer.kind} tokenizer) on {device_name}, "
-                   f"{'int8 weights + bfloat16' if int8 else str(run_dtype).removeprefix('torch.')}")
-    return Loaded(model, tokenizer, device_name, autocast_context(device_name, run_dtype), description)
+                   f"{'int8 weights + bfloat16' if int8 else str(run_dtype).removeprefix('torch.') + weights}")
+    return Loaded(model, tokenizer, device_name, ctx, description)
+
+
+@torch.inference_mode()
+def fastest_cpu_decoding_dtype(model, steps=5):
+    """torch.float32 or torch.bfloat16: the weights a CPU decodes `model` faster with, by the median
+    of a few timed decode steps of each (bf16 only where the CPU runs it natively: common.cpu_has_bf16).
+    A large model is bound by reading its weights, where bf16's half the bytes wins; a small one by
+    the cost of each op, where fp32's win (`python bench.py decode` shows both)."""
+    if not common.cpu_has_bf16():  # the module's, so that a test can stand in for the CPU
+        return torch.float32
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    idx = torch.zeros(1, 1, dtype=torch.long)
+
+    def step_seconds(m):
+        cache = KVCache(m.config.n_layer, min(8 + steps, m.config.block_size))
+        m(torch.zeros(1, 8 if m.config.block_size > 8 + steps else 1, dtype=torch.long), kv_cache=cache)
+        times = []
+        for _ in range(min(steps, cache.max_len - cache.lengths[0])):
+            t0 = time.perf_counter()
+            m(idx, kv_cache=cache)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+    fp32, bf16 = step_seconds(model), step_seconds(half)
+    return torch.bfloat16 if bf16 < 0.9 * fp32 else torch.float32  # bf16 rounds the logits: only for a clear win
 
 
 

@@ -173,23 +173,31 @@ def run_chat(monkeypatch, model, tokenizer, lines, *flags):
 # --- generation ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("native_bf16", [True, False])
-def test_auto_dtype_on_a_cpu_generates_in_fp32_and_scores_in_bf16_where_native(
-        native_bf16, random_ckpt, tmp_path, monkeypatch, capsys):
-    """--dtype auto on a CPU generates in fp32 (decoding reads each weight once per token; bf16
-    autocast would re-cast every weight at every step: 3.3x slower at 124M) and scores whole
-    windows (--eval) in bf16 where the CPU runs it natively, in fp32 elsewhere. An explicit
-    --dtype=bfloat16 is honoured when generating too. Both kinds of CPU, whatever this one is."""
+@pytest.mark.parametrize("faster", [torch.float32, torch.bfloat16])
+def test_auto_dtype_on_a_cpu_generates_with_the_faster_weights_and_scores_in_bf16_where_native(
+        native_bf16, faster, random_ckpt, tmp_path, monkeypatch, capsys):
+    """--dtype auto on a CPU generates with the weights engine.fastest_cpu_decoding_dtype finds
+    faster (stored in that format: autocast would re-cast every weight at every step) and scores
+    whole windows (--eval) under bf16 autocast where the CPU runs it natively, fp32 elsewhere. An
+    explicit --dtype=bfloat16 stores bf16 weights when generating. Both kinds of CPU."""
     monkeypatch.setattr(common, "cpu_has_bf16", lambda: native_bf16)
+    monkeypatch.setattr(engine, "fastest_cpu_decoding_dtype", lambda model: faster)
     text = tmp_path / "text.txt"
     text.write_text(PROMPT * 3, encoding="utf-8")
+    loaded = []
+    real_load = engine.load_model
+    monkeypatch.setattr(sample, "load_model", lambda *a, **k: loaded.append(real_load(*a, **k)) or loaded[-1])
 
     def dtype_used(*args):
         result = ok(main_in_process(monkeypatch, capsys, sample.main, ["--ckpt", random_ckpt, "--device=cpu", *args]))
-        return re.search(r" on cpu, (\w+)", result.stderr).group(1)
+        return re.search(r" on cpu, ([\w ]+)$", result.stderr.splitlines()[0]).group(1)
 
-    assert dtype_used("--max_new_tokens=3") == "float32"
+    assert dtype_used("--max_new_tokens=3") == ("float32" if faster == torch.float32 else "bfloat16 weights")
+    assert {p.dtype for p in loaded[-1].model.parameters()} == {faster}
     assert dtype_used("--eval", text) == ("bfloat16" if native_bf16 else "float32")
-    assert dtype_used("--dtype=bfloat16", "--max_new_tokens=3") == "bfloat16"
+    assert {p.dtype for p in loaded[-1].model.parameters()} == {torch.float32}  # autocast: fp32 weights
+    assert dtype_used("--dtype=bfloat16", "--max_new_tokens=3") == "bfloat16 weights"
+    assert {p.dtype for p in loaded[-1].model.parameters()} == {torch.bfloat16}
 
 
 def test_samples_have_the_asked_length_and_follow_the_seed(random_ckpt, cli):
