@@ -4,6 +4,7 @@ its docstring: precision per GPU generation, TF32, which GPU a process uses, RNG
 across a resume, DDP before compile, how a checkpoint is read, the process group's end, and
 `bench.py gpu` on a machine with nothing but this repository."""
 import contextlib
+import gc
 import os
 import signal
 import socket
@@ -217,9 +218,12 @@ def test_resuming_a_bf16_or_fp32_run_in_fp16_starts_a_fresh_scaler():
 
 @pytest.fixture
 def one_process_group():
-    """A gloo process group of this process alone (DDP's real reducer, no second process)."""
+    """A gloo process group of this process alone (DDP's real reducer, no second process). A DDP
+    module must be gone before the group is destroyed, as train.py does: its reducer holds the
+    group, and freeing it afterwards can hang."""
     torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
     yield
+    gc.collect()
     torch.distributed.destroy_process_group()
 
 
@@ -229,18 +233,19 @@ def test_compile_wraps_ddp_rather_than_ddp_a_compiled_model(monkeypatch, one_pro
     after it). The compile warm-up's forward through DDP, with no backward after it, must not
     disturb the first training step."""
     compiled = []
-    monkeypatch.setattr(torch, "compile", lambda model: compiled.append(model) or model)
+    monkeypatch.setattr(torch, "compile", lambda model: compiled.append(type(model)) or model)
     rt = train.Runtime(0, 0, 2, "cpu", torch.float32, contextlib.nullcontext(),
                        torch.amp.GradScaler("cpu", enabled=False))
     cfg = train.DEFAULTS | dict(compile=True, grad_checkpoint=False)
     raw_model = tiny_model()
     model = train.step_model(raw_model, cfg, rt, types.SimpleNamespace(B=2, T=8))
-    assert len(compiled) == 1 and isinstance(compiled[0], torch.nn.parallel.DistributedDataParallel)
-    assert compiled[0].module is raw_model and model is compiled[0]
+    is_ddp, wraps_raw = isinstance(model, torch.nn.parallel.DistributedDataParallel), model.module is raw_model
     x = torch.randint(0, 16, (2, 8))
     model.require_backward_grad_sync = True
     _, loss = model(x, x)
     loss.backward()
+    del model, _, loss  # before one_process_group destroys the group (its docstring says why)
+    assert compiled == [torch.nn.parallel.DistributedDataParallel] and is_ddp and wraps_raw
     assert all(p.grad is not None for p in raw_model.parameters())
 
 
