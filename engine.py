@@ -344,7 +344,7 @@ def sample_next_token(logits, sampling=Sampling(), *, seen=None, counts=None, ge
     counts (B, V): how often each token was generated (a token generated c times loses
     c * frequency_penalty + (c > 0) * presence_penalty). Then temperature (0 = argmax, nothing
     else random), top-k, top-p (the most likely token always survives), and a draw with
-    `generator`. Any finite setting gives a token: penalised logits are clamped to finite values
+    `generator`: one for every row, or a list of one per row (each request has its own). Any finite setting gives a token: penalised logits are clamped to finite values
     and scaled after subtracting their maximum, so 1e-310 and 1e300 are extremes, not infinities.
     Ties: a token equal to the k-th largest (or at the top-p boundary) is kept too, so the result
     never depends on how equal values sort.
@@ -376,7 +376,14 @@ def sample_next_token(logits, sampling=Sampling(), *, seen=None, counts=None, ge
         smallest_kept = sorted_probs.gather(-1, n_keep - 1)  # (B, 1)
         logits = logits.masked_fill(probs < smallest_kept, float("-inf"))
     probs = F.softmax(logits, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+    # The exponential race: argmax(p / E), E ~ Exp(1), picks token i with probability p_i, as
+    # torch.multinomial does, in a few passes over the row and without its checks (several times
+    # faster over GPT-2's 50,257 tokens), and lets each row draw its noise from its own generator.
+    generators = generator if isinstance(generator, list) else [generator] * len(probs)
+    noise = torch.empty_like(probs)
+    for row, g in zip(noise, generators):
+        row.exponential_(generator=g)
+    return (probs / noise.clamp_(min=torch.finfo(noise.dtype).tiny)).argmax(dim=-1)
 
 
 def token_logprobs(logits, tokens, top):
@@ -535,13 +542,16 @@ class Engine:
         self.cache.batch(0, len(self.rows), None if all(alive) else alive)
         logits, _ = self.model(idx, kv_cache=self.cache)
         logits = logits[:, -1, :]  # (R, V)
-        by_request = {}
+        # Rows that sample alike in one call: requests with one Sampling and no penalties together,
+        # a penalised request (whose rows carry its own counts) alone. The logits are all taken
+        # before any sampling: an ended row moves another one.
+        groups = {}
         for seq in decoding:
-            by_request.setdefault(id(seq.request), []).append(seq)
-        # Each request's logits are taken before any sampling: an ended row moves another one.
-        groups = [(seqs, logits.index_select(0, torch.tensor([s.row for s in seqs], device=self.device)))
-                  for seqs in by_request.values()]
-        return [out for seqs, rows in groups for out in self.next_tokens(seqs, rows)]
+            key = id(seq.request) if seq.request.sampling.penalised else seq.request.sampling
+            groups.setdefault(key, []).extend((s, seq.row) for s in self.with_followers(seq))
+        picked = [([s for s, _ in group], logits.index_select(0, torch.tensor([row for _, row in group], device=self.device)))
+                  for group in groups.values()]
+        return [out for seqs, rows in picked for out in self.next_tokens(seqs, rows)]
 
     def prefill(self, seq, chunk):
         """Feed the next `chunk` tokens of seq's window into its row; the Outputs if that ends it."""
@@ -558,45 +568,55 @@ class Engine:
                                                           torch.tensor(targets, device=self.device), request.logprobs)
         if self.to_feed(seq) > 0:
             return []
-        return self.next_tokens([seq], logits[:, -1, :])
+        seqs = self.with_followers(seq)
+        return self.next_tokens(seqs, logits[:, -1, :].expand(len(seqs), -1))
 
     def next_tokens(self, seqs, logits):
-        """Sample the next token of each of seqs (one request's) from their (len(seqs), V) logits."""
-        request = seqs[0].request
-        if any(seq.follower for seq in request.choices):  # the first token of a request of n > 1 choices
-            seqs = self.start_followers(request)
-            logits = logits.expand(len(seqs), -1)
-        if request.max_tokens == 0:
-            return [self.end(seq, None, "length") for seq in seqs]
-        V = logits.size(-1)
-        if request.sampling.penalised and request.seen is None:
-            request.seen = torch.zeros(request.n, V, dtype=torch.bool, device=self.device)
-            request.seen[:, torch.tensor(request.prompt, device=self.device)] = True
-            request.counts = torch.zeros(request.n, V, device=self.device)
-        choice = torch.tensor([seq.index for seq in seqs], device=self.device)
-        penalties = {} if request.seen is None else dict(seen=request.seen[choice], counts=request.counts[choice])
-        tokens = sample_next_token(logits, request.sampling, generator=request.generator, **penalties)
-        if request.seen is not None:
-            request.seen[choice, tokens] = True
-            request.counts.index_put_((choice, tokens), torch.ones_like(tokens, dtype=torch.float), accumulate=True)
-        scores = token_logprobs(logits, tokens, request.logprobs) if request.logprobs is not None else None
-        outputs = []
+        """Sample the next token of each of seqs, requests of one Sampling, from their (len(seqs), V)
+        logits: one call, each row drawing from its own request's generator."""
+        ending = [seq for seq in seqs if seq.request.max_tokens == 0]  # scored their prompt: done
+        outputs = [self.end(seq, None, "length") for seq in ending]
+        if ending:
+            keep = [i for i, seq in enumerate(seqs) if seq.request.max_tokens > 0]
+            seqs, logits = [seqs[i] for i in keep], logits[keep]
+        if not seqs:
+            return outputs
+        first = seqs[0].request
+        penalties = {}
+        if first.sampling.penalised:  # then seqs are this one request's
+            if first.seen is None:
+                first.seen = torch.zeros(first.n, logits.size(-1), dtype=torch.bool, device=self.device)
+                first.seen[:, torch.tensor(first.prompt, device=self.device)] = True
+                first.counts = torch.zeros(first.n, logits.size(-1), device=self.device)
+            choice = torch.tensor([seq.index for seq in seqs], device=self.device)
+            penalties = dict(seen=first.seen[choice], counts=first.counts[choice])
+        tokens = sample_next_token(logits, first.sampling, generator=[seq.request.generator for seq in seqs],
+                                   **penalties)
+        if penalties:
+            first.seen[choice, tokens] = True
+            first.counts.index_put_((choice, tokens), torch.ones_like(tokens, dtype=torch.float), accumulate=True)
+        tops = [seq.request.logprobs for seq in seqs if seq.request.logprobs is not None]
+        scores = token_logprobs(logits, tokens, max(tops)) if tops else None
         for i, (seq, token) in enumerate(zip(seqs, tokens.tolist())):
+            request = seq.request
             seq.tokens.append(token)
             seq.generated += 1
             reason = "stop" if token in request.stop_tokens else "length" if seq.generated == request.max_tokens else None
-            logprob, top = scores[i] if scores else (None, None)
-            outputs.append(Output(request, seq.index, token, logprob, top, reason))
+            logprob, top = scores[i] if scores and request.logprobs is not None else (None, None)
+            outputs.append(Output(request, seq.index, token, logprob, top and top[:request.logprobs], reason))
             if reason:
                 self.retire(seq, reason)
         return outputs
 
-    def start_followers(self, request):
-        """The first choice's prompt is in the cache: the other choices start from a copy of it."""
-        leader = request.choices[0]
-        for seq in request.choices[1:]:
-            self.cache.copy_row(leader.row, seq.row)
-            seq.window, seq.follower = leader.window, False
+    def with_followers(self, seq):
+        """seq, or, at the first token of a request of n > 1 choices, all n: the others start from a
+        copy of the first one's prompt cache."""
+        request = seq.request
+        if not any(s.follower for s in request.choices):
+            return [seq]
+        for follower in request.choices[1:]:
+            self.cache.copy_row(seq.row, follower.row)
+            follower.window, follower.follower = seq.window, False
         return request.choices
 
     # --- admitting, ending, cancelling -----------------------------------------------------------
