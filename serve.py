@@ -260,7 +260,7 @@ class Job:
     Exception."""
 
     def __init__(self, request, first_index, tokenizer, stops, events):
-        self.request, self.first_index, self.tokenizer = request, first_index, tokenizer
+        self.request, self.first_index = request, first_index
         self.request.job = self
         self.events, self.loop = events, asyncio.get_running_loop()
         self.texts = [TextStream(tokenizer, stops) for _ in range(request.n)]
@@ -352,8 +352,8 @@ class Worker:
     submitted, and hands every Output of a step to its job. At most max_queue requests wait for
     rows; beyond them submit refuses with 429."""
 
-    def __init__(self, model, tokenizer, ctx, max_batch, prefill_tokens, max_queue):
-        self.tokenizer, self.ctx, self.max_queue = tokenizer, ctx, max_queue
+    def __init__(self, model, ctx, max_batch, prefill_tokens, max_queue):
+        self.ctx, self.max_queue = ctx, max_queue
         self.engine = Engine(model, max_rows=max_batch, prefill_tokens=prefill_tokens)
         self.inbox = queue.SimpleQueue()
         self.thread = threading.Thread(target=self.run, name="model", daemon=True)
@@ -421,7 +421,7 @@ class Worker:
 def build_app(model, tokenizer, ctx, name, api_key=None, max_tokens=1024, max_batch=16, prefill_tokens=256,
               max_queue=64):
     """The FastAPI app serving `model` under the id `name`, its worker started and stopped with it."""
-    worker = Worker(model, tokenizer, ctx, max_batch, prefill_tokens, max_queue)
+    worker = Worker(model, ctx, max_batch, prefill_tokens, max_queue)
     block_size = model.config.block_size
     started = int(time.time())
 
