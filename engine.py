@@ -96,7 +96,7 @@ def load_model(ckpt=None, out_dir=None, device="auto", dtype="auto", int8=False,
             raise UserError(f"cannot load {path}: {e}") from None
         tokenizer, what = load_tokenizer("gpt2"), "Hugging Face GPT-2"
     else:
-        checkpoint = load_checkpoint(path, device_name)
+        checkpoint = load_checkpoint(path)  # mapped on the CPU: only the weights go to the device
         if not checkpoint.get("tokenizer"):
             raise UserError(f"{path} carries no tokenizer; it was not written by train.py")
         tokenizer = load_tokenizer(checkpoint["tokenizer"])

@@ -1342,7 +1342,7 @@ def plot(out_dir):
     ax.set(xlabel="iteration", ylabel="loss", title=str(out_dir))
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.savefig(Path(out_dir) / "loss.png", dpi=100, bbox_inches="tight")
+    save_figure(fig, Path(out_dir) / "loss.png")  # atomic, and closed after
     print(f"wrote {Path(out_dir) / 'loss.png'}")
 
 

@@ -804,7 +804,8 @@ def test_plot_draws_the_loss_curves(char_data, out_dir, monkeypatch):
     result = run_in_process(train.main, "--plot", out_dir)
     assert result.returncode == 0, result.stderr
     (fig, path), = saved
-    assert path == str(out_dir / "loss.png") and (out_dir / "loss.png").read_bytes().startswith(b"\x89PNG")
+    assert Path(path).parent == out_dir  # loss.png's temporary name: written whole, then renamed
+    assert (out_dir / "loss.png").read_bytes().startswith(b"\x89PNG") and not Path(path).exists()
     (ax,) = fig.axes
     curves = {line.get_label(): (np.asarray(line.get_xdata()).tolist(), np.asarray(line.get_ydata()).tolist())
               for line in ax.get_lines()}
