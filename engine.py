@@ -344,7 +344,8 @@ def sample_next_token(logits, sampling=Sampling(), *, seen=None, counts=None, ge
     counts (B, V): how often each token was generated (a token generated c times loses
     c * frequency_penalty + (c > 0) * presence_penalty). Then temperature (0 = argmax, nothing
     else random), top-k, top-p (the most likely token always survives), and a draw with
-    `generator`: one for every row, or a list of one per row (each request has its own). Any finite setting gives a token: penalised logits are clamped to finite values
+    `generator`: one for every row, or a list of one per row (each request has its own).
+    Any finite setting gives a token: penalised logits are clamped to finite values
     and scaled after subtracting their maximum, so 1e-310 and 1e300 are extremes, not infinities.
     Ties: a token equal to the k-th largest (or at the top-p boundary) is kept too, so the result
     never depends on how equal values sort.
@@ -364,7 +365,7 @@ def sample_next_token(logits, sampling=Sampling(), *, seen=None, counts=None, ge
     # The largest logit becomes 0 and the others negative: dividing by a tiny temperature then
     # gives -inf for the unlikely tokens, never inf - inf = nan.
     temperature = max(s.temperature, torch.finfo(torch.float32).tiny)
-    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if s.top_k is not None and s.top_k < logits.size(-1):
         kth = torch.topk(logits, s.top_k, dim=-1).values[:, -1:]  # (B, 1): the k-th largest logit
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -376,14 +377,17 @@ def sample_next_token(logits, sampling=Sampling(), *, seen=None, counts=None, ge
         smallest_kept = sorted_probs.gather(-1, n_keep - 1)  # (B, 1)
         logits = logits.masked_fill(probs < smallest_kept, float("-inf"))
     probs = F.softmax(logits, dim=-1)
-    # The exponential race: argmax(p / E), E ~ Exp(1), picks token i with probability p_i, as
-    # torch.multinomial does, in a few passes over the row and without its checks (several times
-    # faster over GPT-2's 50,257 tokens), and lets each row draw its noise from its own generator.
+    # Inverse transform: one uniform number u per row, and the first token whose cumulative
+    # probability passes u * total. It draws as torch.multinomial does, at a fraction of its cost
+    # over GPT-2's 50,257 tokens, and each row's u comes from its own generator.
     generators = generator if isinstance(generator, list) else [generator] * len(probs)
-    noise = torch.empty_like(probs)
-    for row, g in zip(noise, generators):
-        row.exponential_(generator=g)
-    return (probs / noise.clamp_(min=torch.finfo(noise.dtype).tiny)).argmax(dim=-1)
+    u = torch.cat([torch.rand(1, generator=g, device=probs.device) for g in generators])
+    cdf = probs.cumsum(dim=-1)
+    token = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp_(max=probs.size(-1) - 1)
+    stuck = probs.gather(-1, token) == 0  # u * total rounded up to the total: the most likely token
+    if stuck.any():
+        token = torch.where(stuck, probs.argmax(dim=-1, keepdim=True), token)
+    return token.squeeze(-1)
 
 
 def token_logprobs(logits, tokens, top):

@@ -402,6 +402,18 @@ def test_frequency_and_presence_penalties_subtract_count_terms(frequency, presen
     assert none_yet.item() == 0  # nothing generated yet: nothing to penalise
 
 
+def test_a_draw_at_the_very_top_of_the_cumulative_probability_stays_on_an_allowed_token(monkeypatch):
+    """The inverse-transform draw picks the first token whose cumulative probability passes u * total;
+    should u * total round up to the total itself, the row takes its most likely token, never one
+    that top-k removed (probability 0) at the end of the vocabulary."""
+    logits = torch.tensor([[0.0, 3.0, 2.0, 1.0, -1.0]])
+    real_rand = torch.rand
+    monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.ones_like(real_rand(*a, **k)))  # u = 1: the total
+    assert sample_next_token(logits, Sampling(top_k=2)).tolist() == [1]
+    monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.zeros_like(real_rand(*a, **k)))  # u = 0
+    assert sample_next_token(logits, Sampling(top_k=2)).tolist() == [1]  # the first token with probability
+
+
 def test_same_seed_same_sample_different_seed_different():
     logits = torch.zeros(8, 1000)  # uniform: 8 draws collide by chance with probability 1e-24
     draw = lambda seed: sample_next_token(logits, Sampling(), generator=torch.Generator().manual_seed(seed)).tolist()
