@@ -525,15 +525,35 @@ class Engine:
         decoding = [seq for seq in self.rows if not seq.follower and self.to_feed(seq) == 1]
         if decoding:
             outputs += self.decode(decoding)
-        budget = self.prefill_tokens
+        budget, chunks = self.prefill_tokens, []
         for seq in sorted((s for s in self.rows if not s.follower and self.to_feed(s) > 1),
                           key=lambda s: (s.request.arrival, s.index)):
             if budget == 0:
                 break
-            chunk = min(self.to_feed(seq), budget)
-            budget -= chunk
-            outputs += self.prefill(seq, chunk)
+            chunks.append((seq, min(self.to_feed(seq), budget)))
+            budget -= chunks[-1][1]
+        for batch in self.alike(chunks):
+            outputs += self.prefill(batch)
         return outputs
+
+    def alike(self, chunks):
+        """(seq, chunk) pairs in runs that one forward can prefill: rows next to each other, from one
+        cache position, with chunks of one length (prompts admitted together, as a burst's are).
+        A prompt whose logprobs are asked goes alone (its forward keeps every position's logits)."""
+        batch = []
+        for seq, chunk in chunks:
+            if batch and (self.scores_prompt(seq) or self.scores_prompt(batch[-1][0]) or chunk != batch[-1][1]
+                          or seq.row != batch[-1][0].row + 1
+                          or self.cache.lengths[seq.row] != self.cache.lengths[batch[-1][0].row]):
+                yield batch
+                batch = []
+            batch.append((seq, chunk))
+        if batch:
+            yield batch
+
+    def scores_prompt(self, seq):
+        request = seq.request
+        return request.want_prompt_logprobs and seq.index == 0 and len(request.prompt_logprobs) < len(request.prompt)
 
     def to_feed(self, seq):
         """Tokens of seq's window not in the cache yet (1: ready to decode; more: to prefill)."""
@@ -557,23 +577,28 @@ class Engine:
                   for group in groups.values()]
         return [out for seqs, rows in picked for out in self.next_tokens(seqs, rows)]
 
-    def prefill(self, seq, chunk):
-        """Feed the next `chunk` tokens of seq's window into its row; the Outputs if that ends it."""
-        start = seq.window + self.cache.lengths[seq.row]
-        idx = torch.tensor([seq.tokens[start:start + chunk]], device=self.device)
-        request = seq.request
-        scoring = request.want_prompt_logprobs and seq.index == 0 and len(request.prompt_logprobs) < len(request.prompt)
-        self.cache.batch(seq.row, 1)
-        logits, _ = self.model(idx, kv_cache=self.cache, all_logits=scoring)  # (1, chunk or 1, V)
-        if scoring:  # position i predicts token i + 1, within the prompt
-            targets = seq.tokens[start + 1:min(start + chunk + 1, len(request.prompt))]
+    def prefill(self, batch):
+        """Feed the next chunk of tokens of each (seq, chunk) of `batch` (rows next to each other, at
+        one position, one chunk length) into its row in one forward; the Outputs of those it ends."""
+        chunk, first = batch[0][1], batch[0][0]
+        starts = [seq.window + self.cache.lengths[seq.row] for seq, _ in batch]
+        idx = torch.tensor([seq.tokens[start:start + chunk] for (seq, _), start in zip(batch, starts)],
+                           device=self.device)  # (len(batch), chunk)
+        scoring = self.scores_prompt(first)
+        self.cache.batch(first.row, len(batch))
+        logits, _ = self.model(idx, kv_cache=self.cache, all_logits=scoring)  # (len(batch), chunk or 1, V)
+        if scoring:  # position i predicts token i + 1, within the prompt (a scored prompt goes alone)
+            request, start = first.request, starts[0]
+            targets = first.tokens[start + 1:min(start + chunk + 1, len(request.prompt))]
             if targets:
                 request.prompt_logprobs += token_logprobs(logits[0, :len(targets)],
                                                           torch.tensor(targets, device=self.device), request.logprobs)
-        if self.to_feed(seq) > 0:
-            return []
-        seqs = self.with_followers(seq)
-        return self.next_tokens(seqs, logits[:, -1, :].expand(len(seqs), -1))
+        outputs = []
+        for i, (seq, _) in enumerate(batch):
+            if self.to_feed(seq) == 0:
+                seqs = self.with_followers(seq)
+                outputs += self.next_tokens(seqs, logits[i:i + 1, -1, :].expand(len(seqs), -1))
+        return outputs
 
     def next_tokens(self, seqs, logits):
         """Sample the next token of each of seqs, requests of one Sampling, from their (len(seqs), V)

@@ -198,6 +198,22 @@ def test_rows_at_different_positions_decode_as_each_alone():
             assert (rows[step] - F.log_softmax(expected, -1)).abs().max() <= 2 * rtol * expected.abs().max()
 
 
+def test_prompts_admitted_together_are_prefilled_in_one_forward(monkeypatch):
+    """Four prompts of one length arriving together take one prefill forward (4 rows next to each
+    other, at one position), a fifth of another length its own, and each request gets the greedy
+    tokens it gets alone."""
+    model = varied_model()
+    requests = [greedy_request(p, 8) for p in prompts([6, 6, 6, 6, 9], seed=13)]
+    shapes = []
+    forward = type(model).forward
+    monkeypatch.setattr(type(model), "forward", lambda self, idx, *a, **k: shapes.append(tuple(idx.shape)) or forward(self, idx, *a, **k))
+    tokens, _, first_step = run_engine(Engine(model, max_rows=5, prefill_tokens=64), requests)
+    assert [s for s in shapes if s[1] > 1] == [(4, 6), (1, 9)] and first_step == [0] * 5
+    monkeypatch.setattr(type(model), "forward", forward)
+    for request, [got] in zip(requests, tokens):
+        assert got == generate(model, torch.tensor([request.prompt]), 8, temperature=0)[0]
+
+
 def test_chunked_prefill_equals_one_shot_prefill():
     """A 15-token prompt prefilled 4 tokens per step gives the greedy tokens and, within fp32
     rounding, the logprobs of the whole prompt in one forward; prompt logprobs too."""
