@@ -605,7 +605,8 @@ def serve_bench(args):
     print(f"serve.py on {args.device}: {machine()}")
     print(f"each client streams {args.new_tokens} new tokens after a {args.prompt_tokens}-token prompt; burst: "
           f"all clients start at once; spread: one every {args.spread_s:g} s / clients; median of "
-          f"{args.repeats} rounds after a warm-up request; latencies over every stream of those rounds")
+          f"{args.repeats} rounds after a warm-up request, each beside a round of 1 client (x 1 client: the "
+          f"ratio of their medians); latencies over every stream of those rounds")
     with tempfile.TemporaryDirectory() as folder:
         for shape_name in args.shapes:
             ckpt, tok = serve_checkpoint(shape_name, folder)
@@ -619,21 +620,24 @@ def serve_bench(args):
             # The reference: --max_batch 1 runs one request at a time, first come first served.
             runs = [(args.max_batch, [(clients, spread) for spread in (0.0, args.spread_s) for clients in args.clients]),
                     (1, [(max(args.clients), 0.0)])]
-            single = None
             for max_batch, rows in runs:
                 proc, port = start_server(ckpt, args.device, Path(folder) / "serve.log", "--max_batch", max_batch,
                                           "--max_queue", max(64, *args.clients))
                 try:
                     stream_completion(port, prompt, args.new_tokens, seed=0)
                     for clients, spread in rows:
-                        rounds = [serve_round(port, clients, prompt, args.new_tokens, spread) for _ in range(args.repeats)]
+                        # Each round beside a round of one client, so that the ratio compares rounds
+                        # run at one time: this shared machine's speed drifts over minutes.
+                        singles, rounds = [], []
+                        for _ in range(args.repeats):
+                            singles.append(serve_round(port, 1, prompt, args.new_tokens)[0])
+                            rounds.append(serve_round(port, clients, prompt, args.new_tokens, spread))
                         total = statistics.median(r[0] for r in rounds)
                         firsts, gaps = [t for r in rounds for t in r[1]], [g for r in rounds for g in r[2]]
-                        single = single or total  # the first row: one client, a burst
                         print(f"    {'--max_batch ' + str(max_batch):<16} {clients:>7} {'spread' if spread else 'burst':>8} "
-                              f"{total:>9,.1f} {total / single:>9.2f}x {percentile(firsts, 50) * 1000:>12,.0f} ms "
-                              f"{percentile(firsts, 99) * 1000:>4,.0f} ms {percentile(gaps, 50) * 1000:>10,.1f} ms "
-                              f"{percentile(gaps, 99) * 1000:>4,.0f} ms")
+                              f"{total:>9,.1f} {total / statistics.median(singles):>9.2f}x "
+                              f"{percentile(firsts, 50) * 1000:>12,.0f} ms {percentile(firsts, 99) * 1000:>4,.0f} ms "
+                              f"{percentile(gaps, 50) * 1000:>10,.1f} ms {percentile(gaps, 99) * 1000:>4,.0f} ms")
                 finally:
                     proc.terminate()
                     proc.wait()
