@@ -138,8 +138,9 @@ def parse_args(argv):
                    help="default: a fresh random seed (printed when sampling)")
     p.add_argument("--stop", metavar="TEXT", help="stop when the generated text contains this")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default auto)")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 where native; fp32 when generating on a "
-                   "CPU) | float32 | bfloat16 | float16 (default auto)")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 where native; generating on a CPU, fp32 or "
+                   "bf16 weights, whichever decodes this model faster: timed at load) | float32 | bfloat16 | "
+                   "float16 (default auto)")
     p.add_argument("--int8", action="store_true", help="CPU: int8 weights, bf16 activations (~1.8x "
                    "faster decoding at GPT-2 small's size, slower on tiny models; slightly less "
                    "exact; --dtype auto or bfloat16)")

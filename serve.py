@@ -751,8 +751,8 @@ def parse_args(argv):
     p.add_argument("--out_dir", help="use best.pt (else ckpt.pt) of this training run")
     p.add_argument("--ckpt", help="use this checkpoint file, a Hugging Face GPT-2 folder or Hub id (gpt2, OWNER/NAME)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default auto)")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 where native; fp32 on a CPU) | float32 | "
-                   "bfloat16 | float16 (default auto)")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 where native; on a CPU, fp32 or bf16 weights, "
+                   "whichever decodes this model faster: timed at load) | float32 | bfloat16 | float16 (default auto)")
     p.add_argument("--int8", action="store_true", help="CPU: int8 weights, bf16 activations (as sample.py --int8)")
     p.add_argument("--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1: this "
                    "machine only; 0.0.0.0 is every network interface)")
