@@ -830,3 +830,17 @@ def test_a_misspelt_flag_is_one_line_naming_the_closest_flag(random_ckpt):
     result = run(random_ckpt, "--temprature", "0.5")
     assert_one_line_error(result, "unknown flag --temprature", "Did you mean --temperature?")
     assert result.stdout == ""
+
+
+@pytest.mark.parametrize("settings", [["--temperature", "1e-310"], ["--repetition_penalty", "1e-300"],
+                                      ["--temperature", "1e300", "--top_p", "1e-300"],
+                                      ["--repetition_penalty", "1e300", "--top_k", "1"]])
+def test_every_setting_the_cli_accepts_samples(varied_ckpt, cli, settings):
+    """An extreme value that parses (a subnormal temperature, a penalty of 1e-300 or 1e300) still
+    samples: 12 new characters and exit 0, never a traceback about inf or nan probabilities. A
+    temperature of 1e-310 is greedy in effect."""
+    result = ok(cli(varied_ckpt, "--start", PROMPT, "--max_new_tokens", 12, "--seed", 1, *settings))
+    assert len(result.stdout) == len(PROMPT) + 12 + 1  # the prompt, the sample, a newline
+    if settings == ["--temperature", "1e-310"]:
+        greedy = ok(cli(varied_ckpt, "--start", PROMPT, "--max_new_tokens", 12, "--temperature", 0))
+        assert result.stdout == greedy.stdout
