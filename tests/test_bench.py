@@ -349,27 +349,6 @@ def test_gpu_without_cuda_is_one_line():
     assert_one_line_error(run_script("bench.py", "gpu"), "needs a CUDA GPU")
 
 
-@pytest.mark.slow
-def test_gpu_training_runs_go_through_train_py(tmp_path, shared_dir):
-    """Each training run of the GPU mode (FSDP under torchrun) runs train.py on a CPU in fp32,
-    eager, with a tiny model (the bf16 and fp16 runs become one): every setting it passes exists,
-    the table's row reads its metrics.jsonl, the loss falls on the random tokens, and tokens/s is
-    the batch's tokens over the step time."""
-    data = bench.random_token_dataset(tmp_path / "random", 20_000)
-    runs = {}
-    for name, (settings, torchrun, _) in bench.GPU_RUNS.items():
-        on_cpu = settings | dict(dtype="float32", compile=False, learning_rate=1e-2)
-        runs.setdefault(str((on_cpu, torchrun)), (name, on_cpu, torchrun))
-    assert len(runs) == 3
-    for i, (name, settings, torchrun) in enumerate(runs.values()):
-        records, error = bench.training_run(settings, torchrun, data, tmp_path / f"out{i}", 10, model=TINY_MODEL,
-                                            batch_size=4, device="cpu")
-        row = bench.training_row(name, records, error, flops_per_token=1e6, peak_flops=1e9, planned_bytes=1e9)
-        assert row["result"] == "ok" and row["steps"] == 10, (name, row)
-        assert row["tokens_per_s"] == pytest.approx(4 * 16 * 1000 / row["ms"], rel=1e-9), (name, row)
-        assert 0 < row["peak_gb"] < math.inf
-
-
 def test_training_row_fails_on_an_error_a_nonfinite_loss_or_one_that_does_not_fall():
     """A row is "ok" only for a run that ended well, logged finite losses and evaluated twice,
     with both the training and validation loss lower at the end; a run that wrote nothing still

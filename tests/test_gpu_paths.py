@@ -5,6 +5,7 @@ across a resume, DDP before compile, how a checkpoint is read, the process group
 `bench.py gpu` on a machine with nothing but this repository."""
 import contextlib
 import gc
+import math
 import os
 import signal
 import socket
@@ -376,6 +377,9 @@ def test_the_gpu_check_runs_its_rows_on_a_cpu_with_nothing_but_this_repository(b
                                             "decode bf16, KV cache"]
     for row in rows:
         assert row["result"].startswith("ok"), row
+    for row in rows[:len(bench.GPU_RUNS)]:  # the training rows: 10 steps of 4 x 16 tokens, read from metrics.jsonl
+        assert row["steps"] == 10 and 0 < row["peak_gb"] < math.inf, row
+        assert row["tokens_per_s"] == pytest.approx(4 * 16 * 1000 / row["ms"], rel=1e-9), row
     assert len(bench.gpu_table(rows)) == 1 + len(rows)
 
 
@@ -417,12 +421,12 @@ def test_a_training_run_past_its_time_is_stopped_with_its_processes(tmp_path):
     out = tmp_path / "out"
     returned = []
     run = threading.Thread(target=lambda: returned.append(bench.training_run(
-        dict(dtype="float32"), True, data, out, 100_000, model=TINY_MODEL, batch_size=4, device="cpu", timeout=20)))
+        dict(dtype="float32"), True, data, out, 100_000, model=TINY_MODEL, batch_size=4, device="cpu", timeout=10)))
     run.start()
-    run.join(timeout=150)  # 20 s, then at most torchrun's 30 s to stop its worker
+    run.join(timeout=150)  # 10 s (its worker is training by then), then at most torchrun's 30 s to stop it
     left = processes_with(f"--out_dir={out}")
     for pid in left:  # this test's own runs: a worker left behind would hold training_run's pipes
         os.kill(pid, signal.SIGKILL)
     run.join()
     assert left == []
-    assert returned[0][1] == "stopped after 20 s, the time left of the check"
+    assert returned[0][1] == "stopped after 10 s, the time left of the check"
