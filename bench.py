@@ -637,7 +637,7 @@ def serve_bench(args):
                         print(f"    {'--max_batch ' + str(max_batch):<16} {clients:>7} {'spread' if spread else 'burst':>8} "
                               f"{total:>9,.1f} {total / statistics.median(singles):>9.2f}x "
                               f"{percentile(firsts, 50) * 1000:>12,.0f} ms {percentile(firsts, 99) * 1000:>4,.0f} ms "
-                              f"{percentile(gaps, 50) * 1000:>10,.1f} ms {percentile(gaps, 99) * 1000:>4,.0f} ms")
+                              f"{percentile(gaps, 50) * 1000:>10,.1f} ms {percentile(gaps, 99) * 1000:>5,.1f} ms")
                 finally:
                     proc.terminate()
                     proc.wait()
