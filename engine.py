@@ -30,7 +30,6 @@ import copy
 import itertools
 import math
 import random
-import statistics
 import time
 from collections import deque, namedtuple
 from dataclasses import dataclass
@@ -79,12 +78,12 @@ def is_hf_folder(path):
     return (path / "config.json").is_file() and not any((path / name).is_file() for name in CHECKPOINT_NAMES)
 
 
-def load_model(ckpt=None, out_dir=None, device="auto", dtype="auto", int8=False, scoring=False):
+def load_model(ckpt=None, out_dir=None, device="auto", dtype="auto", int8=False, scoring=False, decoding=True):
     """Loaded(model, tokenizer, device, autocast context, a line saying what was loaded) for the
     checkpoint find_checkpoint picks. `scoring`: the model will score whole windows (sample.py
-    --eval, --analyze) under autocast, as training does; otherwise it generates, and a bf16 or
-    fp16 model stores its weights in that format (autocast would re-cast every weight at every
-    step). On a CPU "auto" generates with whichever of fp32 and bf16 weights decodes this model
+    --eval, --analyze) under autocast, as training does; otherwise a bf16 or fp16 model stores its
+    weights in that format (autocast would re-cast every weight at every step). On a CPU "auto"
+    is fp32, or, `decoding` token by token, whichever of fp32 and bf16 weights decodes this model
     faster here (fastest_cpu_decoding_dtype)."""
     device_name = resolve_device(device)
     run_dtype = resolve_dtype(dtype, device_name)
@@ -114,7 +113,7 @@ def load_model(ckpt=None, out_dir=None, device="auto", dtype="auto", int8=False,
     elif device_name == "cpu":
         store_linear_weights_transposed(model)  # faster decoding on a CPU (store_linear_weights_transposed says why)
         if dtype == "auto" and not scoring:
-            run_dtype = fastest_cpu_decoding_dtype(model)
+            run_dtype = fastest_cpu_decoding_dtype(model) if decoding else torch.float32
     ctx = autocast_context(device_name, run_dtype)
     weights = ""
     if not scoring and not int8 and run_dtype != torch.float32:
@@ -128,7 +127,7 @@ def load_model(ckpt=None, out_dir=None, device="auto", dtype="auto", int8=False,
 
 @torch.inference_mode()
 def fastest_cpu_decoding_dtype(model, steps=5):
-    """torch.float32 or torch.bfloat16: the weights a CPU decodes `model` faster with, by the median
+    """torch.float32 or torch.bfloat16: the weights a CPU decodes `model` faster with, by the fastest
     of a few timed decode steps of each (bf16 only where the CPU runs it natively: common.cpu_has_bf16).
     A large model is bound by reading its weights, where bf16's half the bytes wins; a small one by
     the cost of each op, where fp32's win (`python bench.py decode` shows both)."""
@@ -137,7 +136,7 @@ def fastest_cpu_decoding_dtype(model, steps=5):
     half = copy.deepcopy(model).to(torch.bfloat16)
     idx = torch.zeros(1, 1, dtype=torch.long)
 
-    def step_seconds(m):
+    def step_seconds(m):  # the fastest of a few steps: what the CPU does, less other processes' share
         cache = KVCache(m.config.n_layer, min(8 + steps, m.config.block_size))
         m(torch.zeros(1, 8 if m.config.block_size > 8 + steps else 1, dtype=torch.long), kv_cache=cache)
         times = []
@@ -145,7 +144,7 @@ def fastest_cpu_decoding_dtype(model, steps=5):
             t0 = time.perf_counter()
             m(idx, kv_cache=cache)
             times.append(time.perf_counter() - t0)
-        return statistics.median(times)
+        return min(times)
     fp32, bf16 = step_seconds(model), step_seconds(half)
     return torch.bfloat16 if bf16 < 0.9 * fp32 else torch.float32  # bf16 rounds the logits: only for a clear win
 

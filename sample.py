@@ -192,9 +192,10 @@ def check_flags_apply(args):
 # Loading.
 
 def load(args):
-    """engine.load_model for the flags given: --eval and --analyze score whole windows."""
+    """engine.load_model for the flags given: --eval and --analyze score whole windows, --attention
+    inspects one; the other modes decode token by token."""
     return load_model(args.ckpt, args.out_dir, args.device, args.dtype, args.int8,
-                      scoring=args.mode in ("eval", "analyze"))
+                      scoring=args.mode in ("eval", "analyze"), decoding=args.mode in ("generate", "chat", "benchmark"))
 
 
 def make_generator(device, seed):

@@ -177,9 +177,10 @@ def run_chat(monkeypatch, model, tokenizer, lines, *flags):
 def test_auto_dtype_on_a_cpu_generates_with_the_faster_weights_and_scores_in_bf16_where_native(
         native_bf16, faster, random_ckpt, tmp_path, monkeypatch, capsys):
     """--dtype auto on a CPU generates with the weights engine.fastest_cpu_decoding_dtype finds
-    faster (stored in that format: autocast would re-cast every weight at every step) and scores
-    whole windows (--eval) under bf16 autocast where the CPU runs it natively, fp32 elsewhere. An
-    explicit --dtype=bfloat16 stores bf16 weights when generating. Both kinds of CPU."""
+    faster (stored in that format: autocast would re-cast every weight at every step), scores
+    whole windows (--eval) under bf16 autocast where the CPU runs it natively, fp32 elsewhere, and
+    draws attention maps in fp32. An explicit --dtype=bfloat16 stores bf16 weights when
+    generating. Both kinds of CPU."""
     monkeypatch.setattr(common, "cpu_has_bf16", lambda: native_bf16)
     monkeypatch.setattr(engine, "fastest_cpu_decoding_dtype", lambda model: faster)
     text = tmp_path / "text.txt"
@@ -198,6 +199,7 @@ def test_auto_dtype_on_a_cpu_generates_with_the_faster_weights_and_scores_in_bf1
     assert {p.dtype for p in loaded[-1].model.parameters()} == {torch.float32}  # autocast: fp32 weights
     assert dtype_used("--dtype=bfloat16", "--max_new_tokens=3") == "bfloat16 weights"
     assert {p.dtype for p in loaded[-1].model.parameters()} == {torch.bfloat16}
+    assert dtype_used("--attention", PROMPT) == "float32"  # inspects one window: no timing, fp32
 
 
 def test_samples_have_the_asked_length_and_follow_the_seed(random_ckpt, cli):
