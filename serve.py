@@ -60,7 +60,6 @@ try:
     from starlette.exceptions import HTTPException
 except ImportError as e:
     sys.exit(f"error: serve.py needs {e.name}: pip install fastapi uvicorn prometheus_client")
-import torch
 
 import engine
 from common import ArgumentParser, UserError, run_main

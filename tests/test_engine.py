@@ -8,7 +8,7 @@ import engine
 from engine import (GREEDY, Engine, Int8Linear, KVCache, Request, Sampling, beam_search, generate, generate_stream,
                     next_logits, quantize_int8, sample_next_token, store_linear_weights_transposed)
 from gpt import GPT
-from test_gpt import BF16_ROUNDING, FP32_ROUNDING, all_logits, logits_rtol, tiny_config, varied_model
+from test_gpt import BF16_ROUNDING, FP32_ROUNDING, all_logits, logits_rtol, varied_model
 
 
 def cached_greedy_route(model, prompt, max_new_tokens):

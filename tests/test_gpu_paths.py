@@ -28,7 +28,7 @@ import tokenizer
 import train
 from common import UserError
 from conftest import ROOT, run_in_process
-from test_train import TINY, losses, metrics, train_run
+from test_train import TINY, losses, train_run
 
 
 @pytest.fixture
