@@ -583,7 +583,7 @@ OPTIM_SHAPES = {  # train.py settings on shakespeare_char; each optimizer runs t
                   min_lr=2.5e-4, beta2=0.99, warmup_iters=200, steps=3000),
     # nanoGPT's shakespeare_char GPU model (10.6M) at a CPU's batch: matmuls, not the optimizer, fill its step
     "6x384": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=8, learning_rate=1e-3,
-                  min_lr=1e-4, beta2=0.99, warmup_iters=20, steps=200),
+                  min_lr=1e-4, beta2=0.99, warmup_iters=50, steps=400),
 }
 OPTIMIZERS = ("adamw", "muon")
 
@@ -613,8 +613,8 @@ def optim_curve(records):
 def optim_bench(args):
     """Each shape trains once with AdamW and once with Muon (train.py's optimizer=muon and its
     defaults), the same steps, batches and schedule; the target is the val loss AdamW ends at."""
-    print(f"optim: AdamW vs Muon on {args.dataset}, {machine()}; each run is train.py with "
-          f"--eval_interval {args.evals} steps' worth")
+    print(f"optim: AdamW vs Muon on {args.dataset}, {machine()}; train.py runs, {args.evals} evaluations each "
+          f"(20 val batches), the WSD schedule")
     curves = {}
     with tempfile.TemporaryDirectory() as tmp:
         for shape_name in args.shapes:
@@ -661,6 +661,7 @@ def plot_optim(curves, path):
         for ax in row:
             ax.grid(alpha=0.3)
             ax.legend()
+    fig.tight_layout()  # a row's titles clear the axis labels above them
     save_figure(fig, path)
     print(f"wrote {path}")
 

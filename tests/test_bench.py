@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import bench
+import optim
 from conftest import assert_one_line_error, require, run_script
 from gpt import GPT, GPTConfig
 from tokenizer import load_tokenizer
@@ -246,7 +247,10 @@ def test_train_rows_and_their_agreement(monkeypatch, capsys):
     peaks = {torch.float32: 1e9, torch.bfloat16: 2e9}  # low: a 1-layer model's MFU must not print as 0.0%
     monkeypatch.setattr(bench, "measure_peak_flops", lambda device, dtype: peaks[dtype])
     monkeypatch.setitem(bench.TRAIN_SHAPES, "tiny", dict(n_layer=1, n_head=2, n_embd=32, block_size=16, batch_size=4))
+    muon_dtypes, muon_step = [], optim.Muon.step
+    monkeypatch.setattr(optim.Muon, "step", lambda self: muon_dtypes.append(self.ns_dtype) or muon_step(self))
     out = bench_output(monkeypatch, capsys, "train", "--shapes", "tiny", "--steps", 1, "--repeats", 1)
+    assert muon_dtypes == [torch.float32, torch.bfloat16] * 2  # the muon rows step Muon: a warm-up and a timed round
     assert "torch.compile failed" not in out
     assert "  measured matmul peak: float32 1 GFLOP/s, bfloat16 2 GFLOP/s" in out.splitlines()
     rows = re.findall(r"^    (\S+) +(adamw|muon) +([0-9.]+) ms/iter +([0-9,]+) tok/s +MFU +([0-9.]+)% of (\w+) peak +"
