@@ -100,6 +100,8 @@ def load_model(ckpt=None, out_dir=None, device="auto", dtype="auto", weights="au
     if weights in ("int8", "int4") and device_name != "cpu":
         raise UserError(f"--weights {weights} runs on the CPU (torch's {weights} matmul kernels); "
                         f"got --device {device_name}")
+    if weights in KERNELS and not hasattr(torch.ops.aten, KERNELS[weights]):
+        raise UserError(f"--weights {weights} needs torch's {KERNELS[weights]}, which torch {torch.__version__} lacks")
     run_dtype = resolve_dtype(dtype, device_name)
     path = find_checkpoint(ckpt, out_dir)
     if path.is_dir() or is_hub_model_id(path):  # a Hugging Face GPT-2 (folder or Hub id): GPT-2's own BPE
@@ -150,6 +152,7 @@ def load_model(ckpt=None, out_dir=None, device="auto", dtype="auto", weights="au
 WEIGHT_FORMATS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
                   "int8": torch.bfloat16, "int4": torch.bfloat16}
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4 kernel takes
+KERNELS = {"int8": "_weight_int8pack_mm", "int4": "_weight_int4pack_mm_for_cpu"}  # recent torch versions only
 INT4_GROUP_SIZE = 128  # all are within int4's loss limit on config/small.py; 128 decodes fastest (BENCHMARKS.md)
 
 
@@ -279,10 +282,12 @@ def quantize(model, weights, group_size=INT4_GROUP_SIZE):
     WEIGHT_FORMATS name), everything else in that format's activation dtype. fp32 on a CPU keeps
     nn.Linear, stored as MKL reads it fastest (store_linear_weights_transposed); on a GPU the 16-bit
     formats are the model cast (cuBLAS runs any number of rows well). The other formats replace
-    every block's Linear and the LM head; a quantised head gets its own copy of the tied embedding,
-    and wte stays for the lookup."""
+    every block's Linear and the LM head (LinearForDecoding); an int8 or int4 head gets its own copy
+    of the tied embedding, and wte stays for the lookup (a 16-bit head stays tied)."""
     dtype = WEIGHT_FORMATS[weights]
     cpu = next(model.parameters()).device.type == "cpu"
+    if weights in KERNELS and not hasattr(torch.ops.aten, KERNELS[weights]):
+        raise RuntimeError(f"{weights} weights need torch's {KERNELS[weights]}, which torch {torch.__version__} lacks")
     if weights == "fp32" or not cpu:
         if weights in ("int8", "int4"):
             raise ValueError(f"{weights} weights run on the CPU (torch's {weights} kernels)")
@@ -361,9 +366,10 @@ def choose_weights(model, device):
         cache = {}
     if isinstance(cache.get(key), dict) and cache[key].get("weights") in AUTO_CANDIDATES:
         return cache[key]["weights"], f"auto: the fastest here, as measured before ({path})"
-    seconds = time_weight_formats(model, AUTO_CANDIDATES)
-    best = AUTO_CANDIDATES[0]
-    for fmt in AUTO_CANDIDATES[1:]:  # in order of exactness: a rounder format must clearly win
+    candidates = [f for f in AUTO_CANDIDATES if f not in KERNELS or hasattr(torch.ops.aten, KERNELS[f])]
+    seconds = time_weight_formats(model, candidates)
+    best = candidates[0]
+    for fmt in candidates[1:]:  # in order of exactness: a rounder format must clearly win
         if seconds[fmt] < 0.9 * seconds[best]:
             best = fmt
     cache[key] = dict(weights=best, ms_per_token={f: round(s * 1e3, 3) for f, s in seconds.items()})
