@@ -827,7 +827,7 @@ class Engine:
         alive = [id(seq) in live for seq in self.rows]
         idx = torch.tensor([[seq.tokens[-1]] for seq in self.rows], device=self.device)  # (R, 1)
         self.cache.batch(0, len(self.rows), None if all(alive) else alive)
-        if self.decode_rows is None:
+        if self.decode_rows is None or self.cache.k is None:  # the first write allocates the cache
             logits, _ = self.model(idx, kv_cache=self.cache)
         else:
             step, R = self.cache.one_token_each(), len(self.rows)
