@@ -1,6 +1,7 @@
 """Throughput benchmarks; each mode prints its figures (tests never assert speed).
 
     python bench.py decode    # tokens/s of each weight format beside llama.cpp's, and of each kernel alone
+    python bench.py step      # decode steps eager vs compiled (Engine(compile=True)), per weight format
     python bench.py prepare   # prepare.py MB/s vs one tiktoken thread, peak RSS; Korean BPE training
     python bench.py train     # training tokens/s and MFU: fp32 / bf16 / compile / Muon vs nanoGPT
     python bench.py optim     # AdamW vs Muon to a fixed number of tokens: steps and time to a loss, curves
@@ -327,6 +328,36 @@ def decode(args):
         print(f"  kernel {fmt:<6} {1000 * s:8.3f} ms  {nbytes / 1e6:9.3f} MB  {nbytes / s / 1e9:6.2f} GB/s  "
               f"{100 * nbytes / s / read:5.1f}% of read")
 
+
+
+def decode_step_bench(args):
+    """Eager against compiled decode steps (Engine(compile=True): engine.compiled_decode_rows) for
+    each weight format: tokens/s of one greedy decode, interleaved rounds, and the seconds the first
+    compiled decode takes (compiling included)."""
+    torch.manual_seed(args.seed)
+    config = GPTConfig(block_size=args.block_size, vocab_size=args.vocab_size, n_layer=args.n_layer,
+                       n_head=args.n_head, n_embd=args.n_embd)
+    model = GPT(config).eval()
+    idx = torch.randint(0, config.vocab_size, (1, args.prompt_tokens))
+    N = min(args.new_tokens, config.block_size - args.prompt_tokens)  # past block_size every token is a prefill
+    print(f"step: {model.num_params() / 1e6:.1f}M params, batch 1, {args.prompt_tokens}-token prompt, {N} new "
+          f"tokens (greedy), median of {args.repeats} interleaved rounds; {machine()}")
+    methods, compile_s = {}, {}
+    for fmt in args.weights:
+        m = quantize(copy.deepcopy(model), fmt)
+        t0 = time.perf_counter()
+        generate(m, idx, N, temperature=0, compile=True)
+        compile_s[fmt] = time.perf_counter() - t0
+        methods[f"{fmt} eager"] = lambda m=m: generate(m, idx, N, temperature=0)[0]
+        methods[f"{fmt} compiled"] = lambda m=m: generate(m, idx, N, temperature=0, compile=True)[0]
+    seconds, outputs = median_seconds(methods, args.repeats)
+    for fmt in args.weights:
+        eager, compiled = seconds[f"{fmt} eager"], seconds[f"{fmt} compiled"]
+        agree = next((i for i, (a, b) in enumerate(zip(outputs[f"{fmt} eager"], outputs[f"{fmt} compiled"]))
+                      if a != b), N)
+        print(f"  {fmt:<5} eager {1000 * eager / N:7.3f} ms/token, compiled {1000 * compiled / N:7.3f} ms/token: "
+              f"{eager / compiled:.2f}x; first compiled decode {compile_s[fmt]:.1f} s; "
+              f"the first {agree} of {N} tokens agree")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1198,6 +1229,19 @@ def main():
                    "onnxruntime and its GGUF files (f32, f16, q8_0, q4_0) in llama.cpp")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=decode)
+
+    p = modes.add_parser("step", help="decode steps eager vs compiled (Engine(compile=True)) per weight format")
+    p.add_argument("--n_layer", type=int, default=12, help="model shape; the default is GPT-2 small (124M)")
+    p.add_argument("--n_head", type=int, default=12)
+    p.add_argument("--n_embd", type=int, default=768)
+    p.add_argument("--vocab_size", type=int, default=50257)
+    p.add_argument("--block_size", type=int, default=1024)
+    p.add_argument("--prompt_tokens", type=int, default=1)
+    p.add_argument("--new_tokens", type=int, default=200, help="at most block_size - prompt_tokens are decoded")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds; the median is shown")
+    p.add_argument("--weights", nargs="+", choices=list(WEIGHT_FORMATS), default=["fp32", "bf16"])
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=decode_step_bench)
 
     p = modes.add_parser("prepare", help="prepare.py: GPT-2 BPE MB/s vs one tiktoken thread, peak RSS, of text, "
                                          "JSON Lines and Parquet; BPE training")
