@@ -556,9 +556,9 @@ def compiled_decode_rows():
     """decode_rows under torch.compile: LayerNorms, GELU, residual adds, the mask and the cache
     writes fused into a few kernels around the matmuls, one graph for all lengths and rows
     (dynamic shapes: the one-token-each step has no shape that grows but the slots read).
-    Freezing turns the weights into constants, which lets inductor prepack them for oneDNN's matmul
-    (bf16 weights gain the most: BENCHMARKS.md, Decode step); so the model's weights must not change
-    after the first step. Compiling costs seconds to a minute on a CPU, once per process."""
+    Freezing turns the weights into constants (inductor may prepack them for oneDNN's matmul), so
+    the model's weights must not change after the first step. Compiling costs seconds to half a
+    minute on a CPU, once per process, and on a CPU buys little (BENCHMARKS.md, Decode step)."""
     # Inductor's CPU tanh (Sleef's) is slower than its exp-based one, as accurate on GELU's inputs
     return torch.compile(decode_rows, dynamic=True, options={"freezing": True, "cpp.use_decompose_tanh": True})
 
