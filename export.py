@@ -3,6 +3,7 @@
     python export.py out-small --to hf --out gpt-hf          # a transformers folder, tokenizer included
     python export.py out-small --to onnx --out gpt-onnx      # model.onnx (KV cache in and out) + tokenizer
     python export.py out-small/best.pt --to gguf --out gpt.gguf --quant q8_0   # one file for llama.cpp
+    python export.py out-small/best.pt --to gguf --out gpt-q4.gguf --quant q4_0  # llama.cpp's 4-bit
 
 CKPT is a checkpoint or a training run's folder (its best.pt, else ckpt.pt), as in sample.py.
 The tokenizer always travels with the weights. Every output is written under a temporary name
@@ -28,7 +29,7 @@ from gpt import hf_config, load_checkpoint, model_from_checkpoint, split_heads
 from tokenizer import END, EOT, GPT2_PATTERN, byte_level_vocab, bytes_to_unicode, load_tokenizer
 
 FORMATS = ("hf", "onnx", "gguf")
-GGUF_QUANTS = ("f32", "f16", "q8_0")
+GGUF_QUANTS = ("f32", "f16", "q8_0", "q4_0")
 
 
 def parse_args(argv):
@@ -38,7 +39,8 @@ def parse_args(argv):
                    "for onnxruntime; gguf: one file for llama.cpp")
     p.add_argument("--out", required=True, metavar="PATH", help="the folder (hf, onnx) or file (gguf) to write")
     p.add_argument("--dtype", default="float32", choices=("float32", "float16"), help="weights' precision (default float32)")
-    p.add_argument("--quant", choices=GGUF_QUANTS, help="gguf only: f32, f16 or q8_0 (default: from --dtype)")
+    p.add_argument("--quant", choices=GGUF_QUANTS, help="gguf only: f32, f16, q8_0 or q4_0 "
+                   "(default: from --dtype)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     return p.parse_args(argv)
 
@@ -307,7 +309,7 @@ def export_gguf(model, tokenizer, out, quant):
     writer.add_head_count(cfg.n_head)
     writer.add_layer_norm_eps(1e-5)  # nn.LayerNorm's default, as GPT-2's
     file_types = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}
     writer.add_file_type(file_types[quant])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     add_gguf_tokenizer(writer, gguf, tokenizer, cfg.vocab_size)
@@ -358,13 +360,18 @@ def gguf_tensors(model):
 
 
 def gguf_tensor_type(gguf, name, array, quant):
-    """The type llama.cpp's converter gives a tensor: f32 for 1-D ones (norms, biases: ggml's ops
-    on them take f32) and for the position embeddings, `quant` for the matrices; a matrix whose rows
-    do not split into Q8_0's blocks (32 values) falls back to f16, as the converter's does."""
+    """The type llama.cpp gives a tensor: f32 for 1-D ones (norms, biases: ggml's ops on them take
+    f32) and for the position embeddings, `quant` for the matrices (as its converter writes f32, f16
+    and q8_0, and its llama-quantize q4_0). In q4_0 the token embeddings, which are also the output
+    head, keep more bits: llama-quantize's Q6_K, which the gguf package cannot write, so Q8_0, what
+    llama-quantize itself takes when a row does not split into Q6_K's 256-value blocks. A matrix whose
+    rows do not split into the type's blocks (32 values) falls back to f16, as llama.cpp's does."""
     Q = gguf.GGMLQuantizationType
     if array.ndim == 1 or name == "position_embd.weight":
         return Q.F32
-    qtype = {"f32": Q.F32, "f16": Q.F16, "q8_0": Q.Q8_0}[quant]
+    qtype = {"f32": Q.F32, "f16": Q.F16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0}[quant]
+    if qtype == Q.Q4_0 and name == "token_embd.weight":
+        qtype = Q.Q8_0
     block_values = gguf.GGML_QUANT_SIZES[qtype][0]
     return qtype if array.shape[-1] % block_values == 0 else Q.F16
 

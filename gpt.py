@@ -34,6 +34,7 @@ import torch.utils.checkpoint
 from torch.nn import functional as F
 
 from common import UserError, atomic_write
+from optim import Muon, MuonAdamW
 
 
 @dataclass
@@ -200,10 +201,15 @@ class GPT(nn.Module):
         self.lm_head.weight = wte.weight  # tied again
         self.config.vocab_size = vocab_size
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, muon=None):
         """AdamW with weight decay on the matmul weights and embeddings (>= 2-D), none on biases and
-        LayerNorm gains (1-D): decaying those only pulls the activations' scale toward zero."""
+        LayerNorm gains (1-D): decaying those only pulls the activations' scale toward zero.
+        muon: optim.Muon's settings (lr, momentum, ...). The Blocks' weight matrices then train with
+        Muon, the rest with this AdamW, as one optim.MuonAdamW whose Muon group has lr_scale =
+        muon["lr"] / learning_rate (the loop scales each group's LR by it)."""
         params = [p for p in self.parameters() if p.requires_grad]  # the tied matrix appears once
+        matrices = [p for p in self.transformer.h.parameters() if p.requires_grad and p.dim() == 2] if muon else []
+        params = [p for p in params if all(p is not m for m in matrices)]
         groups = [
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
@@ -212,7 +218,11 @@ class GPT(nn.Module):
         # it is several times faster than foreach with the same numbers to 1 ulp (BENCHMARKS.md).
         cpu_fused = tuple(int(n) for n in torch.__version__.split(".")[:2]) >= (2, 4)
         fused = device_type == "cuda" or (device_type == "cpu" and cpu_fused)
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused or None)
+        adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused or None)
+        if not muon:
+            return adamw
+        muon_groups = [{"params": matrices, "lr_scale": muon["lr"] / learning_rate}]
+        return MuonAdamW(Muon(muon_groups, **muon), adamw)
 
     def num_params(self, non_embedding=True):
         """Parameter count. non_embedding leaves out the position embeddings; the token embeddings

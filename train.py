@@ -110,6 +110,13 @@ class Settings:
                                          "decay) holds learning_rate, then decays linearly over the last "
                                          "cooldown_frac of lr_decay_iters")
     cooldown_frac: float = setting(0.2, "with lr_schedule='wsd': the share of lr_decay_iters spent decaying")
+    optimizer: str = setting("adamw", "'adamw' | 'muon': Muon (momentum orthogonalized by Newton-Schulz, optim.py) "
+                                      "for the Blocks' weight matrices, AdamW for embeddings, biases, LayerNorms")
+    muon_lr: float = setting(0.02, "Muon's peak LR; the schedule scales it as it scales learning_rate")
+    muon_momentum: float = setting(0.95, "Muon's Nesterov momentum")
+    muon_momentum_warmup_iters: int = setting(300, "steps over which Muon's momentum rises linearly from 0.85 to "
+                                                   "muon_momentum; 0 = muon_momentum from the first step")
+    muon_weight_decay: float = setting(0.0, "Muon's decoupled weight decay (times its LR, as AdamW's)")
     time_budget_s: float = setting(0.0, "seconds the whole run may take: its first steps are timed, then "
                                         "max_iters = lr_decay_iters is set to fit (with 'wsd', again at each "
                                         "log step until the decay starts); 0 = off")
@@ -258,11 +265,12 @@ def check_ranges(cfg):
     at_least = dict(eval_interval=1, eval_iters=1, log_interval=1, patience=0, batch_size=1, block_size=1,
                     gradient_accumulation_steps=1, n_layer=1, n_head=1, n_embd=1, learning_rate=0.0,
                     max_iters=0, weight_decay=0.0, grad_clip=0.0, warmup_iters=0, lr_decay_iters=0,
-                    min_lr=0.0, time_budget_s=0.0, seed=0, eval_sample_tokens=0, lr_find_iters=2)
+                    min_lr=0.0, time_budget_s=0.0, seed=0, eval_sample_tokens=0, lr_find_iters=2, muon_lr=0.0,
+                    muon_momentum_warmup_iters=0, muon_weight_decay=0.0)
     for key, low in at_least.items():
         if not cfg[key] >= low:  # `not >=` also catches nan
             raise UserError(f"{key} must be >= {low}, got {cfg[key]}")
-    for key in ("dropout", "beta1", "beta2"):
+    for key in ("dropout", "beta1", "beta2", "muon_momentum"):
         if not 0 <= cfg[key] < 1:
             raise UserError(f"{key} must be in [0, 1), got {cfg[key]}")
     if cfg["lr_schedule"] not in ("cosine", "wsd"):
@@ -285,6 +293,15 @@ def check_ranges(cfg):
                         f"{cfg['lr_find_min']} and lr_find_max={cfg['lr_find_max']}")
     if cfg["backend"] not in ("auto", "nccl", "gloo"):
         raise UserError(f"unknown backend '{cfg['backend']}' (use auto, nccl or gloo)")
+    if cfg["optimizer"] not in ("adamw", "muon"):
+        raise UserError(f"unknown optimizer '{cfg['optimizer']}' (use adamw or muon)")
+    if cfg["optimizer"] == "muon" and cfg["fsdp"]:
+        raise UserError("optimizer=muon orthogonalizes whole matrices, which fsdp splits over the processes: "
+                        "pass --fsdp=False (DDP) or --optimizer=adamw")
+    if cfg["optimizer"] == "muon" and cfg["lr_find"]:
+        raise UserError("--lr_find tests AdamW's learning_rate alone: pass --optimizer=adamw")
+    if cfg["optimizer"] == "muon" and not cfg["learning_rate"] > 0:  # Muon's LR is scaled relative to it
+        raise UserError(f"optimizer=muon needs learning_rate > 0, got {cfg['learning_rate']}")
 
 
 # -----------------------------------------------------------------------------
@@ -650,8 +667,12 @@ def train(cfg):
     raw_model, ckpt = build_model(cfg, batches.meta["vocab_size"], batches.tokenizer, rt.build_device)
     cfg = cfg | {k: asdict(raw_model.config)[k] for k in MODEL_KEYS if k != "block_size"}  # as loaded
     model = step_model(raw_model, cfg, rt, batches)
+    muon = None
+    if cfg["optimizer"] == "muon":  # its Newton-Schulz runs in bf16 only where the run computes in bf16
+        muon = {k.removeprefix("muon_"): v for k, v in cfg.items() if k.startswith("muon_")}
+        muon["ns_dtype"] = torch.bfloat16 if rt.dtype == torch.bfloat16 else torch.float32
     optimizer = raw_model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"],
-                                               (cfg["beta1"], cfg["beta2"]), rt.device_type)
+                                               (cfg["beta1"], cfg["beta2"]), rt.device_type, muon)
     batch_rng = np.random.default_rng(cfg["seed"])  # the same stream on every rank
     torch.manual_seed(cfg["seed"] + rt.rank)  # dropout masks differ between ranks
     progress, decision, resume_iter = Progress(), None, None
@@ -677,7 +698,7 @@ def train(cfg):
         it = progress.iter_num
         lr = lr_at(cfg, it)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's group: its own peak, on the same schedule
 
         # A signal stops the run here: checked every step, or under torchrun at log steps only, where
         # the loop waits for the device anyway (an all-reduce every step would add a host sync).

@@ -1,8 +1,10 @@
 """export.py --to gguf, checked with llama.cpp itself (llama-cpp-python): its tokenizer against ours,
-its logits and greedy tokens against ours in f32, its held-out loss in f16 and q8_0 against ours,
-and the file against what llama.cpp's own convert_hf_to_gguf.py writes from the same weights (the
-converter is found at $LLAMA_CPP_CONVERTER; .ci/run fetches it from llama-cpp-python's source)."""
+its logits and greedy tokens against ours in f32 and q4_0, its held-out loss in f16, q8_0 and q4_0
+against ours, and the file against what llama.cpp's own tools write from the same weights: its
+convert_hf_to_gguf.py (found at $LLAMA_CPP_CONVERTER; .ci/run fetches it from llama-cpp-python's
+source) in f32, and its quantizer (llama_model_quantize, in llama-cpp-python) in q4_0."""
 import copy
+import ctypes
 import dataclasses
 import os
 import subprocess
@@ -32,11 +34,19 @@ F32_LOGIT_RTOL = 1e-3
 # Held-out loss (nats per token), f16 and q8_0 against fp32 torch. f16 rounds each weight by at most
 # 2^-11 relative (and llama.cpp's default KV cache is f16 too); q8_0 rounds each weight to 1/127 of
 # the largest |w| in its block of 32, ~0.4%. Such errors are unbiased, so the loss moves far less than
-# the weights: measured |Δ| is ~1e-5 for f16 and ~1e-3 for q8_0 on these models.
-LOSS_TOL = {"f16": 0.01, "q8_0": 0.05}
-# what the matrices of each file type are stored as (1-D tensors and position_embd stay f32)
+# the weights: measured |Δ| is ~1e-5 for f16 and ~1e-3 for q8_0 on these models. q4_0 rounds each
+# weight to a step of 1/8 of the largest |w| in its block of 32 (an error up to 6% of it), 16x q8_0's:
+# measured |Δ| ~2e-3; 0.1 is the bound 4-bit weights are held to (BENCHMARKS.md).
+LOSS_TOL = {"f16": 0.01, "q8_0": 0.05, "q4_0": 0.1}
+# q4_0's logits against fp32, as a fraction of the largest |logit|: q4_0's weight steps (above), and
+# llama.cpp's rounding of each activation to Q8_0 (1/127 of its block's largest) for its dot
+# products. Measured: 0.8% (char), 0.6% (gpt2) of the largest logit; 6% on the barely trained bpe
+# model, whose few outlying weights set their blocks' steps.
+Q4_0_LOGIT_RTOL = 0.03
+# what the matrices of each file type are stored as (1-D tensors and position_embd stay f32; in
+# q4_0 the token embeddings, also the output head, are Q8_0)
 MATRIX_TYPE = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
-               "q8_0": gguf.GGMLQuantizationType.Q8_0}
+               "q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}
 TRICKY = ("  two spaces,\ttabs\n\n\nand 3.14159 or 1,000,000; it's 'quoted' -- we'll see  \n"
           "CAPITALS and <|endoftext|> typed as text, naïve café — 한국어 🚀\n")
 
@@ -155,21 +165,67 @@ def test_logits_match_in_f32(exported, held_out, kind):
     assert np.abs(theirs - ours).max() <= F32_LOGIT_RTOL * np.abs(ours).max()
 
 
-@pytest.mark.parametrize("quant", ("f16", "q8_0"))
+def expected_type(quant, name, shape):
+    Q = gguf.GGMLQuantizationType
+    if len(shape) == 1 or name == "position_embd.weight":
+        return Q.F32
+    return Q.Q8_0 if quant == "q4_0" and name == "token_embd.weight" else MATRIX_TYPE[quant]
+
+
+@pytest.mark.parametrize("quant", ("f16", "q8_0", "q4_0"))
 def test_quantized_held_out_loss_is_close(exported, held_out, quant):
-    """f16 and q8_0 files hold their matrices in that type (norms, biases, positions in f32, as
-    llama.cpp's converter writes them), and llama.cpp's held-out loss with them, on its default f16
-    KV cache, is within LOSS_TOL of ours in fp32."""
+    """f16, q8_0 and q4_0 files hold their matrices in that type (norms, biases, positions in f32,
+    q4_0's token embeddings in Q8_0, as llama.cpp's tools write them), and llama.cpp's held-out loss
+    with them, on its default f16 KV cache, is within LOSS_TOL of ours in fp32."""
     path, model, tokenizer = exported("bpe", quant)
     _, tensors = file_contents(path)
     for name, (qtype, shape, _) in tensors.items():
-        expected = gguf.GGMLQuantizationType.F32 if len(shape) == 1 or name == "position_embd.weight" else MATRIX_TYPE[quant]
-        assert qtype == expected, name
+        assert qtype == expected_type(quant, name, shape), name
     ids = tokenizer.encode(held_out)[:BLOCK]
     ours = loss(our_logits(model, ids), ids)
     theirs = loss(llama_logits(load_llama(path, BLOCK, kv_cache="f16"), ids), ids)
     print(f"\n{quant}: held-out loss {theirs:.5f} in llama.cpp, {ours:.5f} in torch fp32")
     assert abs(theirs - ours) <= LOSS_TOL[quant]
+
+
+@pytest.mark.parametrize("kind", ("char", "gpt2"))
+def test_q4_0_logits_and_greedy_tokens_follow_ours(exported, held_out, kind):
+    """llama.cpp's logits on the q4_0 file, teacher-forced over a window of held-out text, are ours in
+    fp32 within Q4_0_LOGIT_RTOL; and along our greedy continuation of a prompt (64 tokens), its
+    greedy token is ours wherever our top-2 margin is more than twice that error (most positions)."""
+    path, model, tokenizer = exported(kind, "q4_0")
+    llm = load_llama(path, BLOCK)
+    ids = tokenizer.encode(in_vocabulary(tokenizer, held_out))[:BLOCK]
+    ours = our_logits(model, ids)
+    tol = Q4_0_LOGIT_RTOL * np.abs(ours).max()
+    assert np.abs(llama_logits(llm, ids) - ours).max() <= tol
+    prompt = ids[:16]
+    path_ids = prompt + engine.generate(model, torch.tensor([prompt]), 64, temperature=0.0)[0]
+    ours = our_logits(model, path_ids)[len(prompt) - 1:-1]  # (64, V): the scores each new token won
+    theirs = llama_logits(llm, path_ids)[len(prompt) - 1:-1]
+    top2 = np.sort(ours, axis=-1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 2 * tol
+    assert clear.sum() >= 32, f"only {clear.sum()} of 64 positions have a clear winner"
+    np.testing.assert_array_equal(theirs.argmax(-1)[clear], np.array(path_ids[len(prompt):])[clear])
+
+
+def test_q4_0_file_is_llama_quantize_s(exported, tmp_path):
+    """export.py's q4_0 file is what llama.cpp's own quantizer (llama-quantize's Q4_0, through
+    llama-cpp-python) makes of its f32 file: the same tensors (names, types, shapes, bytes) and
+    metadata. (llama-quantize keeps a tied output head of rows of 256 values in Q6_K, which the gguf
+    package cannot write; these rows of 32 are Q8_0 in both.)"""
+    f32, _, _ = exported("gpt2", "f32")
+    ours, _, _ = exported("gpt2", "q4_0")
+    theirs = tmp_path / "theirs-q4_0.gguf"
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
+    assert llama_cpp.llama_model_quantize(str(f32).encode(), str(theirs).encode(), ctypes.byref(params)) == 0
+    ours_fields, ours_tensors = file_contents(ours)
+    theirs_fields, theirs_tensors = file_contents(theirs)
+    assert ours_tensors.keys() == theirs_tensors.keys()
+    for name in theirs_tensors:
+        assert ours_tensors[name] == theirs_tensors[name], name
+    assert ours_fields == theirs_fields
 
 
 def test_many_byte_characters_padded_rows_and_no_biases(korean_path, tmp_path):
@@ -288,8 +344,8 @@ def test_user_errors(trained_checkpoint, tmp_path, monkeypatch, capsys):
     """Mistakes are one line: an unknown --quant (before anything loads), a tokenizer with more tokens
     than the model has rows, a char vocabulary with a character UTF-8 cannot encode, gguf missing."""
     result = main_in_process(monkeypatch, capsys, export.main,
-                             [trained_checkpoint("char"), "--to", "gguf", "--out", tmp_path / "x.gguf", "--quant", "q4_0"])
-    assert_one_line_error(result, "--quant", "q4_0")
+                             [trained_checkpoint("char"), "--to", "gguf", "--out", tmp_path / "x.gguf", "--quant", "q4_k"])
+    assert_one_line_error(result, "--quant", "q4_k")
     model = gpt.GPT(gpt.GPTConfig(block_size=8, vocab_size=3, n_layer=1, n_head=1, n_embd=32))
     with pytest.raises(UserError, match="3 token rows but its tokenizer 4 tokens"):
         export.export_gguf(model, Tokenizer("char", chars="abcd"), tmp_path / "small.gguf", "f32")
