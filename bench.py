@@ -2,14 +2,15 @@
 
     python bench.py decode    # tokens/s: KV-cache decode vs full recompute vs Hugging Face generate (--int8)
     python bench.py prepare   # prepare.py MB/s vs one tiktoken thread, peak RSS; Korean BPE training
-    python bench.py train     # training tokens/s and MFU: fp32 / bf16 / compile vs nanoGPT
+    python bench.py train     # training tokens/s and MFU: fp32 / bf16 / compile / Muon vs nanoGPT
+    python bench.py optim     # AdamW vs Muon to a fixed number of tokens: steps and time to a loss, curves
     python bench.py serve     # serve.py: time to first token, tokens/s for 1, 4, 16 streaming clients
     python bench.py memory    # bytes per GPU of GPT-2 small..XL: DDP / FSDP, with or without checkpointing
     python bench.py gpu       # on one CUDA GPU: bf16/fp16 training, FSDP, checkpointing, KV-cache decoding
 
 Every timed figure is the median of --repeats timed runs after one untimed warm-up run; the methods
 compared take turns (one run of each per round), so a load change on a shared machine hits all alike.
-`memory` computes (it times nothing); `gpu` runs train.py itself, as a user does, and reads its log.
+`memory` computes (it times nothing); `optim` and `gpu` run train.py itself, as a user does, and reads its log.
 """
 import argparse
 import copy
@@ -34,7 +35,7 @@ import torch
 
 import tokenizer
 from common import (DTYPE_NAMES, ArgumentParser, UserError, autocast_context, cpu_flags, maybe_compile,
-                    measure_peak_flops, resolve_device, run_main, sync)
+                    measure_peak_flops, pyplot, resolve_device, run_main, save_figure, sync)
 from engine import generate, generate_stream, load_model, quantize_int8, store_linear_weights_transposed
 from gpt import GPT, GPTConfig, save_checkpoint
 
@@ -415,16 +416,20 @@ TRAIN_SHAPES = {
     # nanoGPT's shakespeare_char GPU recipe: 10.6M parameters
     "10M": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=16),
 }
-# (dtype, torch.compile, our model as GPT-2 has it). The first is the reference, nanoGPT as it
-# trains on a CPU: fp32 with no autocast, eager, torch's default (foreach) AdamW, and nanoGPT's
+# (dtype, torch.compile, our model as GPT-2 has it, optimizer). The first is the reference, nanoGPT
+# as it trains on a CPU: fp32 with no autocast, eager, torch's default (foreach) AdamW, and nanoGPT's
 # model, which differs from GPT-2's in two ways that cost time: no biases (its train.py's
-# default) and the exact erf GELU (nn.GELU()), where GPT-2 has the tanh approximation.
+# default) and the exact erf GELU (nn.GELU()), where GPT-2 has the tanh approximation. "muon" is
+# train.py's optimizer=muon: Muon for the Blocks' matrices (Newton-Schulz in the run's dtype), AdamW
+# for the rest.
 TRAIN_VARIANTS = {
-    "nanoGPT": (torch.float32, False, False),
-    "fp32": (torch.float32, False, True),
-    "bf16": (torch.bfloat16, False, True),
-    "fp32+compile": (torch.float32, True, True),
-    "bf16+compile": (torch.bfloat16, True, True),
+    "nanoGPT": (torch.float32, False, False, "adamw"),
+    "fp32": (torch.float32, False, True, "adamw"),
+    "bf16": (torch.bfloat16, False, True, "adamw"),
+    "fp32+compile": (torch.float32, True, True, "adamw"),
+    "bf16+compile": (torch.bfloat16, True, True, "adamw"),
+    "fp32+muon": (torch.float32, False, True, "muon"),
+    "bf16+muon": (torch.bfloat16, False, True, "muon"),
 }
 
 
@@ -436,15 +441,16 @@ def nanogpt_model(config: GPTConfig) -> GPT:
     return model
 
 
-def train_steps_fn(shape, vocab_size, dtype, compile, ours, device, steps):
-    """A function that runs `steps` optimizer steps (fwd, bwd, clip, AdamW) on a fresh model:
-    ours (GPT-2's architecture, fused AdamW) or nanoGPT's reference."""
+def train_steps_fn(shape, vocab_size, dtype, compile, ours, device, steps, optimizer="adamw"):
+    """A function that runs `steps` optimizer steps (fwd, bwd, clip, AdamW or Muon) on a fresh
+    model: ours (GPT-2's architecture, fused AdamW) or nanoGPT's reference."""
     torch.manual_seed(0)
     B, T = shape["batch_size"], shape["block_size"]
     config = GPTConfig(vocab_size=vocab_size, **{k: v for k, v in shape.items() if k != "batch_size"})
     model = GPT(config) if ours else nanogpt_model(config)
     model.to(device)
-    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), device.split(":")[0])
+    muon = dict(lr=0.02, ns_dtype=dtype) if optimizer == "muon" else None  # Newton-Schulz as train.py runs it
+    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), device.split(":")[0], muon)
     if not ours:
         optimizer = torch.optim.AdamW(optimizer.param_groups, lr=1e-3, betas=(0.9, 0.99))
     ctx = autocast_context(device, dtype)
@@ -469,8 +475,8 @@ def train_bench(args):
     device = resolve_device(args.device)
     variants = {name: v for name, v in TRAIN_VARIANTS.items()
                 if not (v[1] and args.no_compile) and not (v[0] == torch.bfloat16 and args.no_bf16)}
-    peaks = {dtype: measure_peak_flops(device, dtype) for dtype, _, _ in variants.values()}
-    print(f"train: fwd+bwd+clip+AdamW on {device}, {torch.get_num_threads()} threads, torch "
+    peaks = {dtype: measure_peak_flops(device, dtype) for dtype, *_ in variants.values()}
+    print(f"train: fwd+bwd+clip+optimizer on {device}, {torch.get_num_threads()} threads, torch "
           f"{torch.__version__}, vocab {args.vocab_size}; median of {args.repeats} rounds of "
           f"{args.steps} steps (compilation in the untimed first round)")
     print("  measured matmul peak: " + ", ".join(
@@ -479,17 +485,108 @@ def train_bench(args):
         shape = TRAIN_SHAPES[shape_name]
         print(f"  {shape_name}: " + ", ".join(f"{k} {v}" for k, v in shape.items()))
         fns, flops = {}, {}
-        for name, (dtype, compile, ours) in variants.items():
+        for name, (dtype, compile, ours, optimizer) in variants.items():
             fns[name], flops[name] = train_steps_fn(shape, args.vocab_size, dtype, compile, ours,
-                                                    device, args.steps)
+                                                    device, args.steps, optimizer)
         seconds, _ = median_seconds(fns, args.repeats)
         reference = next(iter(seconds))
-        for name, (dtype, _, _) in variants.items():
+        for name, (dtype, _, _, optimizer) in variants.items():
             step = seconds[name] / args.steps
             tokens_per_s = shape["batch_size"] * shape["block_size"] / step
-            print(f"    {name:<13} {step * 1000:8.1f} ms/iter {tokens_per_s:10,.0f} tok/s   MFU "
+            print(f"    {name:<13} {optimizer:<6} {step * 1000:8.1f} ms/iter {tokens_per_s:10,.0f} tok/s   MFU "
                   f"{flops[name] / step / peaks[dtype] * 100:5.1f}% of {str(dtype).removeprefix('torch.')} "
                   f"peak   {seconds[reference] / seconds[name]:5.2f}x {reference}")
+
+
+# ----------------------------------------------------------------------------------------------
+# optim: AdamW and Muon trained to the same number of tokens
+
+OPTIM_SHAPES = {  # train.py settings on shakespeare_char; each optimizer runs the same steps
+    # config/small.py's model and recipe (its 300 s budget off)
+    "small": dict(n_layer=4, n_head=2, n_embd=128, block_size=64, batch_size=16, learning_rate=2.5e-3,
+                  min_lr=2.5e-4, beta2=0.99, warmup_iters=200, steps=3000),
+    # nanoGPT's shakespeare_char GPU model (10.6M) at a CPU's batch: matmuls, not the optimizer, fill its step
+    "6x384": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=8, learning_rate=1e-3,
+                  min_lr=1e-4, beta2=0.99, warmup_iters=20, steps=200),
+}
+OPTIMIZERS = ("adamw", "muon")
+
+
+def crossing(evals, target):
+    """(steps, training seconds) where the val loss first reaches `target`, interpolated linearly
+    between the evaluations around it; None if it never does. evals: (iter, seconds, val_loss)."""
+    for (it0, s0, l0), (it1, s1, l1) in zip(evals, evals[1:]):
+        if l1 <= target:
+            f = (l0 - target) / (l0 - l1) if l0 > target else 0.0
+            return it0 + f * (it1 - it0), s0 + f * (s1 - s0)
+    return None
+
+
+def optim_curve(records):
+    """(iter, training seconds, val loss) at each evaluation: the seconds are the logged steps'
+    (log_interval = eval_interval, so each log line holds the steps since the evaluation before it)."""
+    seconds, out = {0: 0.0}, []
+    logs = sorted((r["iter"], r["ms_per_iter"]) for r in records if "ms_per_iter" in r)
+    last = 0
+    for it, ms in logs:
+        seconds[it] = seconds[last] + (it - last) * ms / 1000
+        last = it
+    return [(r["iter"], seconds[r["iter"]], r["val_loss"]) for r in records if "val_loss" in r]
+
+
+def optim_bench(args):
+    """Each shape trains once with AdamW and once with Muon (train.py's optimizer=muon and its
+    defaults), the same steps, batches and schedule; the target is the val loss AdamW ends at."""
+    print(f"optim: AdamW vs Muon on {args.dataset}, {machine()}; each run is train.py with "
+          f"--eval_interval {args.evals} steps' worth")
+    curves = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for shape_name in args.shapes:
+            shape = dict(OPTIM_SHAPES[shape_name])
+            steps = args.steps or shape["steps"]
+            del shape["steps"]
+            interval = max(1, steps // args.evals)
+            print(f"  {shape_name}: {steps} steps of {shape['batch_size'] * shape['block_size']:,} tokens; "
+                  + ", ".join(f"{k} {v}" for k, v in shape.items()))
+            for optimizer in OPTIMIZERS:
+                settings = dict(shape, optimizer=optimizer, lr_schedule="wsd", dtype=args.dtype, eval_iters=20,
+                                eval_interval=interval, log_interval=interval)
+                model = {k: settings.pop(k) for k in ("n_layer", "n_head", "n_embd", "block_size")}
+                records, error = training_run(settings, False, args.dataset, Path(tmp) / f"{shape_name}-{optimizer}",
+                                              steps, model=model, batch_size=settings.pop("batch_size"),
+                                              device="cpu")
+                if error:
+                    raise UserError(f"{shape_name} with {optimizer}: {error}")
+                curves[shape_name, optimizer] = optim_curve(records)
+            target = curves[shape_name, "adamw"][-1][2]
+            print(f"    optimizer  ms/iter  val loss at the end  steps to {target:.4f}  training s to it")
+            for optimizer in OPTIMIZERS:
+                curve = curves[shape_name, optimizer]
+                reached = crossing(curve, target)
+                ms = curve[-1][1] / curve[-1][0] * 1000
+                to = f"{reached[0]:15,.0f} {reached[1]:17.1f}" if reached else f"{'not reached':>15} {'-':>17}"
+                print(f"    {optimizer:<9} {ms:8.1f} {curve[-1][2]:20.4f} {to}")
+    if args.plot:
+        plot_optim(curves, args.plot)
+
+
+def plot_optim(curves, path):
+    """Val loss against steps and against training seconds, a row per shape, into `path`."""
+    plt = pyplot()
+    shapes = list(dict.fromkeys(shape for shape, _ in curves))
+    fig, axes = plt.subplots(len(shapes), 2, figsize=(11, 4 * len(shapes)), squeeze=False)
+    for row, shape in zip(axes, shapes):
+        for optimizer in OPTIMIZERS:
+            its, seconds, loss = zip(*curves[shape, optimizer][1:])  # from the first step on: iter 0 is ln(vocab)
+            row[0].plot(its, loss, "o-", ms=3, label=optimizer)
+            row[1].plot(seconds, loss, "o-", ms=3, label=optimizer)
+        row[0].set(xlabel="step", ylabel="val loss", title=f"{shape}: val loss per step")
+        row[1].set(xlabel="training seconds (evaluations excluded)", ylabel="val loss", title=f"{shape}: per second")
+        for ax in row:
+            ax.grid(alpha=0.3)
+            ax.legend()
+    save_figure(fig, path)
+    print(f"wrote {path}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1044,6 +1141,16 @@ def main():
     p.add_argument("--no_compile", action="store_true", help="skip the torch.compile variants")
     p.add_argument("--no_bf16", action="store_true", help="skip the bf16 autocast variants")
     p.set_defaults(run=train_bench)
+
+    p = modes.add_parser("optim", help="AdamW vs Muon trained to the same tokens: steps and time to AdamW's final "
+                                       "val loss, and the curves")
+    p.add_argument("--shapes", nargs="+", choices=list(OPTIM_SHAPES), default=list(OPTIM_SHAPES))
+    p.add_argument("--dataset", default="shakespeare_char", help="a prepare.py dataset (`python prepare.py` makes this one)")
+    p.add_argument("--steps", type=int, help="steps of every run (default: each shape's own)")
+    p.add_argument("--evals", type=int, default=20, help="evaluations per run, evenly spaced")
+    p.add_argument("--dtype", default="auto", help="train.py's dtype")
+    p.add_argument("--plot", default="optim.png", help="where to draw the curves ('' = none)")
+    p.set_defaults(run=optim_bench)
 
     p = modes.add_parser("serve", help="serve.py: time to first token and tokens/s for concurrent streaming clients")
     p.add_argument("--shapes", nargs="+", choices=list(SERVE_SHAPES), default=["small", "gpt2"])

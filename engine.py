@@ -19,8 +19,9 @@ Design choices:
   seeded request gives the same text alone and amid others. Any finite setting gives a token.
 - Past block_size the window slides: the last block_size tokens are prefilled again (with
   absolute positions a cached key belongs to one position in one window).
-- Decoding one token reads every weight once, so on a CPU it runs at memory speed: int8 weights
-  (quantize_int8) read a quarter of fp32's bytes; fp32 weights are laid out as MKL reads fastest.
+- Decoding one token reads every weight once, so on a CPU it runs at memory speed: the weights
+  are quantised once at load into a format (quantize: fp32, bf16, fp16, int8 per row, int4 per
+  group) whose one-token kernel is torch's own; a prompt's many rows take a plain matmul.
 - TextStream turns tokens into text once it is final: never half a UTF-8 character (a byte-level
   token can end inside one), never the start of a stop string. Only the tokens after the last
   final text are decoded at each step, so a long generation stays linear.
@@ -28,8 +29,12 @@ Design choices:
 import contextlib
 import copy
 import itertools
+import json
 import math
+import os
+import platform
 import random
+import sys
 import time
 from collections import deque, namedtuple
 from dataclasses import dataclass
@@ -78,14 +83,23 @@ def is_hf_folder(path):
     return (path / "config.json").is_file() and not any((path / name).is_file() for name in CHECKPOINT_NAMES)
 
 
-def load_model(ckpt=None, out_dir=None, device="auto", dtype="auto", int8=False, scoring=False, decoding=True):
+def load_model(ckpt=None, out_dir=None, device="auto", dtype="auto", weights="auto", group_size=None,
+               scoring=False, decoding=True):
     """Loaded(model, tokenizer, device, autocast context, a line saying what was loaded) for the
-    checkpoint find_checkpoint picks. `scoring`: the model will score whole windows (sample.py
-    --eval, --analyze) under autocast, as training does; otherwise a bf16 or fp16 model stores its
-    weights in that format (autocast would re-cast every weight at every step). On a CPU "auto"
-    is fp32, or, `decoding` token by token, whichever of fp32 and bf16 weights decodes this model
-    faster here (fastest_cpu_decoding_dtype)."""
+    checkpoint find_checkpoint picks.
+
+    Two settings, two roles. `weights` is the format the matmul weights are stored in (a
+    WEIGHT_FORMATS name, quantised here once, the checkpoint untouched; `group_size`: int4's).
+    `dtype` is the precision fp32 weights compute in under autocast, as in training: given, or
+    "auto" when the model scores whole windows (`scoring`: sample.py --eval, --analyze; bf16 where
+    native); else fp32 weights decode in fp32. "auto" weights: fp32 when scoring, inspecting one
+    window (not `decoding`) or with `dtype` given; decoding token by token, choose_weights's format
+    for this machine (on a GPU bf16, or fp16 where bf16 is not native)."""
     device_name = resolve_device(device)
+    check_weight_settings(weights, dtype, group_size)
+    if weights in ("int8", "int4") and device_name != "cpu":
+        raise UserError(f"--weights {weights} runs on the CPU (torch's {weights} matmul kernels); "
+                        f"got --device {device_name}")
     run_dtype = resolve_dtype(dtype, device_name)
     path = find_checkpoint(ckpt, out_dir)
     if path.is_dir() or is_hub_model_id(path):  # a Hugging Face GPT-2 (folder or Hub id): GPT-2's own BPE
@@ -103,65 +117,110 @@ def load_model(ckpt=None, out_dir=None, device="auto", dtype="auto", int8=False,
         what = f"iter {checkpoint.get('iter_num', '?')}"
     model.eval()
     params = model.num_params()
-    if int8:
-        if device_name != "cpu":
-            raise UserError(f"--int8 runs on the CPU (torch's int8 matmul kernel); got --device {device_name}")
-        try:
-            quantize_int8(model)
-        except RuntimeError as e:
-            raise UserError(str(e)) from None
-    elif device_name == "cpu":
-        store_linear_weights_transposed(model)  # faster decoding on a CPU (store_linear_weights_transposed says why)
-        if dtype == "auto" and not scoring:
-            run_dtype = fastest_cpu_decoding_dtype(model) if decoding else torch.float32
-    ctx = autocast_context(device_name, run_dtype)
-    weights = ""
-    if not scoring and not int8 and run_dtype != torch.float32:
-        model.to(run_dtype)
-        ctx, weights = contextlib.nullcontext(), " weights"
+    chosen = ""
+    if weights == "auto" and decoding and not scoring and dtype == "auto":
+        weights, chosen = choose_weights(model, device_name)
+    elif weights == "auto":
+        weights = "fp32"
+    if weights == "fp32" and dtype == "auto" and not scoring:
+        run_dtype = torch.float32  # decoding under autocast would re-cast every weight at every step
+    group_size = group_size or INT4_GROUP_SIZE
+    quantize(model, weights, group_size)
+    if weights == "fp32":
+        ctx, how = autocast_context(device_name, run_dtype), str(run_dtype).removeprefix("torch.")
+        how = "float32" if run_dtype == torch.float32 else f"{how} autocast"
+    else:  # the weights are stored in their format: no autocast
+        ctx, how = contextlib.nullcontext(), f"{weights} weights"
+        how += f" in groups of {group_size}" if weights == "int4" else ""
+    how += chosen and f" ({chosen})"
     description = (f"loaded {path} ({what}, {params / 1e6:.2f}M parameters, block_size "
-                   f"{model.config.block_size}, {tokenizer.kind} tokenizer) on {device_name}, "
-                   f"{'int8 weights + bfloat16' if int8 else str(run_dtype).removeprefix('torch.') + weights}")
+                   f"{model.config.block_size}, {tokenizer.kind} tokenizer) on {device_name}, {how}")
     return Loaded(model, tokenizer, device_name, ctx, description)
-
-
-@torch.inference_mode()
-def fastest_cpu_decoding_dtype(model, steps=5):
-    """torch.float32 or torch.bfloat16: the weights a CPU decodes `model` faster with, by the fastest
-    of a few timed decode steps of each (bf16 only where the CPU runs it natively: common.cpu_has_bf16).
-    A large model is bound by reading its weights, where bf16's half the bytes wins; a small one by
-    the cost of each op, where fp32's win (`python bench.py decode` shows both)."""
-    if not common.cpu_has_bf16():  # the module's, so that a test can stand in for the CPU
-        return torch.float32
-    half = copy.deepcopy(model).to(torch.bfloat16)
-    idx = torch.zeros(1, 1, dtype=torch.long)
-
-    def step_seconds(m):  # the fastest of a few steps: what the CPU does, less other processes' share
-        cache = KVCache(m.config.n_layer, min(8 + steps, m.config.block_size))
-        m(torch.zeros(1, 8 if m.config.block_size > 8 + steps else 1, dtype=torch.long), kv_cache=cache)
-        times = []
-        for _ in range(min(steps, cache.max_len - cache.lengths[0])):
-            t0 = time.perf_counter()
-            m(idx, kv_cache=cache)
-            times.append(time.perf_counter() - t0)
-        return min(times)
-    fp32, bf16 = step_seconds(model), step_seconds(half)
-    return torch.bfloat16 if bf16 < 0.9 * fp32 else torch.float32  # bf16 rounds the logits: only for a clear win
-
 
 
 # -----------------------------------------------------------------------------
 # Weight formats for decoding
+#
+# Decoding one token reads every weight once, so on a CPU its speed is set by the bytes per weight
+# and by how fast a kernel streams them (`python bench.py decode`; BENCHMARKS.md, Weight formats).
+# Each format keeps the kernel that suits one token per row and a plain matmul for a prompt's
+# many tokens, on the weight converted per call into the CPU's fastest matmul dtype.
 
-class Int8Linear(nn.Module):
-    """A Linear for decoding with int8 weights and one bf16 scale per output row (weight-only
-    quantisation). Decoding one token reads every weight once, so on a CPU a large model decodes
-    at the speed of memory, and a quarter of fp32's bytes is faster (`python bench.py decode
-    --int8` measures it; a tiny model, bound by overheads, decodes slower). torch's int8 kernel
-    wants bf16 activations, so a quantised model runs in bf16."""
+# format: the dtype its activations (and embeddings, LayerNorms, KV cache) are in
+WEIGHT_FORMATS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+                  "int8": torch.bfloat16, "int4": torch.bfloat16}
+INT4_GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4 kernel takes
+INT4_GROUP_SIZE = 128  # all are within int4's loss limit on config/small.py; 128 decodes fastest (BENCHMARKS.md)
 
-    def __init__(self, linear: nn.Linear):
+
+def check_weight_settings(weights, dtype="auto", group_size=None):
+    """A UserError unless weights, dtype and group_size name one precision each: --dtype is only
+    that of fp32 weights, --group_size only int4's."""
+    if weights not in ("auto", *WEIGHT_FORMATS):
+        raise UserError(f"unknown --weights {weights} (use auto, {', '.join(WEIGHT_FORMATS)})")
+    if weights not in ("auto", "fp32") and dtype != "auto":
+        raise UserError(f"--dtype sets the autocast precision of fp32 weights; --weights {weights} computes "
+                        f"in {str(WEIGHT_FORMATS[weights]).removeprefix('torch.')}: drop --dtype {dtype}")
+    if group_size is not None and (weights != "int4" or group_size not in INT4_GROUP_SIZES):
+        raise UserError(f"--group_size {group_size} applies to --weights int4 and is one of "
+                        f"{', '.join(map(str, INT4_GROUP_SIZES))}")
+
+
+def prefill_dtype():
+    """The dtype a CPU multiplies many rows fastest in: bf16 where native, else fp32."""
+    return torch.bfloat16 if common.cpu_has_bf16() else torch.float32
+
+
+class LinearForDecoding(nn.Module):
+    """Base of the decoding formats' Linears. A decode step (one token per row, any number of rows)
+    runs the format's own kernel (`one_token`); a prompt's T > 1 tokens per row run F.linear on the
+    weight `dequantized` into matmul_dtype (the one-token kernels cost per row what a matmul costs
+    per weight: 128 rows of int8 take twice a bf16 matmul's time). The int8 and int4 kernels compute
+    each row on its own, so a sequence decodes the same tokens alone and batched with others (F.linear
+    in 16 bits too, but for some large shapes, where one row takes another path than several)."""
+
+    def forward(self, x):  # x: (B, T, in)
+        x2 = x.reshape(-1, x.size(-1))  # (B*T, in)
+        if x.size(-2) == 1 or self.dequantized is None:
+            y = self.one_token(x2)
+        else:
+            y = F.linear(x2.to(self.matmul_dtype), self.dequantized(self.matmul_dtype)).to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], -1)
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+class Linear16(LinearForDecoding):
+    """bf16 or fp16 weights, (out, in) as F.linear reads them fastest (fp16's one-row kernel is
+    ~20x slower on a transposed weight). The weight stays the Linear's parameter, so a tied head
+    shares wte's storage."""
+
+    def __init__(self, linear, dtype):
         super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.weight.data = self.weight.data.to(dtype).contiguous()
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(dtype), requires_grad=False)
+        # a prompt: in bf16 where native, else (fp16's values, a CPU without bf16) in fp32
+        self.matmul_dtype = dtype if dtype == prefill_dtype() else torch.float32
+
+    def one_token(self, x):
+        return F.linear(x, self.weight)
+
+    def dequantized(self, dtype):
+        return self.weight.to(dtype)
+
+
+class Int8Linear(LinearForDecoding):
+    """int8 weights with one scale per output row (weight-only quantisation): a quarter of fp32's
+    bytes. torch's int8 kernel (_weight_int8pack_mm) wants bf16 activations and scales."""
+
+    def __init__(self, linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
         w = linear.weight.detach().float().contiguous()  # (out, in) rows, whatever its memory layout
         # (out,): the row's largest |w| maps to 127; rounded to bf16 first, so that the int8 values
         # are chosen for the scale the kernel will multiply by
@@ -169,27 +228,172 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8))
         self.register_buffer("scale", scale)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(torch.bfloat16))
+        self.matmul_dtype = prefill_dtype()
 
-    def forward(self, x):
-        y = torch._weight_int8pack_mm(x.reshape(-1, x.size(-1)), self.weight, self.scale)  # (B*T, out)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.view(*x.shape[:-1], -1)
+    def one_token(self, x):
+        return torch._weight_int8pack_mm(x, self.weight, self.scale)
+
+    def dequantized(self, dtype):
+        return self.weight.to(dtype) * self.scale.to(dtype)[:, None]
+
+
+class Int4Linear(LinearForDecoding):
+    """int4 weights in groups of group_size along each row, each group with its own bf16 scale and
+    offset (w = (q - 8) * scale + zero, q in 0..15): an eighth of fp32's bytes. torch's int4 kernel
+    (_weight_int4pack_mm_for_cpu) takes its own packing, bf16 activations, and a number of rows that
+    is a multiple of 16: the head's rows are padded with zeros and its extra outputs cut. Its packing
+    has no cheap way back, so it also runs prompts (at about fp32's speed per row)."""
+    dequantized = None
+
+    def __init__(self, linear, group_size):
+        super().__init__()
+        N, K = linear.weight.shape
+        self.in_features, self.out_features, self.group_size = K, N, group_size
+        w = linear.weight.detach().float()
+        w = torch.cat([w, w.new_zeros(-N % 16, K)])  # (N padded, K)
+        groups = w.reshape(w.size(0), K // group_size, group_size)
+        low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+        scale = ((high - low).clamp(min=1e-12) / 15).to(torch.bfloat16).float()
+        zero = (low + 8 * scale).to(torch.bfloat16).float()  # the value q = 8 stands for
+        q = torch.round((groups - zero) / scale + 8).clamp(0, 15).to(torch.int32).reshape(w.shape)
+        self.register_buffer("weight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
+        # (K / group_size, N padded, 2): each group's scale and zero, as the kernel takes them
+        self.register_buffer("scales_and_zeros",
+                             torch.cat([scale, zero], -1).transpose(0, 1).to(torch.bfloat16).contiguous())
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(torch.bfloat16))
+
+    def one_token(self, x):
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.weight, self.group_size, self.scales_and_zeros)
+        return y[:, :self.out_features]
+
+
+def int4_group_size(in_features, group_size):
+    """The largest group size up to group_size that divides in_features (the kernel's groups tile
+    a row), or None when none does (such a Linear stays int8)."""
+    return next((g for g in reversed(INT4_GROUP_SIZES) if g <= group_size and in_features % g == 0), None)
 
 
 @torch.no_grad()
-def quantize_int8(model):
-    """Inference only, in place: every block's Linear and the LM head become Int8Linear, the rest
-    bf16. The head gets its own int8 copy of the tied embedding; wte stays for the lookup."""
-    if not hasattr(torch, "_weight_int8pack_mm"):
-        raise RuntimeError("int8 decoding needs torch >= 2.4 (torch._weight_int8pack_mm)")
+def quantize(model, weights, group_size=INT4_GROUP_SIZE):
+    """Inference only, in place: the model with its matmul weights in format `weights` (a
+    WEIGHT_FORMATS name), everything else in that format's activation dtype. fp32 on a CPU keeps
+    nn.Linear, stored as MKL reads it fastest (store_linear_weights_transposed); on a GPU the 16-bit
+    formats are the model cast (cuBLAS runs any number of rows well). The other formats replace
+    every block's Linear and the LM head; a quantised head gets its own copy of the tied embedding,
+    and wte stays for the lookup."""
+    dtype = WEIGHT_FORMATS[weights]
+    cpu = next(model.parameters()).device.type == "cpu"
+    if weights == "fp32" or not cpu:
+        if weights in ("int8", "int4"):
+            raise ValueError(f"{weights} weights run on the CPU (torch's {weights} kernels)")
+        if cpu:
+            store_linear_weights_transposed(model)  # faster decoding on a CPU (it says why)
+        return model.to(dtype).eval()
+
+    def convert(linear):
+        if weights in ("bf16", "fp16"):
+            return Linear16(linear, dtype)
+        g = int4_group_size(linear.in_features, group_size) if weights == "int4" else None
+        return Int4Linear(linear, g) if g else Int8Linear(linear)
     for block in model.transformer.h:
         for parent in (block.attn, block.mlp):
             for name, child in parent.named_children():
                 if isinstance(child, nn.Linear):
-                    setattr(parent, name, Int8Linear(child))
-    model.lm_head = Int8Linear(model.lm_head)
-    return model.to(torch.bfloat16).eval()
+                    setattr(parent, name, convert(child))
+    model.lm_head = convert(model.lm_head)
+    return model.to(dtype).eval()
+
+
+def weight_bytes(model):
+    """The bytes one decoded token reads: every weight, scale and bias, counted once (a tied
+    head's), except the embeddings' rows that are only looked up (wte unless the head is tied
+    to it, wpe)."""
+    wte = model.transformer.wte.weight.data_ptr()
+    lookups = {model.transformer.wpe.weight.data_ptr()}
+    if model.lm_head.weight.data_ptr() != wte:  # not tied: only looked up
+        lookups.add(wte)
+    tensors = {t.data_ptr(): t for t in itertools.chain(model.parameters(), model.buffers())}
+    return sum(t.numel() * t.element_size() for ptr, t in tensors.items() if ptr not in lookups)
+
+
+# --- auto: the fastest format whose quality holds, measured once per machine -----------------------
+
+AUTO_CANDIDATES = ("fp32", "fp16", "bf16", "int8")  # held-out loss within 0.01 of fp32's; int4 is not
+
+
+def weights_cache_path():
+    """$GPT_CACHE_DIR/weights.json; by default in ~/.cache/gpt (or $XDG_CACHE_HOME/gpt)."""
+    folder = os.environ.get("GPT_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "gpt")
+    return Path(folder) / "weights.json"
+
+
+def machine_key(model):
+    """What the fastest format depends on: the CPU, the instruction sets torch may use, torch, the
+    threads, and the model's shape."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:  # not Linux
+        lines = []
+    cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
+               platform.processor() or platform.machine())
+    isa = ",".join(f"{name}={os.environ.get(name, '')}" for name in
+                   ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS"))
+    c = model.config
+    return (f"{cpu} | {torch.backends.cpu.get_cpu_capability()} {isa} | torch {torch.__version__} | "
+            f"{torch.get_num_threads()} threads | n_layer {c.n_layer} n_head {c.n_head} n_embd {c.n_embd} "
+            f"vocab {c.vocab_size} block {c.block_size}")
+
+
+def choose_weights(model, device):
+    """weights="auto": (format, a note saying how it was chosen). On a GPU bf16 (fp16 where bf16 is
+    not native); elsewhere but a CPU fp32. On a CPU, the fastest of AUTO_CANDIDATES for this model
+    here (time_weight_formats), a more exact one kept unless the other is >10% faster; measured once
+    and cached per machine_key in weights_cache_path() (a cache that cannot be read is measured anew)."""
+    if device.startswith("cuda"):
+        return ("bf16" if common.cuda_has_bf16(device) else "fp16"), "auto: this GPU's"
+    if device != "cpu":
+        return "fp32", "auto"
+    path, key = weights_cache_path(), machine_key(model)
+    try:
+        cache = json.loads(path.read_text())
+        cache = cache if isinstance(cache, dict) else {}
+    except (OSError, ValueError):
+        cache = {}
+    if isinstance(cache.get(key), dict) and cache[key].get("weights") in AUTO_CANDIDATES:
+        return cache[key]["weights"], f"auto: the fastest here, as measured before ({path})"
+    seconds = time_weight_formats(model, AUTO_CANDIDATES)
+    best = AUTO_CANDIDATES[0]
+    for fmt in AUTO_CANDIDATES[1:]:  # in order of exactness: a rounder format must clearly win
+        if seconds[fmt] < 0.9 * seconds[best]:
+            best = fmt
+    cache[key] = dict(weights=best, ms_per_token={f: round(s * 1e3, 3) for f, s in seconds.items()})
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        common.atomic_write_text(path, json.dumps(cache, indent=1))
+    except OSError as e:  # a read-only home still decodes, measuring at every load
+        print(f"warning: cannot cache the weight format in {path}: {e}", file=sys.stderr)
+    times = ", ".join(f"{f} {s * 1e3:.1f}" for f, s in seconds.items())
+    return best, f"auto: the fastest here, ms per token {times}"
+
+
+@torch.inference_mode()
+def time_weight_formats(model, formats, steps=5):
+    """{format: seconds}: the fastest of a few timed decode steps of a copy of `model` in each format
+    (the fastest, so that other processes' share of the CPU is left out)."""
+    idx = torch.zeros(1, 1, dtype=torch.long)
+    seconds = {}
+    for fmt in formats:
+        m = quantize(copy.deepcopy(model), fmt)
+        cache = KVCache(m.config.n_layer, min(8 + steps, m.config.block_size))
+        m(torch.zeros(1, 8 if m.config.block_size > 8 + steps else 1, dtype=torch.long), kv_cache=cache)
+        times = []
+        for _ in range(min(steps, cache.max_len - cache.lengths[0])):
+            t0 = time.perf_counter()
+            m(idx, kv_cache=cache)
+            times.append(time.perf_counter() - t0)
+        seconds[fmt] = min(times)
+        del m, cache
+    return seconds
 
 
 @torch.no_grad()

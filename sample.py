@@ -6,7 +6,7 @@
     python sample.py --analyze "Hello, how are you"          # next-token table and surprisal
     python sample.py --eval some.txt --stride 128            # loss, perplexity, accuracy
     python sample.py --benchmark                             # prefill and decode tokens/s
-    python sample.py --int8 --benchmark                      # the same with int8 weights (CPU)
+    python sample.py --weights int8 --benchmark              # the same with int8 weights (CPU)
     python sample.py --attention "To be, or not to be" --plot attn.png   # each head's attention
 
 Design choices:
@@ -38,7 +38,8 @@ import torch
 import torch.nn.functional as F
 
 from common import ArgumentParser, UserError, pyplot, run_main, save_figure, sync
-from engine import TextStream, beam_search, generate_stream, load_model
+from engine import (INT4_GROUP_SIZE, INT4_GROUP_SIZES, WEIGHT_FORMATS, TextStream, beam_search, check_weight_settings,
+                    generate_stream, load_model)
 from gpt import attention_weights
 from tokenizer import END, render_chat
 
@@ -102,7 +103,8 @@ SAMPLING = ("generate", "chat")
 APPLIES_TO = {"num_samples": ("generate",), "num_beams": ("generate",), "max_new_tokens": SAMPLING,
               "temperature": SAMPLING, "top_k": SAMPLING + ("analyze",), "top_p": SAMPLING,
               "repetition_penalty": SAMPLING, "seed": SAMPLING, "stop": SAMPLING, "stride": ("eval",),
-              "plot": ("attention",), "layer": ("attention",), "head": ("attention",), "system": ("chat",)}
+              "plot": ("attention",), "layer": ("attention",), "head": ("attention",), "system": ("chat",),
+              "weights": SAMPLING + ("benchmark", "eval", "analyze"), "group_size": SAMPLING + ("benchmark", "eval", "analyze")}
 MODE_NAMES = {"generate": "plain generation", "chat": "--chat", "analyze": "--analyze", "eval": "--eval",
               "benchmark": "--benchmark", "attention": "--attention"}
 
@@ -138,12 +140,17 @@ def parse_args(argv):
                    help="default: a fresh random seed (printed when sampling)")
     p.add_argument("--stop", metavar="TEXT", help="stop when the generated text contains this")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default auto)")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 where native; generating on a CPU, fp32 or "
-                   "bf16 weights, whichever decodes this model faster: timed at load) | float32 | bfloat16 | "
-                   "float16 (default auto)")
-    p.add_argument("--int8", action="store_true", help="CPU: int8 weights, bf16 activations (~1.8x "
-                   "faster decoding at GPT-2 small's size, slower on tiny models; slightly less "
-                   "exact; --dtype auto or bfloat16)")
+    p.add_argument("--weights", choices=["auto", *WEIGHT_FORMATS], metavar="FORMAT",
+                   help="the format the weights are stored in: auto | fp32 | bf16 | fp16 | int8 | int4 "
+                   "(int8, int4: CPU). auto: generating, the fastest format whose loss stays within 0.01 "
+                   "of fp32's, measured once per machine (on a GPU bf16); scoring (--eval, --analyze), fp32. "
+                   "int4 is explicit only (its loss is up to 0.1 higher). BENCHMARKS.md has speed and quality")
+    p.add_argument("--group_size", type=int, choices=INT4_GROUP_SIZES, metavar="G",
+                   help=f"--weights int4: weights per scale along a row, {'|'.join(map(str, INT4_GROUP_SIZES))} "
+                   f"(default {INT4_GROUP_SIZE}; smaller is more exact and larger)")
+    p.add_argument("--dtype", default="auto", help="the precision fp32 weights compute in (autocast, as in "
+                   "training): auto (bf16 where native, else fp32) | float32 | bfloat16 | float16. "
+                   "Given, it means fp32 weights (--weights fp32 or auto) (default auto)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--chat", action="store_true", help="interactive: continue each line typed (a chat-"
                       "tuned model answers it as a message); Ctrl-C stops a reply (what was shown of it "
@@ -174,9 +181,8 @@ def parse_args(argv):
         raise UserError("beam search is deterministic: use --num_samples 1 with --num_beams")
     if args.stop == "":
         raise UserError("--stop needs a non-empty string")
-    if args.int8 and args.dtype not in ("auto", "bfloat16"):
-        raise UserError(f"--int8 runs in bfloat16 (torch's int8 kernel takes bf16 activations); "
-                        f"drop --dtype {args.dtype}")
+    args.weights = args.weights or "auto"
+    check_weight_settings(args.weights, args.dtype, args.group_size)
     return args
 
 
@@ -194,7 +200,7 @@ def check_flags_apply(args):
 def load(args):
     """engine.load_model for the flags given: --eval and --analyze score whole windows, --attention
     inspects one; the other modes decode token by token."""
-    return load_model(args.ckpt, args.out_dir, args.device, args.dtype, args.int8,
+    return load_model(args.ckpt, args.out_dir, args.device, args.dtype, args.weights, args.group_size,
                       scoring=args.mode in ("eval", "analyze"), decoding=args.mode in ("generate", "chat", "benchmark"))
 
 

@@ -26,6 +26,10 @@ SHARED = ROOT.parent / "shared"
 if (SHARED / "tiktoken").is_dir():
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken"))
 
+# --weights auto's measured choice (engine.weights_cache_path): a cache of the test run's own, not
+# the user's. Subprocesses inherit it.
+os.environ.setdefault("GPT_CACHE_DIR", tempfile.mkdtemp(prefix="gpt_cache_"))
+
 # torch.compile's on-disk cache (/tmp/torchinductor_$USER) keys compiled code without the
 # instruction set that ATEN_CPU_CAPABILITY chooses for it: code compiled under one setting and
 # loaded under another (as when emulating an AVX2-only CPU on this one) crashes with a segfault.

@@ -176,7 +176,7 @@ def test_prepare_rows_and_the_token_count(monkeypatch, capsys, shakespeare_path,
     assert count.groups() == ("yes", f"{len(load_tokenizer('gpt2').encode(text)):,}")
 
 
-TRAIN_VARIANTS = ("nanoGPT", "fp32", "bf16", "fp32+compile", "bf16+compile")
+TRAIN_VARIANTS = ("nanoGPT", "fp32", "bf16", "fp32+compile", "bf16+compile", "fp32+muon", "bf16+muon")
 
 
 @pytest.mark.slow
@@ -193,9 +193,11 @@ def test_train_rows_and_their_agreement(monkeypatch, capsys):
     out = bench_output(monkeypatch, capsys, "train", "--shapes", "tiny", "--steps", 1, "--repeats", 1)
     assert "torch.compile failed" not in out
     assert "  measured matmul peak: float32 1 GFLOP/s, bfloat16 2 GFLOP/s" in out.splitlines()
-    rows = re.findall(r"^    (\S+) +([0-9.]+) ms/iter +([0-9,]+) tok/s +MFU +([0-9.]+)% of (\w+) peak +"
+    rows = re.findall(r"^    (\S+) +(adamw|muon) +([0-9.]+) ms/iter +([0-9,]+) tok/s +MFU +([0-9.]+)% of (\w+) peak +"
                       r"([0-9.]+)x nanoGPT$", out, re.M)
     assert [row[0] for row in rows] == list(TRAIN_VARIANTS), out
+    assert [row[1] for row in rows] == ["muon" if name.endswith("+muon") else "adamw" for name in TRAIN_VARIANTS]
+    rows = [(name, *rest) for name, _, *rest in rows]
     shape = bench.TRAIN_SHAPES["tiny"]
     tokens = shape["batch_size"] * shape["block_size"]
     config = GPTConfig(vocab_size=65, **{k: v for k, v in shape.items() if k != "batch_size"})
@@ -210,6 +212,48 @@ def test_train_rows_and_their_agreement(monkeypatch, capsys):
         per_tok_s = flops["nanoGPT" if name == "nanoGPT" else "ours"] / peaks[getattr(torch, dtype)] * 100
         assert_rounds(mfu, 0.1, per_tok_s * (tok_s - 0.5), per_tok_s * (tok_s + 0.5))
         assert_ratio(ratio, ms["nanoGPT"], step, 0.1, 0.1)
+
+
+def test_optim_trains_both_optimizers_and_reports_where_each_reaches_adamws_final_loss(
+        monkeypatch, capsys, char_data, tmp_path):
+    """`bench.py optim` runs train.py with AdamW and with Muon for the same steps and prints a row
+    each: the final val losses are the runs' own metrics, AdamW reaches its final loss at its last
+    step, and the steps and seconds to it are where the curve crosses it, drawn into the PNG."""
+    require("matplotlib")
+    shape = dict(n_layer=1, n_head=2, n_embd=32, block_size=16, batch_size=4, learning_rate=3e-3, min_lr=3e-4,
+                 beta2=0.99, warmup_iters=2, steps=12)
+    monkeypatch.setitem(bench.OPTIM_SHAPES, "tiny", shape)
+    runs = {}
+    training_run = bench.training_run
+
+    def kept(settings, *args, **kwargs):
+        records, error = training_run(settings, *args, **kwargs)
+        runs[settings["optimizer"]] = records
+        return records, error
+
+    monkeypatch.setattr(bench, "training_run", kept)
+    png = tmp_path / "optim.png"
+    out = bench_output(monkeypatch, capsys, "optim", "--shapes", "tiny", "--dataset", char_data, "--evals", 4,
+                       "--dtype", "float32", "--plot", png)
+    rows = re.findall(r"^    (adamw|muon) +([0-9.]+) +([0-9.]+) +(?:([0-9,]+) +([0-9.]+)|not reached +-)$", out, re.M)
+    assert [row[0] for row in rows] == ["adamw", "muon"], out
+    for optimizer, ms, final, steps, seconds in rows:
+        curve = bench.optim_curve(runs[optimizer])
+        assert [it for it, _, _ in curve] == [0, 3, 6, 9, 12]
+        assert float(final) == pytest.approx(curve[-1][2], abs=5e-5)
+        assert_positive(float(ms))
+        if optimizer == "adamw":
+            assert (int(steps), float(seconds)) == (12, pytest.approx(curve[-1][1], abs=0.05))
+    assert png.stat().st_size > 0
+
+
+def test_crossing_interpolates_between_the_evaluations_around_the_target():
+    """The first evaluation at or below the target, interpolated linearly from the one before it."""
+    evals = [(0, 0.0, 4.0), (10, 1.0, 3.0), (20, 2.0, 2.0), (30, 3.0, 2.5), (40, 4.0, 1.0)]
+    assert bench.crossing(evals, 2.5) == (15, 1.5)
+    assert bench.crossing(evals, 2.0) == (20, 2.0)
+    assert bench.crossing(evals, 1.5) == (pytest.approx(36.6667, abs=1e-3), pytest.approx(3.66667, abs=1e-4))
+    assert bench.crossing(evals, 0.5) is None
 
 
 def test_serve_smoke(monkeypatch, capsys):

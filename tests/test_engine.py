@@ -4,9 +4,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-import engine
 from engine import (GREEDY, Engine, Int8Linear, KVCache, Request, Sampling, beam_search, generate, generate_stream,
-                    next_logits, quantize_int8, sample_next_token, store_linear_weights_transposed)
+                    next_logits, quantize, sample_next_token, store_linear_weights_transposed)
 from gpt import GPT
 from test_gpt import BF16_ROUNDING, FP32_ROUNDING, all_logits, logits_rtol, varied_model
 
@@ -554,11 +553,11 @@ def test_int8_linear_is_the_dequantised_matmul():
 
 
 def test_int8_model_stays_close_to_fp32_and_its_cache_follows_recompute():
-    """quantize_int8: logits and loss within a few % of the fp32 model's; and cached decoding (bf16,
+    """quantize(model, "int8"): logits and loss within a few % of the fp32 model's; and cached decoding (bf16,
     int8 weights), through block_size and past it, gives recomputation's logits on the same tokens
     to bf16 accuracy."""
     model = varied_model()
-    quantized = quantize_int8(varied_model())
+    quantized = quantize(varied_model(), "int8")
     idx = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref, ref_loss = model(idx, idx)
@@ -584,23 +583,6 @@ def test_bf16_weights_decode_as_float32_recompute_to_bf16_accuracy():
     tokens, logits, kv_cache = cached_greedy_route(half, prompt, 30)
     assert kv_cache.k.dtype == torch.bfloat16 and len(set(tokens[0, 4:].tolist())) > 3
     assert_recompute_follows(model, tokens, logits, logits_rtol(model.config, BF16_ROUNDING))
-
-
-@pytest.mark.parametrize("native", [False, True])
-def test_the_faster_cpu_decoding_dtype_is_measured_on_a_copy(native, monkeypatch):
-    """fastest_cpu_decoding_dtype answers fp32 without timing anything where bf16 is not native,
-    else fp32 or bf16 by timing each; either way the model it timed is left as it was."""
-    model = store_linear_weights_transposed(varied_model())
-    before = {name: p.clone() for name, p in model.state_dict().items()}
-    monkeypatch.setattr(engine.common, "cpu_has_bf16", lambda: native)
-    timed = []
-    real_copy = engine.copy.deepcopy
-    monkeypatch.setattr(engine.copy, "deepcopy", lambda m: timed.append(m) or real_copy(m))
-    chosen = engine.fastest_cpu_decoding_dtype(model)
-    assert chosen in ({torch.float32, torch.bfloat16} if native else {torch.float32})
-    assert len(timed) == int(native)
-    after = model.state_dict()
-    assert all(torch.equal(before[name], after[name]) and after[name].dtype == torch.float32 for name in before)
 
 
 def test_transposed_weight_storage_is_the_same_model():

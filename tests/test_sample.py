@@ -26,7 +26,7 @@ import engine
 import gpt
 import sample
 from conftest import ROOT, assert_one_line_error, main_in_process, run_script
-from engine import beam_search, generate, quantize_int8
+from engine import beam_search, generate, quantize
 from gpt import GPT, GPTConfig
 from common import UserError
 from tokenizer import load_tokenizer
@@ -173,33 +173,38 @@ def run_chat(monkeypatch, model, tokenizer, lines, *flags):
 # --- generation ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("native_bf16", [True, False])
-@pytest.mark.parametrize("faster", [torch.float32, torch.bfloat16])
-def test_auto_dtype_on_a_cpu_generates_with_the_faster_weights_and_scores_in_bf16_where_native(
+@pytest.mark.parametrize("faster", ["fp32", "bf16", "int8"])
+def test_auto_weights_on_a_cpu_generate_in_the_chosen_format_and_score_in_fp32(
         native_bf16, faster, random_ckpt, tmp_path, monkeypatch, capsys):
-    """--dtype auto on a CPU generates with the weights engine.fastest_cpu_decoding_dtype finds
-    faster (stored in that format: autocast would re-cast every weight at every step), scores
-    whole windows (--eval) under bf16 autocast where the CPU runs it natively, fp32 elsewhere, and
-    draws attention maps in fp32. An explicit --dtype=bfloat16 stores bf16 weights when
-    generating. Both kinds of CPU."""
+    """--weights auto on a CPU generates with the format engine.choose_weights picks (stored in that
+    format: autocast would re-cast every weight at every step) and says so on the loaded line;
+    scores whole windows (--eval) with fp32 weights under bf16 autocast where the CPU runs it
+    natively, plain fp32 elsewhere; draws attention maps in fp32. A given --dtype means fp32
+    weights in that precision; a given --weights is that format. Both kinds of CPU."""
     monkeypatch.setattr(common, "cpu_has_bf16", lambda: native_bf16)
-    monkeypatch.setattr(engine, "fastest_cpu_decoding_dtype", lambda model: faster)
+    monkeypatch.setattr(engine, "choose_weights", lambda model, device: (faster, "auto: stand-in"))
     text = tmp_path / "text.txt"
     text.write_text(PROMPT * 3, encoding="utf-8")
     loaded = []
     real_load = engine.load_model
     monkeypatch.setattr(sample, "load_model", lambda *a, **k: loaded.append(real_load(*a, **k)) or loaded[-1])
 
-    def dtype_used(*args):
+    def precision(*args):
         result = ok(main_in_process(monkeypatch, capsys, sample.main, ["--ckpt", random_ckpt, "--device=cpu", *args]))
-        return re.search(r" on cpu, ([\w ]+)$", result.stderr.splitlines()[0]).group(1)
+        return re.search(r" on cpu, (.+)$", result.stderr.splitlines()[0]).group(1)
 
-    assert dtype_used("--max_new_tokens=3") == ("float32" if faster == torch.float32 else "bfloat16 weights")
-    assert {p.dtype for p in loaded[-1].model.parameters()} == {faster}
-    assert dtype_used("--eval", text) == ("bfloat16" if native_bf16 else "float32")
-    assert {p.dtype for p in loaded[-1].model.parameters()} == {torch.float32}  # autocast: fp32 weights
-    assert dtype_used("--dtype=bfloat16", "--max_new_tokens=3") == "bfloat16 weights"
-    assert {p.dtype for p in loaded[-1].model.parameters()} == {torch.bfloat16}
-    assert dtype_used("--attention", PROMPT) == "float32"  # inspects one window: no timing, fp32
+    def float_dtypes():
+        return {t.dtype for t in loaded[-1].model.state_dict().values() if t.is_floating_point()}
+    shown = {"fp32": "float32", "bf16": "bf16 weights", "int8": "int8 weights"}[faster]
+    assert precision("--max_new_tokens=3") == f"{shown} (auto: stand-in)"
+    assert float_dtypes() == {engine.WEIGHT_FORMATS[faster]}
+    assert precision("--eval", text) == ("bfloat16 autocast" if native_bf16 else "float32")
+    assert float_dtypes() == {torch.float32}  # autocast: fp32 weights
+    assert precision("--dtype=bfloat16", "--max_new_tokens=3") == "bfloat16 autocast"
+    assert float_dtypes() == {torch.float32}
+    assert precision("--weights=bf16", "--max_new_tokens=3") == "bf16 weights"
+    assert float_dtypes() == {torch.bfloat16}
+    assert precision("--attention", PROMPT) == "float32"  # inspects one window: no timing, fp32
 
 
 def test_samples_have_the_asked_length_and_follow_the_seed(random_ckpt, cli):
@@ -239,21 +244,21 @@ def test_greedy_is_gpt_generate_at_temperature_0(random_ckpt, tokenizer):
 
 
 def test_int8_greedy_is_generate_of_the_quantized_model(coarse_int8_ckpt, tokenizer, monkeypatch, capsys):
-    """--int8 must reach the engine as engine.quantize_int8's model (not be ignored, not quantize
+    """--weights int8 must reach the engine as engine.quantize's int8 model (not be ignored, not quantize
     something else), and the loaded line must say so. Both routes run the same int8 kernels on
     the same inputs, so their tokens are equal by construction; on this model int8's greedy text
     is not fp32's, so an fp32 model passed off as int8 would show."""
     calls = recorded_generation(monkeypatch)
     result = ok(main_in_process(monkeypatch, capsys, sample.main, ["--ckpt", coarse_int8_ckpt, "--device=cpu",
                                                                    "--start", PROMPT, "--max_new_tokens=30",
-                                                                   "--temperature=0", "--int8"]))
+                                                                   "--temperature=0", "--weights=int8"]))
     assert "int8 weights" in result.stderr
     [call] = calls
     linears = [m for m in call["model"].modules() if isinstance(m, (torch.nn.Linear, engine.Int8Linear))]
     assert len(linears) == 4 * 2 + 1  # c_attn, attn.c_proj, c_fc, mlp.c_proj per block; the head
     assert all(isinstance(m, engine.Int8Linear) and m.weight.dtype == torch.int8 for m in linears)
     idx = torch.tensor([tokenizer.encode(PROMPT)])
-    [new] = generate(quantize_int8(load_model(coarse_int8_ckpt)), idx, 30, temperature=0)
+    [new] = generate(quantize(load_model(coarse_int8_ckpt), "int8"), idx, 30, temperature=0)
     assert result.stdout == PROMPT + tokenizer.decode(new) + "\n"
     [fp32] = generate(load_model(coarse_int8_ckpt), idx, 30, temperature=0)
     assert len(set(fp32)) > 2 and new != fp32
@@ -749,8 +754,10 @@ def test_checkpoint_choice(tmp_path, monkeypatch):
     (["--analyze", "x", "--num_beams=2"], "--num_beams does not apply to --analyze"),
     (["--analyze", "x", "--num_samples=2"], "--num_samples does not apply to --analyze"),
     (["--benchmark", "--seed=1"], "--seed does not apply to --benchmark"),
-    # int8 runs in bf16 whatever --dtype says
-    (["--int8", "--dtype=float32"], "--int8 runs in bfloat16"),
+    # --dtype is the precision of fp32 weights; int8 computes in bf16, and groups are int4's
+    (["--weights=int8", "--dtype=float32"], "--dtype sets the autocast precision of fp32 weights"),
+    (["--weights=int8", "--group_size=32"], "--group_size 32 applies to --weights int4"),
+    (["--attention", "x", "--weights=int8"], "--weights does not apply to --attention"),
     (["--chat", "--benchmark"], "not allowed with"),
     (["--temprature=1"], "unknown flag --temprature. Did you mean --temperature?"),
 ])
@@ -761,7 +768,7 @@ def test_bad_flag_values_are_user_errors(argv, needle):
 
 def test_help_shows_the_defaults_that_apply(capsys):
     """--help shows every sampling setting's default, the value parse_args applies; that --top_k
-    also sets --analyze's candidate count; and int8's measured speed-up (~1.8x)."""
+    also sets --analyze's candidate count; and where the formats' figures are."""
     with pytest.raises(SystemExit):
         sample.parse_args(["--help"])
     out = capsys.readouterr().out
@@ -769,9 +776,9 @@ def test_help_shows_the_defaults_that_apply(capsys):
     args = sample.parse_args([])
     for name in ["num_samples", "max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "num_beams"]:
         assert f"(default {getattr(args, name)})" in entries[f"--{name}"], entries[f"--{name}"]
-    assert "--analyze" in entries["--top_k"] and "~1.8x" in entries["--int8"]
+    assert "--analyze" in entries["--top_k"] and "BENCHMARKS.md" in entries["--weights"]
     assert sample.parse_args(["--analyze", "hi", "--top_k=5"]).top_k == 5  # --top_k applies there
-    assert sample.parse_args(["--int8", "--dtype=bfloat16"]).int8
+    assert sample.parse_args(["--weights=int4", "--group_size=32"]).group_size == 32
 
 
 @pytest.fixture
