@@ -1,6 +1,6 @@
 """Throughput benchmarks; each mode prints its figures (tests never assert speed).
 
-    python bench.py decode    # tokens/s: KV-cache decode vs full recompute vs Hugging Face generate (--int8)
+    python bench.py decode    # tokens/s of each weight format beside llama.cpp's, and of each kernel alone
     python bench.py prepare   # prepare.py MB/s vs one tiktoken thread, peak RSS; Korean BPE training
     python bench.py train     # training tokens/s and MFU: fp32 / bf16 / compile / Muon vs nanoGPT
     python bench.py optim     # AdamW vs Muon to a fixed number of tokens: steps and time to a loss, curves
@@ -28,6 +28,7 @@ import tempfile
 import threading
 import time
 from dataclasses import asdict
+from unittest import mock
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +37,8 @@ import torch
 import tokenizer
 from common import (DTYPE_NAMES, ArgumentParser, UserError, autocast_context, cpu_flags, maybe_compile,
                     measure_peak_flops, pyplot, resolve_device, run_main, save_figure, sync)
-from engine import generate, generate_stream, load_model, quantize_int8, store_linear_weights_transposed
+from engine import (INT4_GROUP_SIZE, WEIGHT_FORMATS, choose_weights, generate, generate_stream, load_model,
+                    quantize, weight_bytes)
 from gpt import GPT, GPTConfig, save_checkpoint
 
 ROOT = Path(__file__).resolve().parent
@@ -161,21 +163,33 @@ def llama_cpp_greedy(path, idx, max_new_tokens, threads):
     return greedy
 
 
-def exported_methods(model, idx, N, folder, args):
-    """{name: greedy decoding} for the exports of `model` that can run here, and {name: why not}."""
-    methods, skipped = {}, {}
-    if args.prompt_tokens + N > model.config.block_size:
-        return methods, {"exports": "the context passes block_size, and the exported graphs do not slide it"}
+def gguf_bytes_per_token(path):
+    """The bytes of a GGUF file's tensors that llama.cpp reads for one token: all but the position
+    embeddings, of which it reads one row (the token embeddings are also its output head)."""
+    import gguf
+
+    return sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors if t.name != "position_embd.weight")
+
+
+GGUF_QUANTS = ("f32", "f16", "q8_0", "q4_0")
+
+
+def exported_methods(model, idx, N, folder, threads):
+    """({name: greedy decoding}, {name: bytes read per token}, {name: why not}) for the exports of
+    `model` that can run here: export.py's ONNX graph in onnxruntime, its GGUF files in llama.cpp."""
+    methods, sizes, skipped = {}, {}, {}
+    if idx.size(1) + N > model.config.block_size:
+        return methods, sizes, {"exports": "the context passes block_size, and the exported graphs do not slide it"}
     ckpt = export_checkpoint(model, folder)
     if ckpt is None:
-        return methods, {"exports": "a vocabulary of neither 50,257 nor <= 128 tokens has no tokenizer to export"}
+        return methods, sizes, {"exports": "a vocabulary of neither 50,257 nor <= 128 tokens has no tokenizer to export"}
     try:
         import onnxruntime  # noqa: F401
         import onnxscript  # noqa: F401
     except ImportError:
         skipped["onnxruntime"] = "pip install onnx onnxscript onnxruntime"
     else:
-        session = onnx_session(export(ckpt, "onnx"), torch.get_num_threads())
+        session = onnx_session(export(ckpt, "onnx"), threads)
         methods["onnxruntime"] = lambda: onnx_greedy(session, idx, N)
     try:
         import gguf  # noqa: F401
@@ -183,74 +197,136 @@ def exported_methods(model, idx, N, folder, args):
     except ImportError:
         skipped["llama.cpp"] = "pip install gguf llama-cpp-python"
     else:
-        for quant in ("f32", "f16", "q8_0"):
+        for quant in GGUF_QUANTS:
             path = export(ckpt, "gguf", "--quant", quant)
-            methods[f"llama.cpp-{quant}"] = llama_cpp_greedy(path, idx, N, torch.get_num_threads())
-    return methods, skipped
+            methods[f"llama.cpp-{quant}"] = llama_cpp_greedy(path, idx, N, threads)
+            sizes[f"llama.cpp-{quant}"] = gguf_bytes_per_token(path)
+    return methods, sizes, skipped
 
 
-OTHER_FORMATS = ("kv-cache-int8", "llama.cpp-f16", "llama.cpp-q8_0")  # not fp32 weights
+# Each of our formats beside its llama.cpp counterpart, and the speed it is held to against it.
+COUNTERPARTS = {"fp32": ("llama.cpp-f32", 0.6), "bf16": ("llama.cpp-f16", 0.8), "fp16": ("llama.cpp-f16", 0.8),
+                "int8": ("llama.cpp-q8_0", 0.6), "int4": ("llama.cpp-q4_0", 0.6), "auto": ("llama.cpp-q8_0", 0.9)}
+# The methods that compute in fp32 on fp32 weights: their greedy tokens are one sequence.
+FP32_METHODS = ("fp32", "recompute", "hf-generate", "onnxruntime", "llama.cpp-f32")
+READ_BYTES = 256 * 2**20  # the sequential read: far past any cache
+KERNEL_REPEATS = 20
+
+
+def read_bytes_per_s(repeats=20, nbytes=READ_BYTES):
+    """The machine's sequential read speed, bytes/s: summing an fp32 tensor of `nbytes` (every thread
+    reads its share, as a matmul's weights are read), the fastest of `repeats` (the speed the memory
+    gives when nothing else takes a share)."""
+    x = torch.ones(nbytes // 4)
+    x.sum()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - t0)
+    return nbytes / min(times)
+
+
+def decode_matmuls(model):
+    """The Linears one decoded token runs through, in order: each block's four, then the head."""
+    return [lin for block in model.transformer.h for lin in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc,
+                                                              block.mlp.c_proj)] + [model.lm_head]
+
+
+@torch.inference_mode()
+def kernel_seconds(model, fmt, group_size, repeats):
+    """(median seconds, bytes) of the weight matmuls alone of one decoded token in format `fmt`, for a
+    copy of `model`: each Linear's kernel as the engine calls it for one row (x @ W for fp32's
+    transposed weights, F.linear for fp16/bf16, _weight_int8pack_mm, _weight_int4pack_mm_for_cpu),
+    without biases, and the bytes of the weights and scales they read."""
+    m = quantize(copy.deepcopy(model), fmt, group_size)
+    dtype = WEIGHT_FORMATS[fmt]
+    calls, nbytes = [], 0
+    for lin in decode_matmuls(m):
+        x = torch.randn(1, lin.in_features, dtype=dtype)
+        if isinstance(lin, torch.nn.Linear):
+            calls.append(lambda lin=lin, x=x: torch.nn.functional.linear(x, lin.weight))
+        else:
+            calls.append(lambda lin=lin, x=x: lin.one_token(x))
+        nbytes += sum(t.numel() * t.element_size() for name, t in [*lin.named_parameters(), *lin.named_buffers()]
+                      if name != "bias")
+    times = []
+    for round_ in range(repeats + 1):
+        t0 = time.perf_counter()
+        for call in calls:
+            call()
+        if round_:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times), nbytes
 
 
 def decode(args):
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
     torch.manual_seed(args.seed)
     config = GPTConfig(block_size=args.block_size, vocab_size=args.vocab_size, n_layer=args.n_layer,
                        n_head=args.n_head, n_embd=args.n_embd)
     model = GPT(config).eval()
     idx = torch.randint(0, config.vocab_size, (1, args.prompt_tokens))
+    N = args.new_tokens
     hf, hf_skipped = load_hf_copy(model, args)
     folder = tempfile.TemporaryDirectory()
-    exports, exports_skipped = ({}, {"exports": "--no_exports"}) if args.no_exports else \
-        exported_methods(model, idx, args.new_tokens, Path(folder.name), args)
-    dtype = getattr(torch, args.dtype)
-    model.to(dtype)  # weights stored in dtype (not autocast): a decode step reads each weight once
-    store_linear_weights_transposed(model)  # as sample.py does on a CPU
-    N = args.new_tokens
+    exports, sizes, exports_skipped = ({}, {}, {"exports": "--no_exports"}) if args.no_exports else \
+        exported_methods(model, idx, N, Path(folder.name), threads)
+    # auto measures here and now, between the same processes as the rounds, not a choice cached before
+    with tempfile.TemporaryDirectory() as cache, mock.patch.dict(os.environ, GPT_CACHE_DIR=cache):
+        auto, auto_note = choose_weights(model, "cpu")
+    formats = list(dict.fromkeys([*args.weights, auto]))  # auto's choice is timed though not asked for
+    models = {fmt: quantize(copy.deepcopy(model), fmt, args.group_size) for fmt in formats if fmt != "fp32"}
+    models["fp32"] = quantize(model, "fp32")  # also recompute's; Hugging Face's copy is its own
     print(f"decode: {model.num_params() / 1e6:.1f}M params, batch 1, {args.prompt_tokens}-token prompt, "
-          f"{N} new tokens (greedy), {args.dtype}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}, median of {args.repeats}")
-    methods = {  # each returns the new tokens as a list, so the outputs can be compared
-        "kv-cache": lambda: generate(model, idx, N, temperature=0)[0],
-        "recompute": lambda: recompute_decode(model, idx, N)[0].tolist(),
-    }
+          f"{N} new tokens (greedy), median of {args.repeats} interleaved rounds; {machine()}")
+    methods = {fmt: lambda m=models[fmt]: generate(m, idx, N, temperature=0)[0] for fmt in formats}
+    sizes |= {fmt: weight_bytes(models[fmt]) for fmt in formats}
+    if not args.no_recompute:
+        methods["recompute"] = lambda: recompute_decode(models["fp32"], idx, N)[0].tolist()
     if hf is not None:
-        hf.to(dtype)
         methods["hf-generate"] = lambda: hf_greedy(hf, idx, N)[0].tolist()
-    if args.int8:  # a quantized copy: other numerics, so its tokens are compared apart
-        int8 = GPT(config)
-        int8.load_state_dict(model.state_dict())
-        quantize_int8(int8)
-        methods["kv-cache-int8"] = lambda: generate(int8, idx, N, temperature=0)[0]
-
     methods |= exports
+    read = read_bytes_per_s()
     try:
         seconds, outputs = median_seconds(methods, args.repeats)
     finally:
         folder.cleanup()
+    read = max(read, read_bytes_per_s())  # the faster of two, one on each side of the rounds
+    print(f"  memory read: {read / 1e9:.1f} GB/s (the fastest sum of a {READ_BYTES // 2**20} MB fp32 tensor); "
+          f"auto picks {auto} ({auto_note})")
     for name, s in seconds.items():
-        print(f"  {name:<15} {N / s:8.1f} tokens/s  ({1000 * s / N:.2f} ms/token)")
-    print(f"  kv-cache vs recompute:   {seconds['recompute'] / seconds['kv-cache']:.2f}x")
+        row = f"  {name:<15} {N / s:8.1f} tokens/s  ({1000 * s / N:.2f} ms/token)"
+        if name in sizes:
+            row += f"  {sizes[name] / 1e6:9.3f} MB/token  {100 * sizes[name] * N / s / read:5.1f}% of read"
+        print(row)
+    for fmt in [*args.weights, "auto"]:
+        theirs, target = COUNTERPARTS[fmt]
+        if theirs in seconds:
+            ours = seconds[auto if fmt == "auto" else fmt]
+            print(f"  {fmt} vs {theirs}: {seconds[theirs] / ours:.2f}x (target {target}x)")
+    for name in ("recompute", "hf-generate", "onnxruntime"):
+        if name in seconds:
+            print(f"  fp32 vs {name}: {seconds[name] / seconds['fp32']:.2f}x")
     if hf is None:
         print(f"  hf-generate: skipped ({hf_skipped})")
-    else:
-        print(f"  kv-cache vs hf-generate: {seconds['hf-generate'] / seconds['kv-cache']:.2f}x")
-    for name in exports:
-        print(f"  kv-cache vs {name}: {seconds[name] / seconds['kv-cache']:.2f}x")
     for name, why in exports_skipped.items():
         print(f"  {name}: skipped ({why})")
-    # Other number formats (int8, f16, q8_0) may part from fp32's greedy path at a near-tie.
-    exact = [name for name in outputs if name not in OTHER_FORMATS]
-    if args.dtype != "float32":  # the exports hold fp32 weights
-        exact = [name for name in exact if name not in exports]
-    same = all(outputs[name] == outputs["kv-cache"] for name in exact)
-    print(f"  same tokens from every {args.dtype} method: {'yes' if same else 'NO'}")
-    for name in [name for name in outputs if name in OTHER_FORMATS]:
-        agree = next((i for i, (a, b) in enumerate(zip(outputs[name], outputs["kv-cache"])) if a != b), N)
-        print(f"  {name}: the first {agree} of {N} tokens are kv-cache's")
-    if args.int8:
-        print(f"  kv-cache-int8 vs kv-cache: {seconds['kv-cache'] / seconds['kv-cache-int8']:.2f}x, vs "
-              f"recompute: {seconds['recompute'] / seconds['kv-cache-int8']:.2f}x" +
-              (f", vs hf-generate: {seconds['hf-generate'] / seconds['kv-cache-int8']:.2f}x" if hf else ""))
+    same = all(outputs[name] == outputs["fp32"] for name in FP32_METHODS if name in outputs)
+    print(f"  same tokens from every fp32 method: {'yes' if same else 'NO'}")
+    # Other number formats may part from fp32's greedy path at a near-tie.
+    for name in [name for name in outputs if name not in FP32_METHODS]:
+        agree = next((i for i, (a, b) in enumerate(zip(outputs[name], outputs["fp32"])) if a != b), N)
+        print(f"  {name}: the first {agree} of {N} tokens are fp32's")
+    print(f"  kernels alone: the {len(decode_matmuls(model))} weight matmuls of one token, median of "
+          f"{KERNEL_REPEATS}")
+    for fmt in formats:
+        s, nbytes = kernel_seconds(model, fmt, args.group_size, KERNEL_REPEATS)
+        print(f"  kernel {fmt:<6} {1000 * s:8.3f} ms  {nbytes / 1e6:9.3f} MB  {nbytes / s / 1e9:6.2f} GB/s  "
+              f"{100 * nbytes / s / read:5.1f}% of read")
+
 
 
 # ----------------------------------------------------------------------------------------------
@@ -507,7 +583,7 @@ OPTIM_SHAPES = {  # train.py settings on shakespeare_char; each optimizer runs t
                   min_lr=2.5e-4, beta2=0.99, warmup_iters=200, steps=3000),
     # nanoGPT's shakespeare_char GPU model (10.6M) at a CPU's batch: matmuls, not the optimizer, fill its step
     "6x384": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=8, learning_rate=1e-3,
-                  min_lr=1e-4, beta2=0.99, warmup_iters=20, steps=200),
+                  min_lr=1e-4, beta2=0.99, warmup_iters=50, steps=400),
 }
 OPTIMIZERS = ("adamw", "muon")
 
@@ -537,8 +613,8 @@ def optim_curve(records):
 def optim_bench(args):
     """Each shape trains once with AdamW and once with Muon (train.py's optimizer=muon and its
     defaults), the same steps, batches and schedule; the target is the val loss AdamW ends at."""
-    print(f"optim: AdamW vs Muon on {args.dataset}, {machine()}; each run is train.py with "
-          f"--eval_interval {args.evals} steps' worth")
+    print(f"optim: AdamW vs Muon on {args.dataset}, {machine()}; train.py runs, {args.evals} evaluations each "
+          f"(20 val batches), the WSD schedule")
     curves = {}
     with tempfile.TemporaryDirectory() as tmp:
         for shape_name in args.shapes:
@@ -585,6 +661,7 @@ def plot_optim(curves, path):
         for ax in row:
             ax.grid(alpha=0.3)
             ax.legend()
+    fig.tight_layout()  # a row's titles clear the axis labels above them
     save_figure(fig, path)
     print(f"wrote {path}")
 
@@ -1101,21 +1178,24 @@ def main():
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     modes = parser.add_subparsers(dest="mode", required=True)
 
-    p = modes.add_parser("decode", help="generation tokens/s: KV cache vs recompute vs HF generate")
+    p = modes.add_parser("decode", help="decoding tokens/s of each weight format beside llama.cpp's, recompute, "
+                                        "Hugging Face and onnxruntime; each format's kernels alone")
     p.add_argument("--n_layer", type=int, default=12, help="model shape; the default is GPT-2 small (124M)")
     p.add_argument("--n_head", type=int, default=12)
     p.add_argument("--n_embd", type=int, default=768)
     p.add_argument("--vocab_size", type=int, default=50257)
     p.add_argument("--block_size", type=int, default=1024)
     p.add_argument("--prompt_tokens", type=int, default=16)
-    p.add_argument("--new_tokens", type=int, default=256)
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per method; the median is shown")
+    p.add_argument("--new_tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds; the median is shown")
+    p.add_argument("--weights", nargs="+", choices=list(WEIGHT_FORMATS), default=list(WEIGHT_FORMATS),
+                   help="our weight formats to time (engine.quantize); auto's choice is added")
+    p.add_argument("--group_size", type=int, default=INT4_GROUP_SIZE, help="int4's group size")
+    p.add_argument("--threads", type=int, help="torch's and llama.cpp's threads (default: torch's)")
+    p.add_argument("--no_recompute", action="store_true", help="skip recomputing the context at every step")
     p.add_argument("--no_hf", action="store_true", help="skip the Hugging Face generate comparison")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="weights of both models (bfloat16: half the bytes each token reads)")
-    p.add_argument("--int8", action="store_true", help="also time a copy with int8 weights (engine.quantize_int8)")
     p.add_argument("--no_exports", action="store_true", help="skip the exports: export.py's ONNX graph in "
-                   "onnxruntime and its GGUF files (f32, f16, q8_0) in llama.cpp")
+                   "onnxruntime and its GGUF files (f32, f16, q8_0, q4_0) in llama.cpp")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=decode)
 

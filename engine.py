@@ -100,6 +100,8 @@ def load_model(ckpt=None, out_dir=None, device="auto", dtype="auto", weights="au
     if weights in ("int8", "int4") and device_name != "cpu":
         raise UserError(f"--weights {weights} runs on the CPU (torch's {weights} matmul kernels); "
                         f"got --device {device_name}")
+    if weights in KERNELS and not hasattr(torch.ops.aten, KERNELS[weights]):
+        raise UserError(f"--weights {weights} needs torch's {KERNELS[weights]}, which torch {torch.__version__} lacks")
     run_dtype = resolve_dtype(dtype, device_name)
     path = find_checkpoint(ckpt, out_dir)
     if path.is_dir() or is_hub_model_id(path):  # a Hugging Face GPT-2 (folder or Hub id): GPT-2's own BPE
@@ -150,6 +152,7 @@ def load_model(ckpt=None, out_dir=None, device="auto", dtype="auto", weights="au
 WEIGHT_FORMATS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
                   "int8": torch.bfloat16, "int4": torch.bfloat16}
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4 kernel takes
+KERNELS = {"int8": "_weight_int8pack_mm", "int4": "_weight_int4pack_mm_for_cpu"}  # recent torch versions only
 INT4_GROUP_SIZE = 128  # all are within int4's loss limit on config/small.py; 128 decodes fastest (BENCHMARKS.md)
 
 
@@ -279,10 +282,12 @@ def quantize(model, weights, group_size=INT4_GROUP_SIZE):
     WEIGHT_FORMATS name), everything else in that format's activation dtype. fp32 on a CPU keeps
     nn.Linear, stored as MKL reads it fastest (store_linear_weights_transposed); on a GPU the 16-bit
     formats are the model cast (cuBLAS runs any number of rows well). The other formats replace
-    every block's Linear and the LM head; a quantised head gets its own copy of the tied embedding,
-    and wte stays for the lookup."""
+    every block's Linear and the LM head (LinearForDecoding); an int8 or int4 head gets its own copy
+    of the tied embedding, and wte stays for the lookup (a 16-bit head stays tied)."""
     dtype = WEIGHT_FORMATS[weights]
     cpu = next(model.parameters()).device.type == "cpu"
+    if weights in KERNELS and not hasattr(torch.ops.aten, KERNELS[weights]):
+        raise RuntimeError(f"{weights} weights need torch's {KERNELS[weights]}, which torch {torch.__version__} lacks")
     if weights == "fp32" or not cpu:
         if weights in ("int8", "int4"):
             raise ValueError(f"{weights} weights run on the CPU (torch's {weights} kernels)")
@@ -361,9 +366,10 @@ def choose_weights(model, device):
         cache = {}
     if isinstance(cache.get(key), dict) and cache[key].get("weights") in AUTO_CANDIDATES:
         return cache[key]["weights"], f"auto: the fastest here, as measured before ({path})"
-    seconds = time_weight_formats(model, AUTO_CANDIDATES)
-    best = AUTO_CANDIDATES[0]
-    for fmt in AUTO_CANDIDATES[1:]:  # in order of exactness: a rounder format must clearly win
+    candidates = [f for f in AUTO_CANDIDATES if f not in KERNELS or hasattr(torch.ops.aten, KERNELS[f])]
+    seconds = time_weight_formats(model, candidates)
+    best = candidates[0]
+    for fmt in candidates[1:]:  # in order of exactness: a rounder format must clearly win
         if seconds[fmt] < 0.9 * seconds[best]:
             best = fmt
     cache[key] = dict(weights=best, ms_per_token={f: round(s * 1e3, 3) for f, s in seconds.items()})
@@ -448,13 +454,18 @@ class KVCache:
             return self.longest
         if T != 1:
             raise ValueError("rows at different positions take one token each (prefill one row at a time)")
-        # Rows that sit out read slot 0 (so no row attends to nothing) and write the spare slot.
+        self.rows_step = self.one_token_each()
+        return self.rows_step.prepare(T)
+
+    def one_token_each(self):
+        """The next forward as RowsAtPositions: one new token per row, each at its row's length.
+        Rows that sit out read slot 0 (so no row attends to nothing) and write the spare slot."""
+        starts = self.lengths[self.first:self.first + self.count]
+        live = self.live or [True] * self.count
+        longest = max((s for s, alive in zip(starts, live) if alive), default=0)
         pos = torch.tensor([s if alive else 0 for s, alive in zip(starts, live)], device=self.device)
-        self.slots = torch.tensor([s if alive else self.max_len for s, alive in zip(starts, live)],
-                                  device=self.device)
-        self.mask = (torch.arange(self.longest + 1, device=self.device) <= pos[:, None])[:, None, None, :]  # (B, 1, 1, L)
-        self.row_ids = torch.arange(self.count, device=self.device)
-        return pos[:, None]
+        slots = torch.tensor([s if alive else self.max_len for s, alive in zip(starts, live)], device=self.device)
+        return RowsAtPositions(pos, slots, longest + 1)
 
     def update(self, layer, k, v):
         """Store one layer's new (B, nh, T, hs) keys/values; return (keys, values, mask, is_causal)
@@ -468,10 +479,7 @@ class KVCache:
         k_all = self.k[layer].narrow(0, self.first, B)  # (B, nh, max_len + 1, hs): a view, no copy
         v_all = self.v[layer].narrow(0, self.first, B)
         if not self.uniform:
-            k_all[self.row_ids, :, self.slots] = k[:, :, 0]  # row i's new key at its own slot
-            v_all[self.row_ids, :, self.slots] = v[:, :, 0]
-            L = self.longest + 1
-            return k_all.narrow(2, 0, L), v_all.narrow(2, 0, L), self.mask, False
+            return self.rows_step.write(k_all, v_all, k, v)
         pos = self.longest
         # narrow + copy_ rather than k[layer, :, :, pos:end] = ...: the same views without Python's
         # slice-tuple indexing, which costs more than the copy (`python bench.py decode` measures it)
@@ -504,6 +512,55 @@ class KVCache:
         self.k, self.v = self.k[:, rows], self.v[:, rows]
         self.lengths = [self.lengths[r] for r in rows.tolist()]
         self.rows = len(self.lengths)
+
+
+class RowsAtPositions:
+    """A forward of one new token per row, row i at position pos[i]: its key and value go to slot
+    slots[i] of its row, and it attends to its row's slots [0, pos[i]]. Tensors only (and one
+    int, the slots read), so that torch.compile traces a decode step through it as one graph whose
+    shapes hold from token to token (decode_rows). As a model's kv_cache, it writes into `keys`
+    and `values`: each layer's (B, nh, > length, hs) storage."""
+
+    def __init__(self, pos, slots, length, keys=None, values=None):
+        self.pos, self.slots, self.keys, self.values = pos, slots, keys, values
+        self.longest = length - 1  # the model checks its block_size with it
+        self.rows = torch.arange(pos.size(0), device=pos.device)
+        self.mask = (torch.arange(length, device=pos.device) <= pos[:, None])[:, None, None, :]  # (B, 1, 1, L)
+
+    def prepare(self, T):
+        return self.pos[:, None]  # (B, 1): each row's position
+
+    def update(self, layer, k, v):
+        return self.write(self.keys[layer], self.values[layer], k, v)
+
+    def write(self, k_all, v_all, k, v):
+        """Row i's new key and value (k, v: (B, nh, 1, hs)) into slot slots[i] of k_all, v_all
+        (B, nh, S, hs); (keys, values, mask, is_causal) for attention over the first length slots."""
+        k_all[self.rows, :, self.slots] = k[:, :, 0]
+        v_all[self.rows, :, self.slots] = v[:, :, 0]
+        L = self.longest + 1
+        return k_all.narrow(2, 0, L), v_all.narrow(2, 0, L), self.mask, False
+
+    def advance(self, T):
+        pass  # the KVCache counts what its rows hold
+
+
+def decode_rows(model, idx, pos, slots, length, keys, values):
+    """(B, 1, V) logits of one new token per row, idx (B, 1), row i at position pos[i]
+    (RowsAtPositions): the decode step Engine(compile=True) compiles."""
+    logits, _ = model(idx, kv_cache=RowsAtPositions(pos, slots, length, keys, values))
+    return logits
+
+
+def compiled_decode_rows():
+    """decode_rows under torch.compile: LayerNorms, GELU, residual adds, the mask and the cache
+    writes fused into a few kernels around the matmuls, one graph for all lengths and rows
+    (dynamic shapes: the one-token-each step has no shape that grows but the slots read).
+    Freezing turns the weights into constants, which lets inductor prepack them for oneDNN's matmul
+    (bf16 weights gain the most: BENCHMARKS.md, Decode step); so the model's weights must not change
+    after the first step. Compiling costs seconds to a minute on a CPU, once per process."""
+    # Inductor's CPU tanh (Sleef's) is slower than its exp-based one, as accurate on GELU's inputs
+    return torch.compile(decode_rows, dynamic=True, options={"freezing": True, "cpp.use_decompose_tanh": True})
 
 
 # -----------------------------------------------------------------------------
@@ -685,8 +742,11 @@ class Engine:
     Not thread-safe, except Request.cancel: one thread calls add, step and finish.
     """
 
-    def __init__(self, model, max_rows=16, prefill_tokens=None):
+    def __init__(self, model, max_rows=16, prefill_tokens=None, compile=False):
         self.model = model
+        # compile: decode steps through compiled_decode_rows (its docstring says what it costs);
+        # prompts are prefilled eagerly either way
+        self.decode_rows = compiled_decode_rows() if compile else None
         self.device = next(model.parameters()).device
         self.block_size = model.config.block_size
         self.max_rows = max_rows
@@ -767,7 +827,13 @@ class Engine:
         alive = [id(seq) in live for seq in self.rows]
         idx = torch.tensor([[seq.tokens[-1]] for seq in self.rows], device=self.device)  # (R, 1)
         self.cache.batch(0, len(self.rows), None if all(alive) else alive)
-        logits, _ = self.model(idx, kv_cache=self.cache)
+        if self.decode_rows is None:
+            logits, _ = self.model(idx, kv_cache=self.cache)
+        else:
+            step, R = self.cache.one_token_each(), len(self.rows)
+            logits = self.decode_rows(self.model, idx, step.pos, step.slots, step.longest + 1,
+                                      self.cache.k[:, :R].unbind(0), self.cache.v[:, :R].unbind(0))
+            self.cache.advance(1)
         logits = logits[:, -1, :]  # (R, V)
         # Rows that sample alike in one call: requests with one Sampling and no penalties together,
         # a penalised request (whose rows carry its own counts) alone. The logits are all taken
@@ -894,12 +960,13 @@ class Engine:
 # -----------------------------------------------------------------------------
 # One batch of prompts at a time, on the engine: sample.py, bench.py, train.py's samples
 
-def generate_stream(model, idx, max_new_tokens, *, stop_tokens=(), generator=None, **sampling):
+def generate_stream(model, idx, max_new_tokens, *, stop_tokens=(), generator=None, compile=False, **sampling):
     """Continue each row of idx (B, T); yield the (B,) new tokens step by step (a CPU tensor).
 
     sampling: Sampling's fields. Ends after max_new_tokens, or earlier once every row has produced
     a stop token; a row that has stopped keeps yielding its stop token. Prompts longer than
-    block_size keep their end. The rows are B requests of one Engine, drawing from `generator`.
+    block_size keep their end. The rows are B requests of one Engine, drawing from `generator`
+    (`compile`: the Engine's).
     """
     B, T = idx.shape
     if T == 0:
@@ -907,7 +974,7 @@ def generate_stream(model, idx, max_new_tokens, *, stop_tokens=(), generator=Non
     settings = Sampling(**sampling)
     if max_new_tokens == 0:
         return
-    engine = Engine(model, max_rows=B, prefill_tokens=B * model.config.block_size)
+    engine = Engine(model, max_rows=B, prefill_tokens=B * model.config.block_size, compile=compile)
     if generator is None:  # from torch's global generator, so torch.manual_seed repeats the text
         generator = torch.Generator(idx.device).manual_seed(int(torch.randint(2**62, ())))
     requests = [Request(row, max_new_tokens, sampling=settings, stop_tokens=stop_tokens, generator=generator)

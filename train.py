@@ -112,10 +112,11 @@ class Settings:
     cooldown_frac: float = setting(0.2, "with lr_schedule='wsd': the share of lr_decay_iters spent decaying")
     optimizer: str = setting("adamw", "'adamw' | 'muon': Muon (momentum orthogonalized by Newton-Schulz, optim.py) "
                                       "for the Blocks' weight matrices, AdamW for embeddings, biases, LayerNorms")
-    muon_lr: float = setting(0.02, "Muon's peak LR; the schedule scales it as it scales learning_rate")
-    muon_momentum: float = setting(0.95, "Muon's Nesterov momentum")
+    muon_lr: float = setting(0.01, "Muon's peak LR, which the schedule scales as it scales learning_rate (0.005-0.01 "
+                                   "measured best at config/small.py's model, BENCHMARKS.md)")
+    muon_momentum: float = setting(0.95, "Muon's Nesterov momentum (modded-nanogpt's)")
     muon_momentum_warmup_iters: int = setting(300, "steps over which Muon's momentum rises linearly from 0.85 to "
-                                                   "muon_momentum; 0 = muon_momentum from the first step")
+                                                   "muon_momentum (modded-nanogpt's); 0 = muon_momentum from the start")
     muon_weight_decay: float = setting(0.0, "Muon's decoupled weight decay (times its LR, as AdamW's)")
     time_budget_s: float = setting(0.0, "seconds the whole run may take: its first steps are timed, then "
                                         "max_iters = lr_decay_iters is set to fit (with 'wsd', again at each "

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import bench
+import optim
 from conftest import assert_one_line_error, require, run_script
 from gpt import GPT, GPTConfig
 from tokenizer import load_tokenizer
@@ -47,9 +48,9 @@ def decoded(monkeypatch):
     return outputs
 
 
-def assert_same_varied_tokens(outputs, methods, new_tokens=8):
-    """Each of `methods` gave kv-cache's greedy tokens, and those are not one token repeated."""
-    tokens = outputs["kv-cache"]
+def assert_same_varied_tokens(outputs, methods, new_tokens=8, reference="fp32"):
+    """Each of `methods` gave the reference's greedy tokens, and those are not one token repeated."""
+    tokens = outputs[reference]
     assert len(tokens) == new_tokens and len(set(tokens)) > 2, tokens
     for name in methods:
         assert list(outputs[name]) == list(tokens), name
@@ -84,13 +85,20 @@ def assert_ratio(printed, a, b, step_a, step_b):
 
 
 def decode_rows(out):
-    """{method: (tokens/s, ms/token)} of bench.py decode's table."""
-    rows = re.findall(r"^  (\S+) +([0-9.]+) tokens/s  \(([0-9.]+) ms/token\)$", out, re.M)
-    table = {name: (float(rate), float(ms)) for name, rate, ms in rows}
+    """{method: (tokens/s, ms/token, MB/token or None, % of read or None)} of bench.py decode's table;
+    a row's % of the machine's read speed is its bytes per token times its rate over that speed."""
+    read = float(re.search(r"^  memory read: ([0-9.]+) GB/s", out, re.M).group(1)) * 1e9
+    rows = re.findall(r"^  (\S+) +([0-9.]+) tokens/s  \(([0-9.]+) ms/token\)(?: +([0-9.]+) MB/token +([0-9.]+)% of read)?$",
+                      out, re.M)
+    table = {name: (float(rate), float(ms), float(mb) if mb else None, float(share) if share else None)
+             for name, rate, ms, mb, share in rows}
     assert len(table) == len(rows), out
-    for name, (rate, ms) in table.items():
+    for name, (rate, ms, mb, share) in table.items():
         assert_positive(rate, ms)
         assert_rounds(ms, 0.01, 1000 / (rate + 0.05), 1000 / (rate - 0.05))  # 1000 / tokens/s
+        if mb is not None:
+            assert_rounds(share, 0.1, 100 * (mb - 5e-4) * 1e6 * (rate - 0.05) / (read + 5e7),
+                          100 * (mb + 5e-4) * 1e6 * (rate + 0.05) / (read - 5e7))
     return table
 
 
@@ -98,51 +106,100 @@ def speedup(out, label):
     return float(re.search(rf"{re.escape(label)}:? +([0-9.]+)x", out).group(1))
 
 
+FORMATS = {"fp32", "bf16", "fp16", "int8", "int4"}
+
+
+def fp32_bytes_per_token(c):
+    """fp32 bytes of every weight a token reads, counted from the shape: the tied embedding/head, and
+    per block two LayerNorms and the four Linears with their biases; ln_f."""
+    C = c.n_embd
+    return 4 * (c.vocab_size * C + c.n_layer * (12 * C * C + 13 * C) + 2 * C)
+
+
+def assert_kernel_rows(out, formats):
+    """One kernel row per format whose GB/s is its MB over its time and whose % is that over the read speed."""
+    read = float(re.search(r"^  memory read: ([0-9.]+) GB/s", out, re.M).group(1))
+    rows = re.findall(r"^  kernel (\S+) +([0-9.]+) ms +([0-9.]+) MB +([0-9.]+) GB/s +([0-9.]+)% of read$", out, re.M)
+    assert {row[0] for row in rows} == formats, out
+    for _, ms, mb, gbs, share in rows:
+        ms, mb, gbs, share = map(float, (ms, mb, gbs, share))
+        assert_positive(ms, mb, gbs)
+        assert_rounds(gbs, 0.01, (mb - 5e-4) / (ms + 5e-4), (mb + 5e-4) / (ms - 5e-4))
+        assert_rounds(share, 0.1, 100 * (gbs - 0.005) / (read + 0.05), 100 * (gbs + 0.005) / (read - 0.05))
+
+
+def auto_choice(out):
+    """The format auto picks, from its line: one of the formats it chooses among."""
+    import engine
+
+    choice = re.search(r"^  memory read: .*; auto picks (\w+) \(auto: the fastest here", out, re.M).group(1)
+    assert choice in engine.AUTO_CANDIDATES
+    return choice
+
+
 def test_decode_rows_and_their_agreement(monkeypatch, capsys, decoded):
-    """Every method has its row (the int8 copy and Hugging Face's generate too); the speed-ups are
-    the ratios of the rates; the float32 methods give the same greedy tokens, on a model whose
-    greedy tokens vary, and the row that says so reports it."""
+    """Every weight format has its row (tokens/s, bytes read per token and that as a share of the
+    measured read speed), as do recompute and Hugging Face's generate; the speed-ups are the ratios
+    of the rates; fp32's bytes per token are its weights' count times 4; the fp32 methods give the
+    same greedy tokens, on a model whose greedy tokens vary; and each format's kernels alone have a
+    row."""
     require("transformers", reason="transformers is not installed (test-only dependency)")
-    out = bench_output(monkeypatch, capsys, *TINY_DECODE, "--int8", "--no_exports")
-    assert "8 new tokens (greedy), float32" in out.splitlines()[0]
-    rates = {name: rate for name, (rate, _) in decode_rows(out).items()}
-    assert rates.keys() == {"kv-cache", "recompute", "hf-generate", "kv-cache-int8"}
-    assert_ratio(speedup(out, "kv-cache vs recompute"), rates["kv-cache"], rates["recompute"], 0.1, 0.1)
-    assert_ratio(speedup(out, "kv-cache vs hf-generate"), rates["kv-cache"], rates["hf-generate"], 0.1, 0.1)
-    int8_line = re.search(r"^  kv-cache-int8 vs .*$", out, re.M).group(0)
-    for other in ("kv-cache", "recompute", "hf-generate"):
-        assert_ratio(speedup(int8_line, f"vs {other}"), rates["kv-cache-int8"], rates[other], 0.1, 0.1)
-    assert "  same tokens from every float32 method: yes" in out.splitlines()
+    out = bench_output(monkeypatch, capsys, *TINY_DECODE, "--no_exports")
+    assert "8 new tokens (greedy), median of 1 interleaved rounds; " in out.splitlines()[0]
+    table = decode_rows(out)
+    rates = {name: row[0] for name, row in table.items()}
+    assert rates.keys() == FORMATS | {"recompute", "hf-generate"}
+    assert all(table[fmt][2] is not None for fmt in FORMATS)
+    config = GPTConfig(n_layer=1, n_head=2, n_embd=32, vocab_size=64, block_size=32)
+    assert_rounds(table["fp32"][2], 0.001, fp32_bytes_per_token(config) / 1e6, fp32_bytes_per_token(config) / 1e6)
+    assert table["int4"][2] < table["int8"][2] < table["bf16"][2] == table["fp16"][2] < table["fp32"][2]
+    assert_ratio(speedup(out, "fp32 vs recompute"), rates["fp32"], rates["recompute"], 0.1, 0.1)
+    assert_ratio(speedup(out, "fp32 vs hf-generate"), rates["fp32"], rates["hf-generate"], 0.1, 0.1)
+    auto_choice(out)
+    assert "  same tokens from every fp32 method: yes" in out.splitlines()
     assert_same_varied_tokens(decoded, ["recompute", "hf-generate"])
+    for fmt in FORMATS - {"fp32"}:
+        assert re.search(rf"^  {fmt}: the first \d of 8 tokens are fp32's$", out, re.M)
+    assert_kernel_rows(out, FORMATS)
 
 
 def test_decode_rows_of_the_exports(monkeypatch, capsys, decoded):
-    """export.py's ONNX graph (onnxruntime) and GGUF files (llama.cpp f32, f16, q8_0) of the same
-    weights get their rows and speed-ups; onnxruntime and llama.cpp's f32 give our greedy tokens."""
+    """export.py's ONNX graph (onnxruntime) and GGUF files (llama.cpp f32, f16, q8_0, q4_0) of the
+    same weights get their rows; each of our formats and auto's choice its ratio to its llama.cpp
+    counterpart; llama.cpp's f32 file holds the bytes per token of our fp32 weights; onnxruntime and
+    llama.cpp's f32 give our fp32 greedy tokens."""
     for package in ("onnxruntime", "onnxscript", "gguf", "llama_cpp"):
         require(package, reason=f"{package} is not installed (pip install -r requirements-dev.txt)")
-    out = bench_output(monkeypatch, capsys, *TINY_DECODE, "--no_hf")
-    rates = {name: rate for name, (rate, _) in decode_rows(out).items()}
-    exports = {"onnxruntime", "llama.cpp-f32", "llama.cpp-f16", "llama.cpp-q8_0"}
-    assert rates.keys() == {"kv-cache", "recompute"} | exports
-    for name in exports:
-        assert_ratio(speedup(out, f"kv-cache vs {name}"), rates["kv-cache"], rates[name], 0.1, 0.1)
-    assert "  same tokens from every float32 method: yes" in out.splitlines()
-    assert_same_varied_tokens(decoded, ["recompute", "onnxruntime", "llama.cpp-f32"])
-    for name in ("llama.cpp-f16", "llama.cpp-q8_0"):
-        assert re.search(rf"^  {re.escape(name)}: the first \d+ of 8 tokens are kv-cache's$", out, re.M)
+    out = bench_output(monkeypatch, capsys, *TINY_DECODE, "--no_hf", "--no_recompute")
+    table = decode_rows(out)
+    rates = {name: row[0] for name, row in table.items()}
+    exports = {"onnxruntime", "llama.cpp-f32", "llama.cpp-f16", "llama.cpp-q8_0", "llama.cpp-q4_0"}
+    assert rates.keys() == FORMATS | exports
+    assert table["llama.cpp-f32"][2] == table["fp32"][2]
+    assert table["llama.cpp-q4_0"][2] < table["llama.cpp-q8_0"][2] < table["llama.cpp-f16"][2] < table["llama.cpp-f32"][2]
+    counterparts = {"fp32": "llama.cpp-f32", "bf16": "llama.cpp-f16", "fp16": "llama.cpp-f16",
+                    "int8": "llama.cpp-q8_0", "int4": "llama.cpp-q4_0"}
+    for fmt, theirs in counterparts.items():
+        assert_ratio(speedup(out, f"{fmt} vs {theirs}"), rates[fmt], rates[theirs], 0.1, 0.1)
+    assert_ratio(speedup(out, "auto vs llama.cpp-q8_0"), rates[auto_choice(out)], rates["llama.cpp-q8_0"], 0.1, 0.1)
+    assert_ratio(speedup(out, "fp32 vs onnxruntime"), rates["fp32"], rates["onnxruntime"], 0.1, 0.1)
+    assert "  same tokens from every fp32 method: yes" in out.splitlines()
+    assert_same_varied_tokens(decoded, ["onnxruntime", "llama.cpp-f32"])
+    for name in ("llama.cpp-f16", "llama.cpp-q8_0", "llama.cpp-q4_0"):
+        assert re.search(rf"^  {re.escape(name)}: the first \d+ of 8 tokens are fp32's$", out, re.M)
 
 
 def test_decode_past_block_size_skips_only_hugging_face(monkeypatch, capsys, decoded):
-    """Both our decoders crop the context to block_size, so any length works, and still agree (on
-    a model whose greedy tokens vary);
-    HF's GPT-2 cannot go past n_positions, so it is skipped with the reason instead of crashing."""
+    """Our decoders crop the context to block_size, in every weight format, so any length works, and
+    fp32 and recompute still agree (on a model whose greedy tokens vary); HF's GPT-2 cannot go past
+    n_positions, so it is skipped with the reason instead of crashing, as are the exports."""
     out = bench_output(monkeypatch, capsys, *TINY_DECODE, "--prompt_tokens", 40)
-    rates = {name: rate for name, (rate, _) in decode_rows(out).items()}
-    assert rates.keys() == {"kv-cache", "recompute"}
-    assert_ratio(speedup(out, "kv-cache vs recompute"), rates["kv-cache"], rates["recompute"], 0.1, 0.1)
+    rates = {name: row[0] for name, row in decode_rows(out).items()}
+    assert rates.keys() == FORMATS | {"recompute"}
+    assert_ratio(speedup(out, "fp32 vs recompute"), rates["fp32"], rates["recompute"], 0.1, 0.1)
     assert "  hf-generate: skipped (the context passes block_size, and HF's GPT-2 cannot slide its window)" in out
-    assert "  same tokens from every float32 method: yes" in out.splitlines()
+    assert "  exports: skipped (the context passes block_size, and the exported graphs do not slide it)" in out
+    assert "  same tokens from every fp32 method: yes" in out.splitlines()
     assert_same_varied_tokens(decoded, ["recompute"])
 
 
@@ -190,7 +247,10 @@ def test_train_rows_and_their_agreement(monkeypatch, capsys):
     peaks = {torch.float32: 1e9, torch.bfloat16: 2e9}  # low: a 1-layer model's MFU must not print as 0.0%
     monkeypatch.setattr(bench, "measure_peak_flops", lambda device, dtype: peaks[dtype])
     monkeypatch.setitem(bench.TRAIN_SHAPES, "tiny", dict(n_layer=1, n_head=2, n_embd=32, block_size=16, batch_size=4))
+    muon_dtypes, muon_step = [], optim.Muon.step
+    monkeypatch.setattr(optim.Muon, "step", lambda self: muon_dtypes.append(self.ns_dtype) or muon_step(self))
     out = bench_output(monkeypatch, capsys, "train", "--shapes", "tiny", "--steps", 1, "--repeats", 1)
+    assert muon_dtypes == [torch.float32, torch.bfloat16] * 2  # the muon rows step Muon: a warm-up and a timed round
     assert "torch.compile failed" not in out
     assert "  measured matmul peak: float32 1 GFLOP/s, bfloat16 2 GFLOP/s" in out.splitlines()
     rows = re.findall(r"^    (\S+) +(adamw|muon) +([0-9.]+) ms/iter +([0-9,]+) tok/s +MFU +([0-9.]+)% of (\w+) peak +"
@@ -426,7 +486,6 @@ def test_gpu_decode_rows_agree_with_recompute(decoded):
     rows = bench.gpu_decode_rows(model, new_tokens=8, repeats=1)
     assert [row["run"] for row in rows] == ["decode fp32, KV cache", "decode fp32, recompute", "decode bf16, KV cache"]
     assert rows[0]["result"] == "ok: = recompute"
-    decoded["kv-cache"] = decoded["decode fp32, KV cache"]
-    assert_same_varied_tokens(decoded, ["decode fp32, recompute"])
+    assert_same_varied_tokens(decoded, ["decode fp32, recompute"], reference="decode fp32, KV cache")
     for row in rows:
         assert row["ms"] == pytest.approx(1000 / row["tokens_per_s"], rel=1e-9)

@@ -3,13 +3,17 @@
 weights, the bytes each format stores, batched decoding against each request alone, and
 --weights auto's measurement, cached per machine."""
 import copy
+import importlib
 import json
+import re
 
 import pytest
 import torch
 from torch.nn import functional as F
 
 import engine
+from common import UserError
+from conftest import require
 from engine import Engine, KVCache, Request, generate, next_logits, quantize, weight_bytes
 from gpt import GPT, GPTConfig
 
@@ -283,3 +287,33 @@ def test_auto_times_copies_and_leaves_the_model_as_it_was():
     assert before.keys() == after.keys()
     assert all(torch.equal(before[name], after[name]) and after[name].dtype == torch.float32 for name in before)
     assert all(type(m) is not engine.Int8Linear for m in model.modules())
+
+
+@pytest.mark.parametrize("script", ["sample", "serve"])
+@pytest.mark.parametrize("argv, needle", [
+    (["--weights=int8", "--dtype=float32"], "--dtype sets the autocast precision of fp32 weights"),
+    (["--weights=bf16", "--dtype=bfloat16"], "--dtype sets the autocast precision of fp32 weights"),
+    (["--weights=int8", "--group_size=32"], "--group_size 32 applies to --weights int4"),
+])
+def test_weights_and_dtype_name_one_precision_each(script, argv, needle):
+    """--dtype is the autocast precision of fp32 weights and --group_size int4's: given with another
+    format they are a UserError, in sample.py and serve.py alike; the combinations that mean
+    something parse."""
+    if script == "serve":
+        require("fastapi", reason="serve.py needs fastapi and uvicorn (requirements-dev.txt)")
+    parse = importlib.import_module(script).parse_args
+    with pytest.raises(UserError, match=re.escape(needle)):
+        parse(argv)
+    assert parse(["--weights=fp32", "--dtype=bfloat16"]).dtype == "bfloat16"
+    assert parse(["--weights=int4", "--group_size=32"]).group_size == 32
+
+
+def test_a_torch_without_a_formats_kernel_says_so_and_auto_leaves_it_out(trained, tmp_path, monkeypatch):
+    """int8 and int4 need kernels only recent torch versions have: where one is missing, asking for
+    its format is a UserError naming it, and auto times the other candidates only."""
+    monkeypatch.setitem(engine.KERNELS, "int8", "_no_such_kernel")
+    with pytest.raises(UserError, match="--weights int8 needs torch's _no_such_kernel"):
+        engine.load_model(tmp_path / "best.pt", device="cpu", weights="int8")
+    monkeypatch.setenv("GPT_CACHE_DIR", str(tmp_path))
+    calls = stand_in_timer(monkeypatch, {"fp32": 3.0, "fp16": 2.0, "bf16": 1.0})
+    assert engine.choose_weights(trained[0], "cpu")[0] == "bf16" and calls == [["fp32", "fp16", "bf16"]]
