@@ -13,9 +13,12 @@ Design choices:
 - Settings (below) is the only list of settings, each with its type, default and meaning. A config
   file (plain Python assignments) and then `--key=value` arguments override it; unknown keys and
   wrongly typed values are errors. A resumed run takes its settings from its checkpoint.
+- This file holds the settings, the loop and what makes a run; what the loop calls lives in
+  modules named for it: schedule.py (the LR), budget.py (time_budget_s), batches.py,
+  distributed.py (device, precision, DDP / FSDP), metrics.py (metrics.jsonl), lr_range.py.
 - Every device / precision / DDP / FSDP decision is made once, in setup_runtime() and
   step_model(); the loop only uses `rt.ctx` (autocast), `rt.scaler` (a no-op unless fp16) and
-  `rt.distributed`.
+  `rt.distributed`. The loop: set the LR, evaluate and checkpoint, one step, log.
 - fsdp shards the weights, gradients and AdamW state over the ranks (FSDP2: a unit per Block,
   the root unit holding the tied wte / lm_head). Its checkpoints are gathered to rank 0 in one
   process's format: sample.py reads them, and a run resumes with FSDP or without.
@@ -36,12 +39,10 @@ Design choices:
   rising LR instead of the schedule; it writes nothing but out_dir/lr_find.png.
 """
 import ast
-import collections
 import difflib
 import importlib.util
 import json
 import math
-import os
 import signal
 import sys
 import time
@@ -52,12 +53,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import (UserError, atomic_write_text, autocast_context, maybe_compile, measure_peak_flops,
-                    peak_memory_mb, print0, pyplot, resolve_device, resolve_dtype, run_main, save_figure, sync,
-                    use_tf32)
+from batches import Batches, make_batches
+from budget import TimeBudget
+from common import UserError, atomic_write_text, measure_peak_flops, peak_memory_mb, print0, run_main
+from distributed import (Runtime, full_model_state, full_optimizer_state, load_optimizer_state, setup_runtime,
+                         step_model)
 from engine import generate
 from gpt import GPT, GPTConfig, is_hub_model_id, load_checkpoint, model_from_checkpoint, save_checkpoint
-from tokenizer import load_tokenizer
+from lr_range import lr_suggestions, plot_lr_find
+from metrics import MetricsLog, plot
+from schedule import lr_at
 
 # -----------------------------------------------------------------------------
 # Settings. Names follow nanoGPT's where the concept is the same.
@@ -316,13 +321,6 @@ def stored_run(out_dir):
     return path, ckpt
 
 
-def lr_at(cfg, it):
-    if not cfg["decay_lr"]:
-        return cfg["learning_rate"]
-    return get_lr(it, cfg["learning_rate"], cfg["warmup_iters"], cfg["lr_decay_iters"], cfg["min_lr"],
-                  cfg["lr_schedule"], cfg["cooldown_frac"])
-
-
 def resumed_settings(given):
     """The stored run's settings, with what `given` changes: a change that leaves the run the same
     run (an interval, patience, the device, max_iters while the LR stays where it is) gets one line;
@@ -356,246 +354,7 @@ def resumed_settings(given):
 
 
 # -----------------------------------------------------------------------------
-# Data, learning rate, evaluation.
-
-def dataset_dir(name):
-    """The folder of a prepared dataset: a name under data/, a path to the folder or its meta.json."""
-    path = Path(name) if os.sep in name else Path("data") / name
-    if not path.is_dir() and Path(name).is_file():
-        if Path(name).name == "meta.json":
-            return Path(name).parent
-        stem = Path(name).stem
-        raise UserError(f"dataset {name} is a file, not a folder made by prepare.py; make one with "
-                        f"`python prepare.py --input {name} --out data/{stem}`, then --dataset={stem}")
-    return path
-
-
-def read_meta(data_dir):
-    """A dataset's meta.json, or the error that names the prepare.py command to make it."""
-    meta_path = Path(data_dir) / "meta.json"
-    if not meta_path.is_file():
-        raise UserError(f"dataset not found: {meta_path} is missing. Make it with "
-                        f"`python prepare.py --input YOUR_TEXT --out {data_dir}` "
-                        f"(or plain `python prepare.py` for shakespeare_char)")
-    return json.loads(meta_path.read_text(encoding="utf-8"))
-
-
-def open_bins(data_dir, block_size):
-    """meta.json, the bins' dtype, and each split's number of window starts (at least one)."""
-    data_dir = Path(data_dir)
-    meta = read_meta(data_dir)
-    dtype = np.dtype(meta["dtype"])
-    window_starts = {}
-    for split in ("train", "val"):
-        n = (data_dir / f"{split}.bin").stat().st_size // dtype.itemsize
-        if n <= block_size:
-            raise UserError(f"{split}.bin of {data_dir} holds {n} tokens; block_size {block_size} "
-                            f"needs at least {block_size + 1}. Lower block_size or add text.")
-        window_starts[split] = n - block_size  # a window is block_size + 1 tokens: inputs and targets
-    return meta, dtype, window_starts
-
-
-def get_windows(data_dir, split, dtype, starts, block_size):
-    """Inputs and targets for windows starting at `starts`: two (len(starts), block_size) int64."""
-    # A fresh memmap per batch: a long-lived one grows the process' memory (nanoGPT issue #303).
-    data = np.memmap(Path(data_dir) / f"{split}.bin", dtype=dtype, mode="r")
-    tokens = data[starts[:, None] + np.arange(block_size + 1)].astype(np.int64)
-    return torch.from_numpy(tokens[:, :-1].copy()), torch.from_numpy(tokens[:, 1:].copy())
-
-
-def cooldown_start(lr_decay_iters, warmup_iters, cooldown_frac):
-    """The first step of a WSD schedule's decay: cooldown_frac of lr_decay_iters before its end."""
-    return max(warmup_iters, lr_decay_iters - round(cooldown_frac * lr_decay_iters))
-
-
-def get_lr(it, learning_rate, warmup_iters, lr_decay_iters, min_lr, schedule="cosine", cooldown_frac=0.2):
-    """Linear warmup (never 0, even at step 0), then a decay to min_lr at lr_decay_iters (flat after):
-    cosine from the end of warmup, or, for "wsd", learning_rate until the cooldown, then linear."""
-    if it < warmup_iters:
-        return learning_rate * (it + 1) / (warmup_iters + 1)
-    if it >= lr_decay_iters:
-        return min_lr
-    if schedule == "wsd":
-        start = cooldown_start(lr_decay_iters, warmup_iters, cooldown_frac)
-        if it < start:
-            return learning_rate
-        return learning_rate + (it - start) / (lr_decay_iters - start) * (min_lr - learning_rate)
-    progress = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
-
-
-# -----------------------------------------------------------------------------
-# Setup: everything decided once, before the loop.
-
-@dataclass
-class Runtime:
-    """Where and how this process computes: decided once, then only read."""
-    rank: int
-    local_rank: int
-    world_size: int
-    device: str
-    dtype: torch.dtype
-    ctx: object  # autocast, or a no-op in fp32
-    scaler: torch.amp.GradScaler  # a no-op unless fp16
-    fsdp: bool = False  # the model is sharded over the ranks (shard_model), not copied to each (DDP)
-    in_process_group: bool = False  # started by torchrun (one process or more): the group to leave at the end
-
-    @property
-    def distributed(self):
-        """More than one process (DDP or FSDP): losses, signals and timings are agreed by collectives."""
-        return self.world_size > 1
-
-    @property
-    def master(self):
-        return self.rank == 0
-
-    @property
-    def build_device(self):
-        """Where the whole model is built (and a checkpoint read): under FSDP the CPU, since
-        shard_model moves only this rank's shards to the device."""
-        return "cpu" if self.fsdp else self.device
-
-    @property
-    def device_type(self):
-        return self.device.split(":")[0]
-
-
-def setup_distributed(cfg):
-    """Join the torchrun process group if there is one; returns (rank, local_rank, world_size, device)."""
-    if "RANK" not in os.environ:
-        if cfg["fsdp"]:
-            raise UserError("fsdp=True shards the model over torchrun's processes: run "
-                            "`torchrun --nproc_per_node=N train.py ...`, or pass --fsdp=False for one process")
-        return 0, 0, 1, cfg["device"]
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
-    world_size = int(os.environ["WORLD_SIZE"])
-    accum = cfg["gradient_accumulation_steps"]
-    if accum % world_size:  # each process runs an equal share of the micro-steps
-        raise UserError(f"gradient_accumulation_steps={accum} must be a multiple of the number of "
-                        f"processes ({world_size}): pass --gradient_accumulation_steps="
-                        f"{math.ceil(accum / world_size) * world_size}")
-    device = cfg["device"]
-    if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
-        device = f"cuda:{local_rank}"
-        torch.cuda.set_device(device)
-    backend = cfg["backend"]
-    if backend == "auto":
-        backend = "nccl" if device.startswith("cuda") else "gloo"
-    if backend == "nccl" and not device.startswith("cuda"):  # NCCL only moves CUDA tensors
-        raise UserError(f"backend nccl needs CUDA devices, not {device}; use --backend=gloo")
-    torch.distributed.init_process_group(backend=backend)
-    return rank, local_rank, world_size, device
-
-
-def setup_runtime(cfg):
-    rank, local_rank, world_size, device = setup_distributed(cfg)
-    device = resolve_device(device)
-    dtype = resolve_dtype(cfg["dtype"], device)
-    if cfg["fsdp"] and dtype == torch.float16:  # GradScaler's skipped steps would have to agree across shards
-        if cfg["dtype"] != "auto":
-            raise UserError("fsdp trains in bfloat16 or float32, not float16: pass --dtype=bfloat16 (or float32)")
-        dtype = torch.float32
-        print0(f"dtype auto: {device} has no native bfloat16 and fsdp does not train in float16, so float32")
-    if dtype == torch.float32 and cfg["tf32"] and use_tf32(device):
-        print0(f"float32 matmuls on {device} run on TF32 tensor cores (--tf32=False: exact float32)")
-    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=(dtype == torch.float16))
-    return Runtime(rank, local_rank, world_size, device, dtype, autocast_context(device, dtype), scaler,
-                   fsdp=cfg["fsdp"], in_process_group=torch.distributed.is_initialized())
-
-
-class Batches:
-    """Random windows of the memory-mapped bins of one dataset, as (x, y) on the device."""
-
-    def __init__(self, cfg, device):
-        self.data_dir = dataset_dir(cfg["dataset"])
-        self.meta, self.bin_dtype, self.window_starts = open_bins(self.data_dir, cfg["block_size"])
-        self.tokenizer = load_tokenizer(self.data_dir)
-        self.B, self.T, self.device = cfg["batch_size"], cfg["block_size"], device
-
-    def draw(self, split, rng, count):
-        """`count` window starts drawn from `rng`."""
-        return rng.integers(0, self.window_starts[split], size=count)
-
-    def get(self, split, starts):
-        return self.to_device(*get_windows(self.data_dir, split, self.bin_dtype, starts, self.T))
-
-    def to_device(self, x, y):
-        if self.device.startswith("cuda"):  # pinned memory lets the copy overlap with compute
-            return (x.pin_memory().to(self.device, non_blocking=True),
-                    y.pin_memory().to(self.device, non_blocking=True))
-        return x.to(self.device), y.to(self.device)
-
-
-class ChatBatches(Batches):
-    """Whole conversations of a chat dataset (prepare.py --format chat), one per row from its
-    first token, as (x, y) on the device. Targets are -1 where the dataset's mask says context
-    (system and user turns, role markers) and on the padding after a conversation, so the loss
-    counts the assistant replies only. draw() and get() take conversation indices where
-    Batches takes window starts: the batch stream, exact resume and the ranks' shares are the same.
-
-    Padding, not packing: a row is one conversation at positions 0.., as sample.py --chat renders
-    it, and padding at the end of a row is invisible to the tokens before it under causal
-    attention, so SDPA's is_causal stays exact with no mask. Packing several conversations into a
-    row wastes no compute on padding but needs attention that does not cross conversations (a
-    block-diagonal mask, which SDPA runs on slower kernels than is_causal) and positions that
-    restart. Choose block_size near the longest conversation (prepare.py prints it): a longer one
-    keeps its first block_size + 1 tokens."""
-
-    def __init__(self, cfg, device):
-        self.data_dir = dataset_dir(cfg["dataset"])
-        self.meta = read_meta(self.data_dir)
-        self.tokenizer = load_tokenizer(self.data_dir)
-        self.B, self.T, self.device = cfg["batch_size"], cfg["block_size"], device
-        self.bin_dtype = np.dtype(self.meta["dtype"])
-        self.starts = {split: np.fromfile(self.data_dir / f"{split}.starts.bin", dtype=np.int64)
-                       for split in ("train", "val")}  # conversation i: tokens[starts[i]:starts[i + 1]]
-        self.check_lengths()
-
-    def check_lengths(self):
-        """One notice for the conversations longer than a row (they keep their beginning); an
-        error if no row of a split would hold a reply token to learn."""
-        parts = []
-        for split, starts in self.starts.items():
-            lengths = np.diff(starts)
-            too_long = np.flatnonzero(lengths > self.T + 1)
-            if not len(too_long):
-                continue
-            mask = np.memmap(self.data_dir / f"{split}.mask.bin", dtype=np.uint8, mode="r")
-            no_reply = sum(not mask[starts[i] + 1:starts[i] + self.T + 1].any() for i in too_long)
-            if no_reply == len(lengths):
-                raise UserError(f"no {split} conversation of {self.data_dir} reaches a reply within block_size + 1 = "
-                                f"{self.T + 1} tokens; raise block_size (the longest is {lengths.max()} tokens)")
-            parts.append(f"{len(too_long)} of {len(lengths)} {split}"
-                         + (f" ({no_reply} of them with no reply token left)" if no_reply else ""))
-        if parts:
-            print0(f"notice: conversations longer than block_size + 1 = {self.T + 1} tokens keep their first "
-                   f"{self.T + 1}: {', '.join(parts)}")
-
-    def draw(self, split, rng, count):
-        """`count` conversation indices drawn from `rng`."""
-        return rng.integers(0, len(self.starts[split]) - 1, size=count)
-
-    def get(self, split, conversations):
-        # fresh memmaps per batch, as get_windows (nanoGPT issue #303)
-        data = np.memmap(self.data_dir / f"{split}.bin", dtype=self.bin_dtype, mode="r")
-        mask = np.memmap(self.data_dir / f"{split}.mask.bin", dtype=np.uint8, mode="r")
-        starts = self.starts[split]
-        x = np.zeros((len(conversations), self.T), dtype=np.int64)  # padding: any id, never attended to
-        y = np.full((len(conversations), self.T), -1, dtype=np.int64)
-        for row, i in enumerate(conversations):
-            begin, end = starts[i], min(starts[i + 1], starts[i] + self.T + 1)
-            tokens = data[begin:end].astype(np.int64)
-            n = len(tokens) - 1
-            x[row, :n] = tokens[:-1]
-            y[row, :n] = np.where(mask[begin + 1:end] == 1, tokens[1:], -1)
-        return self.to_device(torch.from_numpy(x), torch.from_numpy(y))
-
-
-def make_batches(cfg, device):
-    """The batches of cfg's dataset: windows of a text dataset, conversations of a chat one."""
-    chat = read_meta(dataset_dir(cfg["dataset"])).get("format") == "chat"
-    return (ChatBatches if chat else Batches)(cfg, device)
-
+# What the loop keeps and calls: progress, evaluation, stop signals, the model
 
 @dataclass
 class Progress:
@@ -792,191 +551,7 @@ def check_compatible(cfg, ckpt, vocab_size, tokenizer, path, resume):
 
 
 # -----------------------------------------------------------------------------
-# The time budget: the run's length from the measured speed of its first steps
-
-BUDGET_SKIP_ITERS = 2  # steps not timed: the first ones allocate and pick kernels
-BUDGET_MIN_TIMED_ITERS = 20
-BUDGET_SHARE = 0.95  # of the time left that the decision plans for: step times drift over a run
-BUDGET_GUARD_MARGIN = 1.25  # the next log interval and the final evaluation may run this much slower
-
-
-def budget_decision_iter(cfg, start):
-    """The step after which the budget decides: the end of warmup, so the decision never changes
-    a learning rate already used, and at least BUDGET_MIN_TIMED_ITERS timed steps after `start`."""
-    return max(start + BUDGET_SKIP_ITERS + BUDGET_MIN_TIMED_ITERS, cfg["warmup_iters"])
-
-
-def iters_within_budget(seconds_left, it, step_s, eval_s, eval_interval):
-    """The largest max_iters >= it such that the steps from `it` and the evaluations they pass
-    (every eval_interval, and the last one) take at most `seconds_left`."""
-    def cost(n):
-        evals = n // eval_interval - it // eval_interval + (n % eval_interval != 0)
-        return (n - it) * step_s + evals * eval_s
-    n = it + max(0, int(seconds_left / (step_s + eval_s / eval_interval)))
-    while n > it and cost(n) > seconds_left:
-        n -= 1
-    return n
-
-
-def shortest_wsd_run(cfg, it):
-    """The fewest lr_decay_iters whose WSD cooldown starts at `it` or later (cooldown_start only
-    grows with lr_decay_iters): a shorter run would have decayed an LR already used."""
-    n = max(it, int((it - 1) / (1 - cfg["cooldown_frac"])) - 1)  # below the first candidate
-    while cooldown_start(n, cfg["warmup_iters"], cfg["cooldown_frac"]) < it:
-        n += 1
-    return n
-
-
-def decide_budget(cfg, it, step_s, eval_s, used_s, rt, settings=None):
-    """max_iters and lr_decay_iters that end the run within time_budget_s, `used_s` seconds of it
-    gone, agreed by all ranks (each takes the slowest rank's timings and clock). settings: the
-    max_iters and lr_decay_iters the run was given (kept in the decision, for a resume)."""
-    if rt.distributed:
-        timings = torch.tensor([step_s, eval_s, used_s], device=rt.device, dtype=torch.float64)
-        torch.distributed.all_reduce(timings, op=torch.distributed.ReduceOp.MAX)
-        step_s, eval_s, used_s = timings.tolist()
-    seconds_left = cfg["time_budget_s"] - used_s
-    n = iters_within_budget(seconds_left * BUDGET_SHARE, it, step_s, eval_s, cfg["eval_interval"])
-    if cfg["lr_schedule"] == "wsd":
-        n = max(n, shortest_wsd_run(cfg, it))
-    return dict(max_iters=n, lr_decay_iters=n, ms_per_iter=step_s * 1000, eval_s=eval_s, left_s=seconds_left,
-                settings=settings or {k: cfg[k] for k in ("max_iters", "lr_decay_iters")})
-
-
-def budget_line(cfg, budget):
-    """The decision as one printed line: what was measured, and the length it gives."""
-    n = budget["max_iters"]
-    cooldown = (f", decaying from iter {cooldown_start(n, cfg['warmup_iters'], cfg['cooldown_frac'])}"
-                if cfg["lr_schedule"] == "wsd" else "")
-    return (f"time budget {cfg['time_budget_s']:g} s: {budget['ms_per_iter']:.1f} ms/iter and "
-            f"{budget['eval_s']:.2f} s per evaluation measured, {budget['left_s']:.0f} s left -> "
-            f"max_iters = lr_decay_iters = {n}{cooldown}")
-
-
-def latest_step_s(recent_steps, budget):
-    """Seconds per step over the last log intervals (deque of (steps, seconds)); the decided speed
-    until this process has logged."""
-    steps = sum(n for n, _ in recent_steps)
-    return sum(s for _, s in recent_steps) / steps if steps else budget["ms_per_iter"] / 1000
-
-
-def budget_redecides(cfg, budget, it):
-    """True where a WSD run under a time budget decides its length again: while its LR is still
-    flat, a new length moves only the cooldown, which no step has used yet, so the run can follow
-    the speed it measures (a shared machine's drifts) instead of a guess made at its start. A
-    resume given its own max_iters fixes the length."""
-    return (budget is not None and cfg["lr_schedule"] == "wsd" and cfg["decay_lr"]
-            and cfg["max_iters"] == budget["max_iters"]
-            and it < cooldown_start(cfg["lr_decay_iters"], cfg["warmup_iters"], cfg["cooldown_frac"]))
-
-
-def budget_spent(cfg, budget, it, step_s, used_s, rt):
-    """True when the time left in time_budget_s (`used_s` gone) cannot hold the steps to the next
-    log step (or to max_iters, if nearer) and the final evaluation at the latest speed `step_s`,
-    with BUDGET_GUARD_MARGIN to spare: a run whose steps slowed after the decision (a shared
-    machine) ends here, evaluated and saved, rather than overrun its budget. All ranks agree."""
-    steps = min(cfg["log_interval"], cfg["max_iters"] - it)
-    reserve = BUDGET_GUARD_MARGIN * (steps * step_s + budget["eval_s"])
-    spent = used_s + reserve > cfg["time_budget_s"]
-    if rt.distributed:
-        flag = torch.tensor(int(spent), device=rt.device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        spent = bool(flag.item())
-    return spent
-
-
-# -----------------------------------------------------------------------------
 # Training
-
-def step_model(raw_model, cfg, rt, batches):
-    """The model the training steps call: in DDP under torchrun, then compiled if cfg says so; with
-    fsdp, raw_model itself, sharded in place (so the optimizer is made after this, on the shards)."""
-    raw_model.grad_checkpoint = cfg["grad_checkpoint"]
-    if rt.fsdp:
-        return shard_model(raw_model, cfg, rt)
-    model = raw_model
-    if rt.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
-    if cfg["compile"]:
-        # DDP first: compiling DDP's module splits its graph at DDP's gradient buckets (dynamo's
-        # DDPOptimizer), so each bucket's all-reduce overlaps the backward of the layers before it.
-        # A model compiled before DDP wraps it has one backward graph, and every all-reduce after it.
-        model = maybe_compile(model, rt.device, rt.ctx, batches.B, batches.T)
-    return model
-
-
-def shard_model(model, cfg, rt):
-    """FSDP2, in place. Each Block is a unit: its weights are gathered from all ranks just before its
-    forward and again for its backward, and freed after each. The root unit holds the rest: wte with
-    lm_head (one tied matrix, so one unit owns both), wpe and ln_f. Where the run computes in bf16,
-    the gathered weights are bf16 copies of fp32 shards and gradients are reduced in fp32; autocast
-    stays on, so the loss is still computed in fp32. With compile, each Block is compiled before it
-    is sharded (FSDP's gathers stay outside the compiled code), lazily: an error compiling stops
-    the run at its first step, where maybe_compile would fall back to eager."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    mesh = init_device_mesh(rt.device_type, (rt.world_size,))
-    policy = MixedPrecisionPolicy(param_dtype=rt.dtype, reduce_dtype=torch.float32)
-    for block in model.transformer.h:
-        if cfg["compile"]:
-            block.compile()
-        fully_shard(block, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
-    return model
-
-
-def full_model_state(model, rt):
-    """The model's state_dict as one process holds it, on rank 0 (None elsewhere). Under FSDP every
-    rank must call it: the shards are gathered a tensor at a time into rank 0's CPU memory."""
-    if not rt.fsdp:
-        return model.state_dict() if rt.master else None
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if not rt.master:
-        return None
-    state["lm_head.weight"] = state["transformer.wte.weight"]  # tied: one tensor in the file, as one process saves
-    return state
-
-
-def full_optimizer_state(model, optimizer, rt):
-    """optimizer.state_dict() as one process holds it, on rank 0 (None elsewhere); under FSDP every
-    rank must call it. get_optimizer_state_dict names each parameter's state by the parameter's
-    name; it is keyed here by the parameter's index, as optimizer.state_dict() keys it, so that a
-    checkpoint resumes with FSDP or without, on any number of processes."""
-    # Before the first step the state is empty, and get_optimizer_state_dict would fill it by a
-    # step with lr 0, which AdamW counts (its bias correction would be off by a step).
-    if not rt.fsdp or not optimizer.state:
-        return optimizer.state_dict() if rt.master else None
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    state = get_optimizer_state_dict(model, optimizer,
-                                     options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if not rt.master:
-        return None
-    index = {name: i for i, name in enumerate(name for group in state["param_groups"] for name in group["params"])}
-    return dict(state={index[name]: s for name, s in state["state"].items()},
-                param_groups=[group | {"params": [index[name] for name in group["params"]]}
-                              for group in state["param_groups"]])
-
-
-def load_optimizer_state(model, optimizer, state, rt):
-    """optimizer.load_state_dict(state) for a state of full_optimizer_state's form; under FSDP each
-    rank keeps its shards of it (every rank has read the checkpoint)."""
-    if not rt.fsdp or not state["state"]:  # nothing to shard (and no lr-0 step: full_optimizer_state says why)
-        optimizer.load_state_dict(state)
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    names = {param: name for name, param in model.named_parameters()}
-    name = [names[param] for group in optimizer.param_groups for param in group["params"]]  # by index
-    by_name = dict(state={name[i]: s for i, s in state["state"].items()},
-                   param_groups=[group | {"params": [name[i] for i in group["params"]]}
-                                 for group in state["param_groups"]])
-    set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
-
 
 def train_step(model, optimizer, batches, batch_rng, cfg, rt):
     """One optimizer step on the next global batch that batch_rng draws, this rank running its share
@@ -1005,6 +580,80 @@ def train_step(model, optimizer, batches, batch_rng, cfg, rt):
     return step_loss
 
 
+@dataclass
+class Run:
+    """One training run's parts, made once by train(): what checkpoint() and evaluate_and_save() read."""
+    cfg: dict  # the settings, max_iters and lr_decay_iters as the time budget decides them
+    rt: Runtime
+    raw_model: GPT
+    model: torch.nn.Module  # what the steps call: raw_model, or its DDP / compiled / sharded form (step_model)
+    optimizer: torch.optim.Optimizer
+    batches: Batches
+    batch_rng: np.random.Generator  # the training batch stream, the same on every rank
+    progress: Progress
+    budget: TimeBudget
+    log: MetricsLog | None  # rank 0's
+    sample_prompt: list | None  # the evaluation samples' prompt (eval_sample_tokens)
+    t_start: float  # when this process began training (time.time())
+
+    def elapsed_s(self):
+        """Training time of the whole run: its earlier processes', and this one's so far."""
+        return self.progress.elapsed_s + time.time() - self.t_start
+
+
+def checkpoint(run, name, full):
+    """The weights, their shape and tokenizer into out_dir/name; with `full`, everything needed to
+    resume. Every rank calls it (FSDP gathers the shards); rank 0 writes it, in one process's format."""
+    rt, progress = run.rt, run.progress
+    weights = full_model_state(run.raw_model, rt)
+    optimizer_state = full_optimizer_state(run.raw_model, run.optimizer, rt) if full else None
+    if not rt.master:
+        return
+    state = dict(model=weights, model_args=asdict(run.raw_model.config), tokenizer=run.batches.tokenizer.to_dict(),
+                 config=run.cfg, iter_num=progress.iter_num, best_val_loss=progress.best_val_loss)
+    if full:
+        rng = dict(batches=run.batch_rng.bit_generator.state, torch=torch.get_rng_state(), world_size=rt.world_size)
+        if rt.device_type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(rt.device)
+        state |= dict(optimizer=optimizer_state, scaler=rt.scaler.state_dict(), rng=rng, budget=run.budget.decision,
+                      evals_since_best=progress.evals_since_best, elapsed_s=run.elapsed_s())
+    save_checkpoint(state, Path(run.cfg["out_dir"]) / name)
+
+
+def evaluate_and_save(run, it, lr, ending):
+    """The evaluation at step `it`: losses (and a sample) printed and logged, best.pt written where
+    val improved, ckpt.pt too unless the run is `ending` (its end writes ckpt.pt). Returns whether
+    the run ends here: `ending`, or patience run out."""
+    cfg, rt, progress = run.cfg, run.rt, run.progress
+    metrics = evaluate(run.model, run.batches, cfg, rt)
+    if cfg["eval_sample_tokens"]:
+        metrics["sample"] = eval_sample(run.raw_model, run.batches.tokenizer, run.sample_prompt, cfg, it, rt)
+    metrics["peak_mem_mb"] = peak_memory_mb(rt.device)
+    if not math.isfinite(metrics["val_loss"]):
+        raise UserError(f"val loss is {metrics['val_loss']} at iter {it}; stopping (the last good "
+                        f"checkpoint in {Path(cfg['out_dir'])} is kept). Try a lower learning_rate.")
+    improved = metrics["val_loss"] < progress.best_val_loss
+    if improved:
+        progress.best_val_loss, progress.evals_since_best = metrics["val_loss"], 0
+    else:
+        progress.evals_since_best += 1
+    print0(f"iter {it}: train loss {metrics['train_loss']:.4f}, val loss {metrics['val_loss']:.4f}, "
+           f"val ppl {metrics['val_ppl']:.2f}, val acc {metrics['val_acc']:.3f}, "
+           f"peak mem {metrics['peak_mem_mb']:,.0f} MB" + (" (best)" if improved else ""))
+    if "sample" in metrics:
+        print0(f"sample at iter {it}: {metrics['sample']!r}")
+    if cfg["patience"] and progress.evals_since_best >= cfg["patience"]:
+        print0(f"early stop: no val improvement in {cfg['patience']} evaluations")
+        ending = True
+    if rt.master:
+        run.log.write(iter=it, elapsed_s=run.elapsed_s(), lr=lr, **metrics)
+    if improved:
+        checkpoint(run, "best.pt", full=False)
+    if (improved or cfg["always_save_checkpoint"]) and not ending:
+        checkpoint(run, "ckpt.pt", full=True)
+    return ending
+
+
 def train(cfg):
     started = time.time()  # time_budget_s counts from here (the imports before it take ~2 s)
     check_logging_packages(cfg)
@@ -1027,49 +676,25 @@ def train(cfg):
                                                (cfg["beta1"], cfg["beta2"]), rt.device_type, muon)
     batch_rng = np.random.default_rng(cfg["seed"])  # the same stream on every rank
     torch.manual_seed(cfg["seed"] + rt.rank)  # dropout masks differ between ranks
-    progress, budget, resume_iter = Progress(), None, None
+    progress, decision, resume_iter = Progress(), None, None
     if cfg["init_from"] == "resume":
         progress = restore(ckpt, raw_model, optimizer, rt.scaler, batch_rng, rt, cfg["seed"])
-        budget = ckpt.get("budget")
+        decision = ckpt.get("budget")  # the time budget's decision: the resumed run keeps it
         resume_iter = progress.iter_num  # its evaluation, if one was due, is done
         print0(f"resuming from {out_dir / 'ckpt.pt'} at iter {progress.iter_num} "
                f"(best val loss {progress.best_val_loss:.4f})")
     del ckpt  # free its copy of the weights and optimizer state
+    # Its decisions set cfg's max_iters and lr_decay_iters (cfg is this run's own dict).
+    budget = TimeBudget(cfg, rt, decision, resume_iter or 0, started, progress.elapsed_s)
     sample_prompt = eval_sample_prompt(cfg, batches.tokenizer, raw_model.config.block_size)
     log = start_outputs(cfg, rt, raw_model, resume_iter) if rt.master else None
     signals = StopSignals()
-    accum = cfg["gradient_accumulation_steps"] // rt.world_size  # micro-steps of this process
     tokens_per_iter = batches.B * batches.T * cfg["gradient_accumulation_steps"]
     flops_per_iter = raw_model.flops_per_token() * tokens_per_iter / rt.world_size
-    t_start = time.time()
-
-    def checkpoint(name, full):
-        """The weights, their shape and tokenizer; with `full`, everything needed to resume. Every
-        rank calls it (FSDP gathers the shards); rank 0 writes it, in one process's format."""
-        weights = full_model_state(raw_model, rt)
-        optimizer_state = full_optimizer_state(raw_model, optimizer, rt) if full else None
-        if not rt.master:
-            return
-        state = dict(model=weights, model_args=asdict(raw_model.config),
-                     tokenizer=batches.tokenizer.to_dict(), config=cfg, iter_num=progress.iter_num,
-                     best_val_loss=progress.best_val_loss)
-        if full:
-            rng = dict(batches=batch_rng.bit_generator.state, torch=torch.get_rng_state(), world_size=rt.world_size)
-            if rt.device_type == "cuda":
-                rng["cuda"] = torch.cuda.get_rng_state(rt.device)
-            state |= dict(optimizer=optimizer_state, scaler=rt.scaler.state_dict(), rng=rng, budget=budget,
-                          evals_since_best=progress.evals_since_best,
-                          elapsed_s=progress.elapsed_s + time.time() - t_start)
-        save_checkpoint(state, out_dir / name)
-
-    timing_budget = cfg["time_budget_s"] > 0 and budget is None
-    budget_start = resume_iter or 0
-    budget_at = budget_decision_iter(cfg, budget_start)
-    t_last, iters_since_log, eval_s, t_budget = time.time(), 0, None, None
-    recent_steps = collections.deque(maxlen=5)  # (steps, seconds) of the last log intervals
-    budget_used_s = lambda: progress.elapsed_s + time.time() - started  # earlier processes' time included
+    run = Run(cfg, rt, raw_model, model, optimizer, batches, batch_rng, progress, budget, log, sample_prompt,
+              t_start=time.time())
+    t_last, iters_since_log, stop = time.time(), 0, 0
     loss_sum = torch.zeros((), device=rt.device)  # summed on device: no host sync between logs
-    stop = 0
     while True:
         it = progress.iter_num
         lr = lr_at(cfg, it)
@@ -1082,64 +707,22 @@ def train(cfg):
             stop = signals.agreed(rt)
 
         # Evaluate, keep the best weights, write the resume checkpoint.
-        last_iter = it == cfg["max_iters"]
-        if (budget is not None and not last_iter and it % cfg["log_interval"] == 0
-                and budget_spent(cfg, budget, it, latest_step_s(recent_steps, budget), budget_used_s(), rt)):
-            print0(f"time budget: the steps ran slower than measured; the run ends at iter {it} of "
-                   f"{cfg['max_iters']} to finish within {cfg['time_budget_s']:g} s")
-            last_iter = True
+        last_iter = it == cfg["max_iters"] or budget.over(it)  # a spent time budget ends the run early
         done = last_iter or stop > 0  # the end of the run writes ckpt.pt below the loop
         if (it % cfg["eval_interval"] == 0 or last_iter) and it != resume_iter:
             t_eval = time.time()
-            metrics = evaluate(model, batches, cfg, rt)
-            if cfg["eval_sample_tokens"]:
-                metrics["sample"] = eval_sample(raw_model, batches.tokenizer, sample_prompt, cfg, it, rt)
-            metrics["peak_mem_mb"] = peak_memory_mb(rt.device)
-            if not math.isfinite(metrics["val_loss"]):
-                raise UserError(f"val loss is {metrics['val_loss']} at iter {it}; stopping (the last good "
-                                f"checkpoint in {out_dir} is kept). Try a lower learning_rate.")
-            improved = metrics["val_loss"] < progress.best_val_loss
-            if improved:
-                progress.best_val_loss, progress.evals_since_best = metrics["val_loss"], 0
-            else:
-                progress.evals_since_best += 1
-            print0(f"iter {it}: train loss {metrics['train_loss']:.4f}, val loss {metrics['val_loss']:.4f}, "
-                   f"val ppl {metrics['val_ppl']:.2f}, val acc {metrics['val_acc']:.3f}, "
-                   f"peak mem {metrics['peak_mem_mb']:,.0f} MB" + (" (best)" if improved else ""))
-            if "sample" in metrics:
-                print0(f"sample at iter {it}: {metrics['sample']!r}")
-            if cfg["patience"] and progress.evals_since_best >= cfg["patience"]:
-                print0(f"early stop: no val improvement in {cfg['patience']} evaluations")
-                done = True
-            if rt.master:
-                log.write(iter=it, elapsed_s=progress.elapsed_s + time.time() - t_start, lr=lr, **metrics)
-            if improved:
-                checkpoint("best.pt", full=False)
-            if (improved or cfg["always_save_checkpoint"]) and not done:
-                checkpoint("ckpt.pt", full=True)
+            done = evaluate_and_save(run, it, lr, done)
             eval_s = time.time() - t_eval
             t_last += eval_s  # evaluation time is not training throughput
-            if t_budget is not None:
-                t_budget += eval_s
+            budget.after_eval(eval_s)
         if done:
             break
 
+        # Forward, backward and update on the next batch.
         loss_sum += train_step(model, optimizer, batches, batch_rng, cfg, rt)
         progress.iter_num += 1
         iters_since_log += 1
-
-        if timing_budget and progress.iter_num in (budget_start + BUDGET_SKIP_ITERS, budget_at):
-            sync(rt.device)  # time the work, not its launch (only at these two steps)
-            if t_budget is None:
-                t_budget = time.time()
-            else:
-                step_s = (time.time() - t_budget) / (budget_at - budget_start - BUDGET_SKIP_ITERS)
-                eval_estimate = eval_s if eval_s is not None else step_s * cfg["eval_iters"] * 2 / 3 / accum
-                budget = decide_budget(cfg, progress.iter_num, step_s, eval_estimate, budget_used_s(), rt)
-                cfg = cfg | {k: budget[k] for k in ("max_iters", "lr_decay_iters")}
-                print0(budget_line(cfg, budget) + (" (decided again while the LR is flat)"
-                                                   if budget_redecides(cfg, budget, progress.iter_num) else ""))
-                timing_budget = False
+        budget.after_step(progress.iter_num)
 
         if progress.iter_num % cfg["log_interval"] == 0:
             if rt.distributed:
@@ -1154,22 +737,14 @@ def train(cfg):
             print0(f"iter {progress.iter_num}: loss {loss:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/iter, "
                    f"{tokens_per_iter / dt:,.0f} tok/s, mfu {mfu * 100:.1f}%, peak mem {mem:,.0f} MB")
             if rt.master:
-                log.write(iter=progress.iter_num, elapsed_s=progress.elapsed_s + time.time() - t_start, lr=lr,
-                          loss=loss, ms_per_iter=dt * 1000, tokens_per_s=tokens_per_iter / dt, mfu=mfu,
-                          peak_mem_mb=mem)
-            recent_steps.append((iters_since_log, dt * iters_since_log))
-            if budget_redecides(cfg, budget, progress.iter_num):
-                step_s = latest_step_s(recent_steps, budget)
-                budget = decide_budget(cfg, progress.iter_num, step_s, eval_s or budget["eval_s"], budget_used_s(), rt,
-                                       budget["settings"])
-                cfg = cfg | {k: budget[k] for k in ("max_iters", "lr_decay_iters")}
-                if not budget_redecides(cfg, budget, progress.iter_num + cfg["log_interval"]):
-                    print0(budget_line(cfg, budget))  # the last decision: the cooldown starts before the next
+                log.write(iter=progress.iter_num, elapsed_s=run.elapsed_s(), lr=lr, loss=loss, ms_per_iter=dt * 1000,
+                          tokens_per_s=tokens_per_iter / dt, mfu=mfu, peak_mem_mb=mem)
+            budget.at_log(progress.iter_num, iters_since_log, dt * iters_since_log)
             loss_sum.zero_()
             t_last, iters_since_log = time.time(), 0
 
     # The end of the run (max_iters, an early stop or a signal) always saves where it got to.
-    checkpoint("ckpt.pt", full=True)
+    checkpoint(run, "ckpt.pt", full=True)
     if rt.master:
         log.close()
     if stop:
@@ -1179,7 +754,7 @@ def train(cfg):
         # Wait for rank 0's last checkpoint: a rank that tears down gloo while another still
         # works can abort ("terminate called without an active exception").
         torch.distributed.barrier()
-        del model  # DDP's reducer holds the process group: release it before the group goes
+        del model, run  # DDP's reducer holds the process group: release it before the group goes
         torch.distributed.destroy_process_group()
     return stop
 
@@ -1244,40 +819,6 @@ def lr_find(cfg):
     return dict(lrs=lrs, losses=losses, steepest=steepest, lowest=lowest)
 
 
-def lr_suggestions(lrs, losses):
-    """(the LR where the smoothed loss falls fastest per unit of log LR, before its minimum; the
-    LR of its minimum)."""
-    lowest = int(np.argmin(losses))
-    if lowest < 2:  # no descent to measure: the loss only rose
-        return lrs[lowest], lrs[lowest]
-    slopes = np.gradient(np.array(losses[:lowest + 1]), np.log(lrs[:lowest + 1]))
-    return lrs[int(np.argmin(slopes))], lrs[lowest]
-
-
-def plot_lr_find(cfg, lrs, losses, steepest, lowest):
-    """The smoothed loss against the LR (log scale), the suggestions marked, into out_dir/lr_find.png."""
-    path = Path(cfg["out_dir"]) / "lr_find.png"
-    try:
-        plt = pyplot()
-    except UserError as e:
-        print0(f"{path} not drawn: {e}")
-        return
-    fig, ax = plt.subplots(figsize=(8, 5))
-    ax.semilogx(lrs, losses, label="smoothed training loss")
-    for lr, style, what in ((steepest, "r--", "steepest descent (suggested)"), (lowest / 10, "g:", "minimum / 10")):
-        ax.axvline(lr, color=style[0], linestyle=style[1:], label=f"{what}: {lr:.2e}")
-    ax.set_ylim(min(losses) - 0.05 * (losses[0] - min(losses)), losses[0] * 1.15)  # the divergence: cut off
-    ax.set(xlabel="learning rate", ylabel="loss", title=f"LR range test: {cfg['dataset']}")
-    ax.legend()
-    ax.grid(alpha=0.3, which="both")
-    try:
-        Path(cfg["out_dir"]).mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot write to out_dir {cfg['out_dir']}: {e.strerror or e}") from None
-    save_figure(fig, path)
-    print0(f"wrote {path}")
-
-
 def start_outputs(cfg, rt, raw_model, resume_iter):
     """out_dir with config.json, the settings printed, and the metrics log (rank 0 only)."""
     out_dir = Path(cfg["out_dir"])
@@ -1294,78 +835,6 @@ def start_outputs(cfg, rt, raw_model, resume_iter):
            f"({cfg['batch_size']} batch x {cfg['block_size']} block x {cfg['gradient_accumulation_steps']} accum); "
            f"{rt.world_size} process(es) on {rt.device}, {dtype_name}")
     return MetricsLog(out_dir / "metrics.jsonl", cfg, resume_iter)
-
-
-class MetricsLog:
-    """out_dir/metrics.jsonl, one JSON object per line; optionally TensorBoard and W&B too.
-
-    A new run starts the file afresh. A resumed one keeps the records up to its checkpoint's
-    iteration and drops the rest: a run killed without a checkpoint logged iterations that the
-    resumed run does again, and a kill mid-write leaves half a line."""
-
-    def __init__(self, path, cfg, resume_iter=None):
-        kept = []
-        if resume_iter is not None and path.is_file():
-            for line in path.read_text(encoding="utf-8").splitlines():
-                try:
-                    if json.loads(line)["iter"] <= resume_iter:
-                        kept.append(line + "\n")
-                except (ValueError, KeyError, TypeError):
-                    pass  # the half-written last line of a killed run
-        atomic_write_text(path, "".join(kept))
-        self.file = open(path, "a", encoding="utf-8")
-        self.tensorboard = self.wandb = None
-        self.samples = []  # W&B: (iter, text) of every sample logged
-        if cfg["tensorboard_log"]:
-            from torch.utils.tensorboard import SummaryWriter  # checked by check_logging_packages
-            self.tensorboard = SummaryWriter(Path(cfg["out_dir"]) / "tensorboard")
-        if cfg["wandb_log"]:
-            import wandb
-            self.wandb = wandb.init(project=cfg["wandb_project"], name=cfg["wandb_run_name"], config=cfg)
-
-    def write(self, **record):
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        values = {k: v for k, v in record.items() if k not in ("iter", "elapsed_s")}
-        if self.tensorboard:
-            for k, v in values.items():
-                if isinstance(v, str):  # a sample of the model's text
-                    self.tensorboard.add_text(k, v, record["iter"])
-                else:
-                    self.tensorboard.add_scalar(k, v, record["iter"])
-        if self.wandb:
-            if "sample" in values:  # one table of every sample so far, a row per evaluation
-                import wandb
-                self.samples.append([record["iter"], values["sample"]])
-                values = values | {"sample": wandb.Table(columns=["iter", "sample"], data=self.samples)}
-            self.wandb.log(values, step=record["iter"])
-
-    def close(self):
-        self.file.close()
-        if self.tensorboard:
-            self.tensorboard.close()
-        if self.wandb:
-            self.wandb.finish()
-
-
-def plot(out_dir):
-    """Draw out_dir/metrics.jsonl's loss curves into out_dir/loss.png."""
-    path = Path(out_dir) / "metrics.jsonl"
-    if not path.is_file():
-        raise UserError(f"{path} not found: train first, or pass the out_dir of a run")
-    plt = pyplot()
-    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
-    logs = [r for r in records if "loss" in r]
-    evals = [r for r in records if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(8, 5))
-    ax.plot([r["iter"] for r in logs], [r["loss"] for r in logs], label="train (logged)", alpha=0.5)
-    ax.plot([r["iter"] for r in evals], [r["train_loss"] for r in evals], "o-", label="train (eval)")
-    ax.plot([r["iter"] for r in evals], [r["val_loss"] for r in evals], "o-", label="val")
-    ax.set(xlabel="iteration", ylabel="loss", title=str(out_dir))
-    ax.legend()
-    ax.grid(alpha=0.3)
-    save_figure(fig, Path(out_dir) / "loss.png")  # atomic, and closed after
-    print(f"wrote {Path(out_dir) / 'loss.png'}")
 
 
 def settings_help():

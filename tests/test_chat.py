@@ -13,6 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import batches
+import distributed
 import gpt
 import prepare
 import sample
@@ -309,7 +311,7 @@ def save(model, tok, path):
 def chat_batches(data, block_size=72, batch_size=6):
     cfg = train.load_config([f"--dataset={data}", f"--block_size={block_size}", f"--batch_size={batch_size}",
                              "--device=cpu"])
-    return cfg, train.make_batches(cfg, "cpu")
+    return cfg, batches.make_batches(cfg, "cpu")
 
 
 def reply_loss(model, data, split, conversations):
@@ -380,7 +382,7 @@ def test_evaluation_counts_the_reply_tokens_only(chat_data):
     cfg, batches = chat_batches(data)
     cfg = cfg | {"eval_iters": 3}
     model = tiny_model()
-    rt = train.Runtime(0, 0, 1, "cpu", torch.float32, nullcontext(), torch.amp.GradScaler("cpu", enabled=False))
+    rt = distributed.Runtime(0, 0, 1, "cpu", torch.float32, nullcontext(), torch.amp.GradScaler("cpu", enabled=False))
     result = train.evaluate(model, batches, cfg, rt)
     rows = batches.draw("val", np.random.default_rng([cfg["seed"], 1]), 3 * batches.B)
     with torch.no_grad():

@@ -247,20 +247,6 @@ def test_vocabulary_over_65536_writes_uint32_and_trains(shakespeare_path, tmp_pa
     assert max(max(x) for x, _ in rows) > 65_535
 
 
-def test_windows_read_past_four_billion_tokens(tmp_path):
-    """train.py's windows index the bins in 64 bits: a start beyond 2**32 reads the right tokens
-    (a sparse file of 4.3 G uint16 tokens, which takes no space on disk)."""
-    import train
-    path = tmp_path / "train.bin"
-    n = (1 << 32) + 1000
-    with open(path, "wb") as f:
-        f.truncate(2 * n)
-        f.seek(2 * ((1 << 32) + 10))
-        f.write(np.arange(100, dtype=np.uint16).tobytes())
-    x, y = train.get_windows(tmp_path, "train", np.dtype(np.uint16), np.array([(1 << 32) + 10]), 8)
-    assert x.tolist() == [list(range(8))] and y.tolist() == [list(range(1, 9))]
-
-
 # ----------------------------------------------------------------------------------------------
 # Hugging Face datasets and models from a hub cache (HF_HUB_CACHE, HF_HUB_OFFLINE=1)
 

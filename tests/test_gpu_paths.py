@@ -23,6 +23,7 @@ import torch
 
 import bench
 import common
+import distributed
 import gpt
 import tokenizer
 import train
@@ -98,9 +99,9 @@ def test_auto_dtype_asks_the_gpu_the_process_runs_on(fake_gpu):
 
 
 def runtime_for(monkeypatch, device, *args):
-    """train.setup_runtime for the settings of `args`, as one process on `device`."""
-    monkeypatch.setattr(train, "setup_distributed", lambda cfg: (0, 0, 1, device))
-    return train.setup_runtime(train.load_config([*TINY, *args, f"--device={device}"]))
+    """distributed.setup_runtime for the settings of `args`, as one process on `device`."""
+    monkeypatch.setattr(distributed, "setup_distributed", lambda cfg: (0, 0, 1, device))
+    return distributed.setup_runtime(train.load_config([*TINY, *args, f"--device={device}"]))
 
 
 def test_fsdp_with_auto_dtype_on_a_gpu_without_bf16_trains_in_fp32_and_says_so(fake_gpu, monkeypatch, capsys):
@@ -183,7 +184,7 @@ def tiny_model():
 def restore_as(ckpt, rank, world_size, device, scaler):
     model = tiny_model()
     optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
-    rt = train.Runtime(rank, rank, world_size, device, torch.float32, contextlib.nullcontext(), scaler)
+    rt = distributed.Runtime(rank, rank, world_size, device, torch.float32, contextlib.nullcontext(), scaler)
     return train.restore(ckpt, model, optimizer, scaler, np.random.default_rng(1), rt, seed=1337)
 
 
@@ -235,11 +236,11 @@ def test_compile_wraps_ddp_rather_than_ddp_a_compiled_model(monkeypatch, one_pro
     disturb the first training step."""
     compiled = []
     monkeypatch.setattr(torch, "compile", lambda model: compiled.append(type(model)) or model)
-    rt = train.Runtime(0, 0, 2, "cpu", torch.float32, contextlib.nullcontext(),
+    rt = distributed.Runtime(0, 0, 2, "cpu", torch.float32, contextlib.nullcontext(),
                        torch.amp.GradScaler("cpu", enabled=False))
     cfg = train.DEFAULTS | dict(compile=True, grad_checkpoint=False)
     raw_model = tiny_model()
-    model = train.step_model(raw_model, cfg, rt, types.SimpleNamespace(B=2, T=8))
+    model = distributed.step_model(raw_model, cfg, rt, types.SimpleNamespace(B=2, T=8))
     is_ddp, wraps_raw = isinstance(model, torch.nn.parallel.DistributedDataParallel), model.module is raw_model
     x = torch.randint(0, 16, (2, 8))
     model.require_backward_grad_sync = True

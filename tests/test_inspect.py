@@ -21,7 +21,7 @@ import gpt
 import sample
 import train
 from common import UserError
-from conftest import ROOT, assert_one_line_error, require, run_in_process, run_script
+from conftest import ROOT, assert_one_line_error, require, run_in_process
 from gpt import GPT, GPTConfig
 from tokenizer import load_tokenizer
 
@@ -319,15 +319,6 @@ def test_lr_find_under_torchrun_matches_one_process(char_data, tmp_path):
     assert (tmp_path / "two" / "lr_find.png").is_file()
 
 
-def test_lr_find_without_matplotlib_prints_its_result_and_how_to_draw_it(monkeypatch, tmp_path, capsys):
-    """Without matplotlib the range test still prints its suggestion; one line says how to draw it."""
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
-    train.plot_lr_find({"out_dir": str(tmp_path), "dataset": "d"}, [1e-3, 1e-2], [2.0, 1.0], 1e-3, 1e-2)
-    out = capsys.readouterr().out.strip().splitlines()
-    assert len(out) == 1 and "lr_find.png not drawn" in out[0] and "pip install matplotlib" in out[0]
-    assert not (tmp_path / "lr_find.png").exists()
-
-
 @pytest.mark.parametrize("argv, needle", [
     (["--lr_find", "--init_from=resume"], "--lr_find starts from a run's initial weights"),
     (["--lr_find_min=0.1", "--lr_find_max=0.01"], "0 < lr_find_min < lr_find_max"),
@@ -337,14 +328,6 @@ def test_lr_find_settings_that_make_no_sense_are_errors(argv, needle):
     """The range test starts no resume and needs a rising range of at least two steps."""
     with pytest.raises(UserError, match=re.escape(needle)):
         train.load_config(argv)
-
-
-def test_the_suggestion_is_the_steepest_descent_before_the_minimum():
-    """The suggested LR is where the smoothed loss falls fastest per log-LR, not past its minimum."""
-    lrs = [10.0 ** (k / 2) for k in range(-10, 1)]  # 1e-5 .. 1
-    losses = [4.0, 4.0, 3.9, 3.5, 2.5, 2.2, 2.0, 2.1, 3.0, 9.0, 20.0]  # steepest 3.5 -> 2.5, lowest at 2.0
-    steepest, lowest = train.lr_suggestions(lrs, losses)
-    assert steepest in (lrs[3], lrs[4]) and lowest == lrs[6]
 
 
 # --- samples at evaluations, peak memory --------------------------------------------------------
@@ -387,26 +370,6 @@ def test_an_empty_sample_prompt_starts_from_end_of_text_or_a_newline(tokenizer):
     assert train.eval_sample_prompt(train.DEFAULTS, tokenizer, 32) is None  # samples off
     with pytest.raises(UserError, match="eval_sample_prompt: character '∆'"):
         train.eval_sample_prompt(cfg | {"eval_sample_prompt": "∆"}, tokenizer, 32)
-
-
-def test_a_sample_reaches_tensorboard_as_text_and_numbers_as_scalars(tmp_path):
-    """TensorBoard gets a sample with add_text (add_scalar would fail on it), numbers as scalars."""
-    calls = []
-
-    class Writer:
-        def add_scalar(self, key, value, step):
-            calls.append(("scalar", key, step))
-
-        def add_text(self, key, value, step):
-            calls.append(("text", key, step))
-
-    log = train.MetricsLog(tmp_path / "metrics.jsonl", train.DEFAULTS | {"out_dir": str(tmp_path)})
-    log.tensorboard = Writer()
-    log.write(iter=5, elapsed_s=1.0, val_loss=2.0, peak_mem_mb=300.0, sample="ROMEO: hi")
-    assert calls == [("scalar", "val_loss", 5), ("scalar", "peak_mem_mb", 5), ("text", "sample", 5)]
-    log.tensorboard = None
-    log.close()
-    assert json.loads((tmp_path / "metrics.jsonl").read_text())["sample"] == "ROMEO: hi"
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the peak RSS from /proc")

@@ -440,7 +440,8 @@ def test_the_offline_hint_writes_the_dataset_the_default_would(tokenizer, shakes
     """Offline, `python prepare.py` names the flags that use a local copy of the corpus instead,
     and those flags write the dataset the download would have: for the char tokenizer the one
     config/small.py trains on (a local file's own name would make it data/input)."""
-    import train  # the route from a config's dataset name to its folder
+    import batches  # the route from a config's dataset name to its folder
+    import train
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(prepare, "CACHE_DIR", Path("data/.cache"))
@@ -456,7 +457,7 @@ def test_the_offline_hint_writes_the_dataset_the_default_would(tokenizer, shakes
     prepare.main(["--tokenizer", tokenizer, *hint.group(1).replace("PATH", str(local)).split()])
     if tokenizer == "char":
         dataset = train.load_config([str(ROOT / "config" / "small.py")])["dataset"]
-        assert load_tokenizer(train.dataset_dir(dataset)).vocab_size == 65
+        assert load_tokenizer(batches.dataset_dir(dataset)).vocab_size == 65
     assert [p.name for p in (tmp_path / "data").iterdir()] == [f"shakespeare_{tokenizer}"]
 
 

@@ -1,4 +1,4 @@
-"""train.py: config loading, the LR schedule, checkpoints, exact resume, DDP equivalence, errors."""
+"""train.py: config loading, checkpoints, exact resume, DDP equivalence, the time budget in a run, errors."""
 import argparse
 import contextlib
 import importlib.util
@@ -14,13 +14,15 @@ import time
 import types
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, assert_one_line_error, require, run_in_process, run_script
+from conftest import ROOT, assert_one_line_error, run_in_process, run_script
+import batches
+import budget
 import common
 import gpt
+import schedule
 import train
 from common import UserError
 from tokenizer import load_tokenizer
@@ -170,18 +172,6 @@ def test_plot_takes_one_out_dir(monkeypatch, tmp_path):
         train.main()
 
 
-def test_dataset_may_name_its_meta_json_and_a_text_file_gets_the_prepare_command(char_data, tmp_path):
-    """--dataset may name a dataset folder or its meta.json; a raw text file gets the prepare.py
-    command that makes a dataset of it (into another folder than the file)."""
-    assert train.dataset_dir(str(char_data / "meta.json")) == char_data
-    assert train.dataset_dir(str(char_data)) == char_data
-    assert train.dataset_dir("shakespeare_char") == Path("data") / "shakespeare_char"
-    text = tmp_path / "notes.txt"
-    text.write_text("hello")
-    with pytest.raises(UserError, match=re.escape(f"python prepare.py --input {text} --out data/notes")):
-        train.dataset_dir(str(text))
-
-
 @pytest.mark.parametrize("argv, needle", [
     (["--max_iters=1e3"], "max_iters expects int"),  # a float where an int is expected
     (["--compile=maybe"], "compile expects bool"),
@@ -261,29 +251,6 @@ def test_contradictory_lr_settings_are_fine_without_decay():
     assert cfg["warmup_iters"] == 200 and cfg["min_lr"] == 1.0
 
 
-def test_nccl_without_cuda_is_an_error_before_joining(monkeypatch):
-    """--backend=nccl on CPU processes: a clear error before init_process_group, which would fail
-    (or wait for the other ranks) with torch's message."""
-    for name, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="2").items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.setattr(train.torch.distributed, "init_process_group", lambda **kw: pytest.fail("joined"))
-    cfg = train.load_config(["--backend=nccl", "--device=cpu", "--gradient_accumulation_steps=2"])
-    with pytest.raises(UserError, match="backend nccl needs CUDA devices"):
-        train.setup_distributed(cfg)
-
-
-@pytest.mark.parametrize("accum, fix", [(1, "--gradient_accumulation_steps=2"), (3, "--gradient_accumulation_steps=4")])
-def test_accumulation_not_shared_by_the_processes_names_the_value_to_pass(monkeypatch, accum, fix):
-    """The documented `torchrun --nproc_per_node=2 ... config/small.py` failed on accumulation 1
-    with a message that did not say what to pass; it must fail before joining the group."""
-    for name, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="2").items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.setattr(train.torch.distributed, "init_process_group", lambda **kw: pytest.fail("joined"))
-    cfg = train.load_config([f"--gradient_accumulation_steps={accum}", "--device=cpu"])
-    with pytest.raises(UserError, match=f"multiple of the number of processes \\(2\\).*{fix}"):
-        train.setup_distributed(cfg)
-
-
 def test_a_zero_batch_size_is_one_line(char_data, tmp_path):
     assert_one_line_error(train_run(char_data, tmp_path / "out", "--batch_size=0", check=False), "batch_size")
 
@@ -335,7 +302,7 @@ def test_a_config_comment_prepares_the_dataset_the_config_trains_on(path):
     parser.add_argument("--out")
     parser.add_argument("--tokenizer", default="char")
     args, _ = parser.parse_known_args(commands[0].split())
-    assert train.dataset_dir(train.load_config([str(path)])["dataset"]) == Path(args.out or prepare.default_out(args))
+    assert batches.dataset_dir(train.load_config([str(path)])["dataset"]) == Path(args.out or prepare.default_out(args))
 
 
 def test_small_config_is_the_quick_start_readme_describes():
@@ -389,41 +356,6 @@ def test_verdict_config_trains_on_the_20_kb_corpus_its_comment_names(verdict_pat
 
 def test_bad_setting_from_the_command_line_is_one_line():
     assert_one_line_error(run_script("train.py", "--n_layr=2"), "n_layer")
-
-
-# --- learning rate ------------------------------------------------------------------------------
-
-def test_lr_schedule_end_points():
-    lr = lambda it: train.get_lr(it, learning_rate=1.0, warmup_iters=10, lr_decay_iters=110, min_lr=0.1)
-    assert 0 < lr(0) < lr(5) < lr(9) < 1.0  # warmup never starts at 0 (that step would be wasted)
-    assert lr(10) == pytest.approx(1.0)
-    assert lr(60) == pytest.approx(0.55)  # half way down the cosine
-    assert lr(110) == pytest.approx(0.1) and lr(10_000) == pytest.approx(0.1)
-    decay = [lr(it) for it in range(10, 111)]
-    assert all(a >= b for a, b in zip(decay, decay[1:]))
-
-
-def test_wsd_schedule_holds_the_peak_then_decays_linearly_to_min_lr():
-    lr = lambda it, n=110: train.get_lr(it, 1.0, 10, n, 0.1, schedule="wsd", cooldown_frac=0.2)
-    assert [lr(it) for it in range(10)] == [train.get_lr(it, 1.0, 10, 110, 0.1) for it in range(10)]
-    start = train.cooldown_start(110, 10, 0.2)
-    assert start == 110 - 22 and all(lr(it) == 1.0 for it in range(10, start + 1))
-    cooldown = [lr(it) for it in range(start, 111)]
-    steps = [a - b for a, b in zip(cooldown, cooldown[1:])]
-    assert steps == pytest.approx([0.9 / (110 - start)] * len(steps))  # a straight line ...
-    assert lr(110) == lr(10_000) == 0.1  # ... to min_lr, then flat
-    # a longer or shorter run changes no LR before either run's cooldown
-    for n in (60, 200, 5000):
-        first = min(start, train.cooldown_start(n, 10, 0.2))
-        assert [lr(it, n) for it in range(first)] == [lr(it) for it in range(first)]
-
-
-@pytest.mark.parametrize("it, frac, warmup", [(0, 0.2, 0), (1, 0.2, 5), (37, 0.2, 5), (500, 0.3, 100),
-                                              (999, 0.05, 10), (12, 0.9, 0)])
-def test_the_shortest_wsd_run_decays_no_step_already_taken(it, frac, warmup):
-    cfg = dict(cooldown_frac=frac, warmup_iters=warmup)
-    later = [n for n in range(it, 20 * it + 10) if train.cooldown_start(n, warmup, frac) >= it]
-    assert train.shortest_wsd_run(cfg, it) == min(later)
 
 
 # --- device and precision -----------------------------------------------------------------------
@@ -787,37 +719,6 @@ def test_a_killed_writer_never_leaves_a_broken_checkpoint(tmp_path):
             proc.stdout.close()
 
 
-def test_plot_draws_the_loss_curves(char_data, out_dir, monkeypatch):
-    """train.py --plot draws metrics.jsonl's losses against the iteration into out_dir/loss.png: the
-    logged train loss, and each evaluation's train and val loss, each a curve named in the legend."""
-    require("matplotlib", reason="train.py --plot draws with matplotlib")
-    from matplotlib.figure import Figure
-
-    train_run(char_data, out_dir, "--max_iters=10", "--eval_interval=5", "--log_interval=2")
-    saved, savefig = [], Figure.savefig
-
-    def keep(fig, path, *args, **kwargs):
-        saved.append((fig, str(path)))
-        return savefig(fig, path, *args, **kwargs)
-
-    monkeypatch.setattr(Figure, "savefig", keep)
-    result = run_in_process(train.main, "--plot", out_dir)
-    assert result.returncode == 0, result.stderr
-    (fig, path), = saved
-    assert Path(path).parent == out_dir  # loss.png's temporary name: written whole, then renamed
-    assert (out_dir / "loss.png").read_bytes().startswith(b"\x89PNG") and not Path(path).exists()
-    (ax,) = fig.axes
-    curves = {line.get_label(): (np.asarray(line.get_xdata()).tolist(), np.asarray(line.get_ydata()).tolist())
-              for line in ax.get_lines()}
-    assert [text.get_text() for text in ax.get_legend().get_texts()] == list(curves)
-    logs = [r for r in metrics(out_dir) if "loss" in r]
-    evals = [r for r in metrics(out_dir) if "val_loss" in r]
-    assert [r["iter"] for r in logs] == [2, 4, 6, 8, 10] and [r["iter"] for r in evals] == [0, 5, 10]
-    assert curves == {"train (logged)": ([r["iter"] for r in logs], [r["loss"] for r in logs]),
-                      "train (eval)": ([r["iter"] for r in evals], [r["train_loss"] for r in evals]),
-                      "val": ([r["iter"] for r in evals], [r["val_loss"] for r in evals])}
-
-
 def test_patience_and_the_end_of_a_run_save_and_resume_once(char_data, tmp_path):
     """With a zero learning rate val never improves: patience=2 must stop after 3 evaluations.
     With always_save_checkpoint=False ckpt.pt was the last improvement's (iter 0), so continuing a
@@ -1015,21 +916,6 @@ def test_resuming_a_folder_without_a_run_is_one_line(tmp_path):
 # -----------------------------------------------------------------------------
 # The time budget
 
-@pytest.mark.parametrize("seed", range(20))
-def test_iterations_within_a_budget_are_the_most_that_fit(seed):
-    """iters_within_budget's answer is what counting every candidate length gives."""
-    rng = np.random.default_rng(seed)
-    it, interval = int(rng.integers(0, 50)), int(rng.integers(1, 30))
-    step_s, eval_s, left = rng.uniform(0.01, 0.1), rng.uniform(0, 2), rng.uniform(0, 20)
-
-    def cost(n):  # steps from `it`, and an evaluation at every multiple of interval and at the end
-        evals = sum(1 for i in range(it + 1, n + 1) if i % interval == 0 or i == n)
-        return (n - it) * step_s + evals * eval_s
-
-    fitting = [n for n in range(it, it + 2100) if cost(n) <= left]
-    assert train.iters_within_budget(left, it, step_s, eval_s, interval) == max(fitting)
-
-
 def test_a_budgeted_run_fixes_its_length_and_resumes_exactly(char_data, tmp_path, monkeypatch):
     """time_budget_s decides max_iters = lr_decay_iters once (printed, stored); a run stopped
     after the decision and resumed gives the losses of the same run never stopped."""
@@ -1059,14 +945,14 @@ def test_a_budgeted_run_fixes_its_length_and_resumes_exactly(char_data, tmp_path
 def test_a_budgeted_run_whose_steps_slow_down_ends_within_its_budget(char_data, tmp_path, monkeypatch, capsys):
     """Steps slower after the decision than when it was made: the run stops at the first log step
     where the budget has no room left, and still evaluates, saves and says so."""
-    decide, clock = train.decide_budget, time.time
+    decide, clock = budget.decide_budget, time.time
 
     def decide_then_lose_the_time(cfg, *args):
-        budget = decide(cfg, *args)
+        decision = decide(cfg, *args)
         monkeypatch.setattr(time, "time", lambda: clock() + cfg["time_budget_s"])  # the budget is spent
-        return budget
+        return decision
 
-    monkeypatch.setattr(train, "decide_budget", decide_then_lose_the_time)
+    monkeypatch.setattr(budget, "decide_budget", decide_then_lose_the_time)
     out = tmp_path / "out"
     result = run_in_process(train.main, *TINY, f"--dataset={char_data}", f"--out_dir={out}", "--time_budget_s=60",
                             "--warmup_iters=25", "--eval_interval=1000", "--log_interval=5")
@@ -1095,24 +981,10 @@ def test_ddp_ranks_agree_on_every_decision_of_a_budgeted_wsd_run(char_data, tmp_
     final = gpt.load_checkpoint(out / "ckpt.pt")
     cfg, end = final["config"], final["iter_num"]
     assert decided_lengths(result.stdout)[-1] == cfg["max_iters"] == final["budget"]["max_iters"]
-    assert train.cooldown_start(cfg["max_iters"], 25, 0.25) < end <= cfg["max_iters"]
+    assert schedule.cooldown_start(cfg["max_iters"], 25, 0.25) < end <= cfg["max_iters"]
     steps = [r for r in metrics(out) if "loss" in r]
     assert [r["iter"] for r in steps] == list(range(5, end + 1, 5))
-    assert all(r["lr"] == train.lr_at(cfg, r["iter"] - 1) for r in steps)
-
-
-def test_the_budget_guard_lets_a_run_finish_what_fits_and_stops_what_would_overrun():
-    """At a log step the guard looks as far as the next log step or max_iters, whichever is nearer:
-    the last steps and the final evaluation, if they fit at the latest speed with the guard's margin,
-    run; a full log interval that would not fit ends the run now."""
-    cfg, budget = dict(log_interval=100, max_iters=1000, time_budget_s=60.0), dict(eval_s=1.0)
-    rt = types.SimpleNamespace(distributed=False)
-    step_s, margin = 0.02, train.BUDGET_GUARD_MARGIN
-    last = margin * (50 * step_s + 1.0)  # from iter 950: 50 steps and the final evaluation
-    assert not train.budget_spent(cfg, budget, 950, step_s, 60 - last * 1.01, rt)
-    assert train.budget_spent(cfg, budget, 950, step_s, 60 - last * 0.99, rt)
-    # from iter 500 the next stop is 100 steps away: the same time left is not enough
-    assert train.budget_spent(cfg, budget, 500, step_s, 60 - last * 1.01, rt)
+    assert all(r["lr"] == schedule.lr_at(cfg, r["iter"] - 1) for r in steps)
 
 
 WSD = ["--lr_schedule=wsd", "--cooldown_frac=0.25", "--warmup_iters=25", "--eval_interval=1000"]
@@ -1127,13 +999,13 @@ def test_a_wsd_run_whose_steps_slow_down_decides_again_and_never_changes_a_used_
     """Under a time budget a WSD run decides its length again at each log step while its LR is
     flat: steps that slow after the first decision give a shorter run that ends within the budget,
     and every step's LR is the final schedule's."""
-    clock, decide = use_step_clock(monkeypatch, step_s=0.1), train.decide_budget
+    clock, decide = use_step_clock(monkeypatch, step_s=0.1), budget.decide_budget
 
     def decide_then_slow_down(*args, **kwargs):
         clock.step_s = 0.3  # from the first decision on, every step takes 3x as long
         return decide(*args, **kwargs)
 
-    monkeypatch.setattr(train, "decide_budget", decide_then_slow_down)
+    monkeypatch.setattr(budget, "decide_budget", decide_then_slow_down)
     out = tmp_path / "out"
     result = run_in_process(train.main, *TINY, f"--dataset={char_data}", f"--out_dir={out}", *WSD,
                             "--time_budget_s=12", "--log_interval=5")
@@ -1146,10 +1018,10 @@ def test_a_wsd_run_whose_steps_slow_down_decides_again_and_never_changes_a_used_
     assert cfg["max_iters"] == cfg["lr_decay_iters"] == ckpt["budget"]["max_iters"] == last
     # the end: max_iters, or a few steps before it where the cooldown ran slower than planned
     end = ckpt["iter_num"]
-    assert train.cooldown_start(last, 25, 0.25) < end <= last
+    assert schedule.cooldown_start(last, 25, 0.25) < end <= last
     rows = metrics(out)
     steps = [r for r in rows if "loss" in r]
-    assert len(steps) == end // 5 and all(r["lr"] == train.lr_at(cfg, r["iter"] - 1) for r in steps)
+    assert len(steps) == end // 5 and all(r["lr"] == schedule.lr_at(cfg, r["iter"] - 1) for r in steps)
     assert rows[-1]["elapsed_s"] <= 12
 
 
@@ -1170,7 +1042,7 @@ def test_a_budgeted_wsd_run_stopped_and_resumed_is_the_run_of_its_final_length(c
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     final = gpt.load_checkpoint(killed / "ckpt.pt")
     n, end = final["budget"]["max_iters"], final["iter_num"]  # end < n where the budget's guard ended it
-    assert decided_lengths(resumed.stdout)[-1] == n and stopped_at < train.cooldown_start(n, 25, 0.25) < end
+    assert decided_lengths(resumed.stdout)[-1] == n and stopped_at < schedule.cooldown_start(n, 25, 0.25) < end
     train_run(char_data, tmp_path / "straight", *WSD, "--dropout=0.1", "--log_interval=1",
               f"--lr_decay_iters={n}", f"--max_iters={end}")
     straight, after = losses(tmp_path / "straight"), losses(killed)
