@@ -315,12 +315,13 @@ def decode(args):
         print(f"  hf-generate: skipped ({hf_skipped})")
     for name, why in exports_skipped.items():
         print(f"  {name}: skipped ({why})")
-    same = all(outputs[name] == outputs["fp32"] for name in FP32_METHODS if name in outputs)
-    print(f"  same tokens from every fp32 method: {'yes' if same else 'NO'}")
-    # Other number formats may part from fp32's greedy path at a near-tie.
-    for name in [name for name in outputs if name not in FP32_METHODS]:
-        agree = next((i for i, (a, b) in enumerate(zip(outputs[name], outputs["fp32"])) if a != b), N)
-        print(f"  {name}: the first {agree} of {N} tokens are fp32's")
+    if "fp32" in outputs:
+        same = all(outputs[name] == outputs["fp32"] for name in FP32_METHODS if name in outputs)
+        print(f"  same tokens from every fp32 method: {'yes' if same else 'NO'}")
+        # Other number formats may part from fp32's greedy path at a near-tie.
+        for name in [name for name in outputs if name not in FP32_METHODS]:
+            agree = next((i for i, (a, b) in enumerate(zip(outputs[name], outputs["fp32"])) if a != b), N)
+            print(f"  {name}: the first {agree} of {N} tokens are fp32's")
     print(f"  kernels alone: the {len(decode_matmuls(model))} weight matmuls of one token, median of "
           f"{KERNEL_REPEATS}")
     for fmt in formats:

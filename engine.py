@@ -211,10 +211,24 @@ class Linear16(LinearForDecoding):
         self.matmul_dtype = dtype if dtype == prefill_dtype() else torch.float32
 
     def one_token(self, x):
+        if x.size(0) == 1 and self.weight.dtype == torch.bfloat16 and self.weight.device.type == "cpu":
+            return linear_without_onednn(x, self.weight)
         return F.linear(x, self.weight)
 
     def dequantized(self, dtype):
         return self.weight.to(dtype)
+
+
+def linear_without_onednn(x, weight):
+    """F.linear of one bf16 row through torch's own gemv, which streams the weight at about twice
+    the speed of oneDNN's bf16 path for a single row (`python bench.py decode`, kernels alone);
+    oneDNN stays on for everything else (several rows, prompts, training)."""
+    enabled = torch._C._get_mkldnn_enabled()
+    torch._C._set_mkldnn_enabled(False)  # the public torch.backends.mkldnn.flags also resets TF32/precision settings and costs 40x more per call
+    try:
+        return F.linear(x, weight)
+    finally:
+        torch._C._set_mkldnn_enabled(enabled)
 
 
 class Int8Linear(LinearForDecoding):
