@@ -16,12 +16,13 @@ import schedule
 import train
 
 MUON = ["--optimizer=muon", "--muon_lr=0.05", "--muon_momentum_warmup_iters=10"]
-SHAPES = [(48, 16), (16, 64), (32, 32)]  # tall (transposed inside), wide, square
+# tall (transposed inside), wide, square; the repeated shapes are orthogonalized as one stack
+SHAPES = [(48, 16), (16, 64), (32, 32), (48, 16), (16, 64)]
 BF16_U = 2.0 ** -8  # bf16's unit roundoff: 8 significant bits
 
 
 def matrices_and_grads(steps, seed=0):
-    """Three weight matrices and `steps` gradients for each."""
+    """A weight matrix of each of SHAPES and `steps` gradients for each."""
     generator = torch.Generator().manual_seed(seed)
     params = [torch.randn(shape, generator=generator) for shape in SHAPES]
     grads = [[torch.randn(shape, generator=generator) for shape in SHAPES] for _ in range(steps)]
