@@ -600,6 +600,19 @@ def answers(model, tok, questions):
     return [tok.decode(new).split("\n")[0].strip() for new in generate(model, prompts, 4, temperature=0)]
 
 
+def one_thread_train(*argv):
+    """train.py's command line in this process, on one thread: a model this small only loses time
+    to a second."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = run_in_process(train.main, *argv)
+    finally:
+        torch.set_num_threads(threads)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return result
+
+
 def accuracy(ckpt, questions):
     checkpoint = gpt.load_checkpoint(ckpt)
     model = gpt.model_from_checkpoint(checkpoint).eval()
@@ -626,16 +639,12 @@ def test_fine_tuning_teaches_a_rule_that_held_out_questions_follow(tmp_path, mon
     pretrain = ["--n_layer=2", "--n_head=4", "--n_embd=64", "--block_size=32", "--batch_size=16", "--eval_iters=4",
                 "--device=cpu", "--dtype=float32", "--learning_rate=3e-3", "--warmup_iters=10", "--min_lr=3e-4",
                 "--max_iters=200", "--lr_decay_iters=200", "--eval_interval=200", "--log_interval=50"]
-    one_thread = {"OMP_NUM_THREADS": "1"}  # a model this small only loses time to a second thread
-    result = run_script("train.py", *pretrain, f"--dataset={tmp_path / 'words'}", f"--out_dir={tmp_path / 'base'}",
-                        env=one_thread)
-    assert result.returncode == 0, result.stderr[-2000:]
+    one_thread_train(*pretrain, f"--dataset={tmp_path / 'words'}", f"--out_dir={tmp_path / 'base'}")
     base = tmp_path / "base" / "ckpt.pt"
     prepare_chat(chats, base, tmp_path / "vowels")
-    result = run_script("train.py", ROOT / "config" / "chat.py", f"--dataset={tmp_path / 'vowels'}",
-                        f"--init_from={base}", f"--out_dir={tmp_path / 'chat'}", "--device=cpu", "--dtype=float32",
-                        "--eval_interval=600", env=one_thread)  # config/chat.py's steps, evaluated at 0 and 600
-    assert result.returncode == 0, result.stderr[-2000:]
+    result = one_thread_train(ROOT / "config" / "chat.py", f"--dataset={tmp_path / 'vowels'}", f"--init_from={base}",
+                              f"--out_dir={tmp_path / 'chat'}", "--device=cpu", "--dtype=float32",
+                              "--eval_interval=600")  # config/chat.py's steps, evaluated at 0 and 600
     assert f"vocabulary: {BASE.vocab_size} -> {CHAT.vocab_size} tokens" in result.stdout
 
     tuned = tmp_path / "chat" / "ckpt.pt"
