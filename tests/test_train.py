@@ -214,10 +214,11 @@ def test_config_file_values_are_python_values_of_the_defaults_type(tmp_path, tex
     ("import no_such_module_here\n", ["ModuleNotFoundError"]),
 ])
 def test_a_config_file_that_does_not_run_is_one_line(tmp_path, text, needles):
-    """A config file that does not run is one line naming the file, the line and the error."""
+    """A config file that does not run is one line naming the file, the line and the error. (That
+    train.py's own process prints a user error as one line: test_bad_setting_from_the_command_line_is_one_line.)"""
     config_file = tmp_path / "c.py"
     config_file.write_text(text)
-    assert_one_line_error(run_script("train.py", config_file), *needles)
+    assert_one_line_error(run_in_process(train.main, config_file), *needles)
 
 
 @pytest.mark.parametrize("argv, needle", [
