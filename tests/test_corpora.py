@@ -2,15 +2,13 @@
 from a hub cache built here (offline), uint32 token files, and bad records."""
 import gzip
 import json
-import os
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, assert_one_line_error, require, run_in_process, run_script
+import torch
+from conftest import assert_one_line_error, require, run_in_process, run_script
 
 import prepare
 from common import UserError
@@ -353,40 +351,52 @@ def test_hf_split_and_hf_files_read_the_files_they_name(card, flags, picked, rec
     assert Counter(map(tuple, docs)) == Counter(map(tuple, expected))
 
 
-def test_hf_model_id_from_the_cache(records, tmp_path):
+def offline_in_this_process(monkeypatch, hub: Path):
+    """offline_env(hub) for this process too: huggingface_hub reads HF_HUB_CACHE and HF_HUB_OFFLINE
+    when it is imported, so its constants are set as those variables would have set them."""
+    constants = require("huggingface_hub.constants")
+    for name, value in offline_env(hub).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+
+def test_hf_model_id_from_the_cache(records, tmp_path, monkeypatch):
     """GPT.from_pretrained, sample.py --ckpt and train.py init_from take a Hub model id, read from the
-    hub cache offline; a local folder of the same name wins; another model_type is one error line."""
+    hub cache offline; a local folder of the same name wins; another model_type is one error line.
+    sample.py runs once in its own process, offline by HF_HUB_OFFLINE and HF_HUB_CACHE as a user sets
+    them; the rest runs in this process with huggingface_hub set as those variables set it."""
+    import sample
+    import train
     from gpt import GPT, GPTConfig
     hub = tmp_path / "hub"
     folder = tmp_path / "export"
     GPT(GPTConfig(vocab_size=50257, block_size=64, n_layer=1, n_head=2, n_embd=16)).save_pretrained(folder)
     cached_repo(hub, "models", "someone/tiny-gpt2", {name: folder / name for name in ("config.json", "model.safetensors")})
     cached_repo(hub, "models", "someone/llama", {"config.json": json.dumps({"model_type": "llama"}).encode()})
-    env = {**os.environ, **offline_env(hub), "PYTHONPATH": str(ROOT)}
+    sample_py = run_script("sample.py", "--ckpt", "someone/tiny-gpt2", "--start", "Hello", "--max_new_tokens", "3",
+                           "--device", "cpu", env=offline_env(hub), timeout=120)
+    assert sample_py.returncode == 0 and "someone/tiny-gpt2" in sample_py.stdout + sample_py.stderr, sample_py.stderr
+
+    offline_in_this_process(monkeypatch, hub)
     local = tmp_path / "cwd" / "someone" / "tiny-gpt2"  # a folder of the same name, another shape
     GPT(GPTConfig(vocab_size=50257, block_size=64, n_layer=1, n_head=2, n_embd=32)).save_pretrained(local)
-    check = ("import torch; from gpt import GPT; from pathlib import Path; import sys;"
-             "m = GPT.from_pretrained('someone/tiny-gpt2');"
-             f"r = GPT.from_pretrained(Path({str(folder)!r}));"
-             "same = m.config == r.config and all(torch.equal(a, b) for a, b in "
-             "zip(m.state_dict().values(), r.state_dict().values()));"
-             "print(m.config.n_embd, same)")
-    for cwd, expected in ((tmp_path, "16 True"), (tmp_path / "cwd", "32 False")):
-        result = subprocess.run([sys.executable, "-c", check], cwd=cwd, env=env, capture_output=True, text=True,
-                                timeout=120)
-        assert result.returncode == 0 and result.stdout.strip() == expected, result.stderr
-    sample = run_script("sample.py", "--ckpt", "someone/tiny-gpt2", "--start", "Hello", "--max_new_tokens", "3",
-                        "--device", "cpu", env=offline_env(hub), timeout=120)
-    assert sample.returncode == 0 and "someone/tiny-gpt2" in sample.stdout + sample.stderr, sample.stderr
-    refused = run_script("sample.py", "--ckpt", "someone/llama", "--start", "Hi", env=offline_env(hub), timeout=120)
+    reference = GPT.from_pretrained(folder)
+    for cwd, n_embd, same in ((tmp_path, 16, True), (tmp_path / "cwd", 32, False)):
+        monkeypatch.chdir(cwd)
+        model = GPT.from_pretrained("someone/tiny-gpt2")
+        assert model.config.n_embd == n_embd
+        assert (model.config == reference.config and all(
+            torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))) == same
+    monkeypatch.chdir(tmp_path)
+    refused = run_in_process(sample.main, "--ckpt", "someone/llama", "--start", "Hi")
     assert_one_line_error(refused, "model_type is 'llama'")
-    absent = run_script("sample.py", "--ckpt", "someone/absent", "--start", "Hi", env=offline_env(hub), timeout=120)
+    absent = run_in_process(sample.main, "--ckpt", "someone/absent", "--start", "Hi")
     assert_one_line_error(absent, "someone/absent")
     prepare.main(["--input", str(write_records(tmp_path / "r.jsonl", records)), "--tokenizer", "gpt2",
                   "--out", str(tmp_path / "data")])
-    tuned = run_script("train.py", "--init_from=someone/tiny-gpt2", f"--dataset={tmp_path / 'data'}",
-                       f"--out_dir={tmp_path / 'run'}", "--block_size=32", "--batch_size=2", "--max_iters=2",
-                       "--eval_interval=2", "--eval_iters=1", "--warmup_iters=1", "--lr_decay_iters=2",
-                       "--device=cpu", "--dtype=float32", "--compile=False", "--eval_sample_tokens=0",
-                       env=offline_env(hub), timeout=300)
+    tuned = run_in_process(train.main, "--init_from=someone/tiny-gpt2", f"--dataset={tmp_path / 'data'}",
+                           f"--out_dir={tmp_path / 'run'}", "--block_size=32", "--batch_size=2", "--max_iters=2",
+                           "--eval_interval=2", "--eval_iters=1", "--warmup_iters=1", "--lr_decay_iters=2",
+                           "--device=cpu", "--dtype=float32", "--compile=False", "--eval_sample_tokens=0")
     assert tuned.returncode == 0 and (tmp_path / "run" / "ckpt.pt").is_file(), tuned.stderr
