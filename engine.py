@@ -436,8 +436,10 @@ def store_linear_weights_transposed(model):
 class KVCache:
     """Keys and values of every layer for `rows` sequences of up to max_len tokens each.
 
-    k, v: (n_layer, rows, n_head, max_len + 1, head_size), allocated at the first write in the
-    dtype attention runs in (so autocast works). Row r holds its sequence's keys and values in
+    k, v: (n_layer, rows, n_head, max_len + 1, head_size), allocated at the first write. On a CPU
+    they are fp32 whatever the activations (16-bit values are stored exactly, and attention over
+    them runs in fp32: torch's 16-bit CPU attention is 5-10x slower for one query, `attention` in
+    gpt.py); elsewhere in the dtype attention runs in (so autocast works). Row r holds its sequence's keys and values in
     slots [:lengths[r]]; the extra last slot takes the writes of rows that sit out a forward, and
     is never read. A forward runs on the rows `batch` picks (default: all), each row continuing
     from its own length:
@@ -488,8 +490,9 @@ class KVCache:
         if self.longest + T > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} tokens; {self.longest} + {T} do not fit")
         if self.k is None:
-            self.k = k.new_zeros(self.n_layer, self.rows, nh, self.max_len + 1, hs)
-            self.v = v.new_zeros(self.n_layer, self.rows, nh, self.max_len + 1, hs)
+            dtype = torch.float32 if k.device.type == "cpu" else k.dtype  # the class docstring says why
+            self.k = k.new_zeros(self.n_layer, self.rows, nh, self.max_len + 1, hs, dtype=dtype)
+            self.v = v.new_zeros(self.n_layer, self.rows, nh, self.max_len + 1, hs, dtype=dtype)
         k_all = self.k[layer].narrow(0, self.first, B)  # (B, nh, max_len + 1, hs): a view, no copy
         v_all = self.v[layer].narrow(0, self.first, B)
         if not self.uniform:
@@ -550,8 +553,8 @@ class RowsAtPositions:
     def write(self, k_all, v_all, k, v):
         """Row i's new key and value (k, v: (B, nh, 1, hs)) into slot slots[i] of k_all, v_all
         (B, nh, S, hs); (keys, values, mask, is_causal) for attention over the first length slots."""
-        k_all[self.rows, :, self.slots] = k[:, :, 0]
-        v_all[self.rows, :, self.slots] = v[:, :, 0]
+        k_all[self.rows, :, self.slots] = k[:, :, 0].to(k_all.dtype)
+        v_all[self.rows, :, self.slots] = v[:, :, 0].to(v_all.dtype)
         L = self.longest + 1
         return k_all.narrow(2, 0, L), v_all.narrow(2, 0, L), self.mask, False
 

@@ -53,10 +53,18 @@ class GPTConfig:
 
 
 def attention(q, k, v, mask, is_causal, dropout_p):
-    """scaled_dot_product_attention, with one CPU exception. Training in bf16 on short sequences
-    (<= 128 keys), PyTorch's CPU flash-attention backward is slower in bf16 than in fp32 (bf16
+    """scaled_dot_product_attention, with two CPU exceptions, both in fp32 where PyTorch's 16-bit
+    CPU kernels are slow. Keys from a KV cache in fp32 (engine.KVCache: one query's attention runs
+    5-10x faster in fp32 than in bf16 or fp16) take q in fp32 too. Training in bf16 on short
+    sequences (<= 128 keys), the flash-attention backward is slower in bf16 than in fp32 (bf16
     wins from T = 256), so there attention alone runs in fp32 and the matmuls around it keep
     bf16's speed (`python bench.py train --shapes baby` measures such a step)."""
+    if k.dtype != q.dtype:  # 16-bit queries, cached keys and values in fp32
+        # autocast would cast them back to 16 bits; entered only when on (it costs 5 us per layer)
+        on = torch.is_autocast_enabled(q.device.type)
+        with torch.autocast(q.device.type, enabled=False) if on else contextlib.nullcontext():
+            y = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask, is_causal=is_causal)
+        return y.to(q.dtype)
     if q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.requires_grad and k.size(-2) <= 128:
         with torch.autocast("cpu", enabled=False):  # autocast would cast q, k, v back to bf16
             y = F.scaled_dot_product_attention(

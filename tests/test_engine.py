@@ -6,6 +6,7 @@ from torch.nn import functional as F
 
 from engine import (GREEDY, Engine, Int8Linear, KVCache, Request, Sampling, beam_search, generate, generate_stream,
                     next_logits, quantize, sample_next_token, store_linear_weights_transposed)
+import gpt
 from gpt import GPT
 from test_gpt import BF16_ROUNDING, FP32_ROUNDING, all_logits, logits_rtol, varied_model
 
@@ -119,15 +120,30 @@ def test_empty_prompt_is_a_clear_error():
         generate(varied_model(), torch.zeros(1, 0, dtype=torch.long), 5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16_bit_queries_attend_to_an_fp32_cache_in_fp32(dtype):
+    """16-bit queries over keys and values cached in fp32 (KVCache on a CPU) give fp32 attention of
+    the same values, rounded once to the queries' dtype, with autocast on or off: autocast must not
+    cast the cache back to 16 bits, and fp32 must not leak into the 16-bit residual stream."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 3, 1, 16, generator=g).to(dtype)
+    k, v = (torch.randn(2, 3, 9, 16, generator=g).to(dtype).float() for _ in range(2))
+    mask = torch.arange(9) < torch.tensor([[5], [9]])  # row 0 sees 5 slots, row 1 all 9
+    expected = F.scaled_dot_product_attention(q.float(), k, v, attn_mask=mask[:, None, None, :]).to(dtype)
+    assert torch.equal(gpt.attention(q, k, v, mask[:, None, None, :], False, 0.0), expected)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(gpt.attention(q, k, v, mask[:, None, None, :], False, 0.0), expected)
+
+
 def test_generation_under_bf16_autocast_follows_float32_recompute():
-    """Under bf16 autocast the cache takes the dtype attention runs in (a float32 cache breaks
-    SDPA), and cached decoding, through block_size and past it, gives the float32 model's logits
-    on the same tokens to bf16 accuracy."""
+    """Under bf16 autocast the CPU cache holds the bf16 keys and values in fp32 (attention over it
+    runs in fp32, autocast kept off), and cached decoding, through block_size and past it, gives
+    the float32 model's logits on the same tokens to bf16 accuracy."""
     model = varied_model()
     prompt = torch.randint(0, 64, (1, 4), generator=torch.Generator().manual_seed(4))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         tokens, logits, kv_cache = cached_greedy_route(model, prompt, 30)
-    assert kv_cache.k.dtype == kv_cache.v.dtype == torch.bfloat16
+    assert kv_cache.k.dtype == kv_cache.v.dtype == torch.float32
     assert len(set(tokens[0, 4:].tolist())) > 3  # the path varies
     assert_recompute_follows(model, tokens, logits, logits_rtol(model.config, BF16_ROUNDING))
 
@@ -568,7 +584,7 @@ def test_int8_model_stays_close_to_fp32_and_its_cache_follows_recompute():
     assert quantized.lm_head.weight.dtype == torch.int8
     assert quantized.transformer.wte.weight.dtype == torch.bfloat16
     tokens, logits, kv_cache = cached_greedy_route(quantized, idx[:1, :5], 40)
-    assert kv_cache.k.dtype == torch.bfloat16
+    assert kv_cache.k.dtype == torch.float32  # bf16 values, held in fp32 on a CPU
     assert len(set(tokens[0, 5:].tolist())) > 3
     assert_recompute_follows(quantized, tokens, logits, logits_rtol(quantized.config, BF16_ROUNDING))
 
@@ -576,12 +592,12 @@ def test_int8_model_stays_close_to_fp32_and_its_cache_follows_recompute():
 def test_bf16_weights_decode_as_float32_recompute_to_bf16_accuracy():
     """A model stored in bf16 (what sample.py and serve.py decode with where bf16 is faster), cached,
     through block_size and past it, gives the float32 model's recomputed logits on the same tokens
-    to bf16 accuracy: its cache is bf16 too."""
+    to bf16 accuracy: its cache holds bf16 values, in fp32 on a CPU."""
     model = varied_model()
     half = varied_model().to(torch.bfloat16)
     prompt = torch.randint(0, 64, (1, 4), generator=torch.Generator().manual_seed(4))
     tokens, logits, kv_cache = cached_greedy_route(half, prompt, 30)
-    assert kv_cache.k.dtype == torch.bfloat16 and len(set(tokens[0, 4:].tolist())) > 3
+    assert kv_cache.k.dtype == torch.float32 and len(set(tokens[0, 4:].tolist())) > 3
     assert_recompute_follows(model, tokens, logits, logits_rtol(model.config, BF16_ROUNDING))
 
 
