@@ -24,7 +24,7 @@ import torch
 import common
 import engine
 import gpt
-from conftest import ROOT, main_in_process, run_script
+from conftest import ROOT, main_in_process, run_in_process
 from engine import generate
 from gpt import GPT, GPTConfig
 from tokenizer import END, PLAIN_STOP, Tokenizer, render_chat
@@ -220,9 +220,11 @@ def test_stop_strings_end_the_text_before_them(client):
 
 
 def test_greedy_completion_equals_sample_py(client, ckpt):
-    """Two routes to one greedy text: the server and `sample.py --temperature 0`, same checkpoint."""
-    result = run_script("sample.py", "--ckpt", ckpt, "--start", PROMPT, "--temperature", 0,
-                        "--max_new_tokens", 30, "--device=cpu", "--dtype=float32")
+    """Two routes to one greedy text: the server and `sample.py --temperature 0` (its command line in
+    this process), same checkpoint."""
+    import sample
+    result = run_in_process(sample.main, "--ckpt", ckpt, "--start", PROMPT, "--temperature", 0,
+                            "--max_new_tokens", 30, "--device=cpu", "--dtype=float32")
     assert result.returncode == 0, result.stderr
     c = completion(client, temperature=0, max_tokens=30, echo=True)
     assert c.choices[0].text + "\n" == result.stdout
