@@ -84,7 +84,7 @@ def is_hf_folder(path):
 
 
 def load_model(ckpt=None, out_dir=None, device="auto", dtype="auto", weights="auto", group_size=None,
-               scoring=False, decoding=True):
+               scoring=False, decoding=True, rows=1):
     """Loaded(model, tokenizer, device, autocast context, a line saying what was loaded) for the
     checkpoint find_checkpoint picks.
 
@@ -94,7 +94,8 @@ def load_model(ckpt=None, out_dir=None, device="auto", dtype="auto", weights="au
     "auto" when the model scores whole windows (`scoring`: sample.py --eval, --analyze; bf16 where
     native); else fp32 weights decode in fp32. "auto" weights: fp32 when scoring, inspecting one
     window (not `decoding`) or with `dtype` given; decoding token by token, choose_weights's format
-    for this machine (on a GPU bf16, or fp16 where bf16 is not native)."""
+    for this machine and `rows` sequences decoded together (on a GPU bf16, or fp16 where bf16 is
+    not native)."""
     device_name = resolve_device(device)
     check_weight_settings(weights, dtype, group_size)
     if weights in ("int8", "int4") and device_name != "cpu":
@@ -121,7 +122,7 @@ def load_model(ckpt=None, out_dir=None, device="auto", dtype="auto", weights="au
     params = model.num_params()
     chosen = ""
     if weights == "auto" and decoding and not scoring and dtype == "auto":
-        weights, chosen = choose_weights(model, device_name)
+        weights, chosen = choose_weights(model, device_name, rows)
     elif weights == "auto":
         weights = "fp32"
     if weights == "fp32" and dtype == "auto" and not scoring:
@@ -346,9 +347,9 @@ def weights_cache_path():
     return Path(folder) / "weights.json"
 
 
-def machine_key(model):
+def machine_key(model, rows=1):
     """What the fastest format depends on: the CPU, the instruction sets torch may use, torch, the
-    threads, and the model's shape."""
+    threads, the model's shape and the rows decoded together."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:  # not Linux
@@ -360,19 +361,20 @@ def machine_key(model):
     c = model.config
     return (f"{cpu} | {torch.backends.cpu.get_cpu_capability()} {isa} | torch {torch.__version__} | "
             f"{torch.get_num_threads()} threads | n_layer {c.n_layer} n_head {c.n_head} n_embd {c.n_embd} "
-            f"vocab {c.vocab_size} block {c.block_size}")
+            f"vocab {c.vocab_size} block {c.block_size} | {rows} rows")
 
 
-def choose_weights(model, device):
+def choose_weights(model, device, rows=1):
     """weights="auto": (format, a note saying how it was chosen). On a GPU bf16 (fp16 where bf16 is
     not native); elsewhere but a CPU fp32. On a CPU, the fastest of AUTO_CANDIDATES for this model
-    here (time_weight_formats), a more exact one kept unless the other is >10% faster; measured once
-    and cached per machine_key in weights_cache_path() (a cache that cannot be read is measured anew)."""
+    here decoding `rows` sequences at once (time_weight_formats: a kernel fast for one row may not
+    be for 16, as fp16's), a more exact one kept unless the other is >10% faster; measured once and
+    cached per machine_key in weights_cache_path() (a cache that cannot be read is measured anew)."""
     if device.startswith("cuda"):
         return ("bf16" if common.cuda_has_bf16(device) else "fp16"), "auto: this GPU's"
     if device != "cpu":
         return "fp32", "auto"
-    path, key = weights_cache_path(), machine_key(model)
+    path, key = weights_cache_path(), machine_key(model, rows)
     try:
         cache = json.loads(path.read_text())
         cache = cache if isinstance(cache, dict) else {}
@@ -381,7 +383,7 @@ def choose_weights(model, device):
     if isinstance(cache.get(key), dict) and cache[key].get("weights") in AUTO_CANDIDATES:
         return cache[key]["weights"], f"auto: the fastest here, as measured before ({path})"
     candidates = [f for f in AUTO_CANDIDATES if f not in KERNELS or hasattr(torch.ops.aten, KERNELS[f])]
-    seconds = time_weight_formats(model, candidates)
+    seconds = time_weight_formats(model, candidates, rows)
     best = candidates[0]
     for fmt in candidates[1:]:  # in order of exactness: a rounder format must clearly win
         if seconds[fmt] < 0.9 * seconds[best]:
@@ -397,15 +399,15 @@ def choose_weights(model, device):
 
 
 @torch.inference_mode()
-def time_weight_formats(model, formats, steps=5):
-    """{format: seconds}: the fastest of a few timed decode steps of a copy of `model` in each format
-    (the fastest, so that other processes' share of the CPU is left out)."""
-    idx = torch.zeros(1, 1, dtype=torch.long)
+def time_weight_formats(model, formats, rows=1, steps=5):
+    """{format: seconds}: the fastest of a few timed decode steps of `rows` sequences through a copy
+    of `model` in each format (the fastest, so that other processes' share of the CPU is left out)."""
+    idx = torch.zeros(rows, 1, dtype=torch.long)
     seconds = {}
     for fmt in formats:
         m = quantize(copy.deepcopy(model), fmt)
-        cache = KVCache(m.config.n_layer, min(8 + steps, m.config.block_size))
-        m(torch.zeros(1, 8 if m.config.block_size > 8 + steps else 1, dtype=torch.long), kv_cache=cache)
+        cache = KVCache(m.config.n_layer, min(8 + steps, m.config.block_size), rows)
+        m(torch.zeros(rows, 8 if m.config.block_size > 8 + steps else 1, dtype=torch.long), kv_cache=cache)
         times = []
         for _ in range(min(steps, cache.max_len - cache.lengths[0])):
             t0 = time.perf_counter()

@@ -223,7 +223,7 @@ def test_batched_decoding_gives_each_request_its_tokens_alone(trained, weights):
 def stand_in_timer(monkeypatch, seconds):
     """engine.time_weight_formats replaced by fixed figures; returns the list of its calls."""
     calls = []
-    monkeypatch.setattr(engine, "time_weight_formats", lambda model, formats: calls.append(formats) or seconds)
+    monkeypatch.setattr(engine, "time_weight_formats", lambda model, formats, rows=1: calls.append(formats) or seconds)
     return calls
 
 
@@ -275,13 +275,26 @@ def test_auto_picks_the_fastest_unless_a_more_exact_one_is_within_10_percent(sec
     assert engine.choose_weights(trained[0], "cuda")[0] == "bf16" and len(calls) == 1
 
 
+def test_auto_chooses_for_the_rows_decoded_together(trained, tmp_path, monkeypatch):
+    """auto times a step of as many rows as the caller decodes together (serve.py: --max_batch) and
+    caches that choice apart from one row's: a format fastest for one row need not be for 16."""
+    monkeypatch.setenv("GPT_CACHE_DIR", str(tmp_path))
+    one_row, many_rows = {"fp32": 3.0, "fp16": 1.0, "bf16": 1.05, "int8": 2.0}, {"fp32": 9.0, "fp16": 8.0, "bf16": 2.0, "int8": 5.0}
+    rows_timed = []
+    monkeypatch.setattr(engine, "time_weight_formats",
+                        lambda model, formats, rows=1: rows_timed.append(rows) or (one_row if rows == 1 else many_rows))
+    assert engine.choose_weights(trained[0], "cpu")[0] == "fp16"
+    assert engine.choose_weights(trained[0], "cpu", rows=16)[0] == "bf16"
+    assert engine.choose_weights(trained[0], "cpu")[0] == "fp16" and rows_timed == [1, 16]
+
+
 def test_auto_times_copies_and_leaves_the_model_as_it_was():
-    """time_weight_formats times a decode step of every format on copies: the model it timed keeps
-    its fp32 weights, values and modules."""
+    """time_weight_formats times a decode step (of 3 rows here) of every format on copies: the model
+    it timed keeps its fp32 weights, values and modules."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=32)).eval()
     before = {name: t.clone() for name, t in model.state_dict().items()}
-    seconds = engine.time_weight_formats(model, engine.AUTO_CANDIDATES)
+    seconds = engine.time_weight_formats(model, engine.AUTO_CANDIDATES, rows=3)
     assert set(seconds) == set(engine.AUTO_CANDIDATES) and all(s > 0 for s in seconds.values())
     after = model.state_dict()
     assert before.keys() == after.keys()
