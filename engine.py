@@ -495,8 +495,9 @@ class KVCache:
             dtype = torch.float32 if k.device.type == "cpu" else k.dtype  # the class docstring says why
             self.k = k.new_zeros(self.n_layer, self.rows, nh, self.max_len + 1, hs, dtype=dtype)
             self.v = v.new_zeros(self.n_layer, self.rows, nh, self.max_len + 1, hs, dtype=dtype)
-        k_all = self.k[layer].narrow(0, self.first, B)  # (B, nh, max_len + 1, hs): a view, no copy
-        v_all = self.v[layer].narrow(0, self.first, B)
+        k_all, v_all = self.k[layer], self.v[layer]  # (rows, nh, max_len + 1, hs)
+        if B != self.rows:  # this forward's rows (a view, no copy)
+            k_all, v_all = k_all.narrow(0, self.first, B), v_all.narrow(0, self.first, B)
         if not self.uniform:
             return self.rows_step.write(k_all, v_all, k, v)
         pos = self.longest
@@ -861,9 +862,15 @@ class Engine:
         for seq in decoding:
             key = id(seq.request) if seq.request.sampling.penalised else seq.request.sampling
             groups.setdefault(key, []).extend((s, seq.row) for s in self.with_followers(seq))
-        picked = [([s for s, _ in group], logits.index_select(0, torch.tensor([row for _, row in group], device=self.device)))
-                  for group in groups.values()]
+        picked = [([s for s, _ in group], self.logits_of([row for _, row in group], logits)) for group in groups.values()]
         return [out for seqs, rows in picked for out in self.next_tokens(seqs, rows)]
+
+    def logits_of(self, rows, logits):
+        """The (len(rows), V) logits of `rows`: as they are when rows are all rows in order (one
+        request alone), without copying GPT-2's 50,257 logits."""
+        if rows == list(range(len(logits))):
+            return logits
+        return logits.index_select(0, torch.tensor(rows, device=self.device))
 
     def prefill(self, batch):
         """Feed the next chunk of tokens of each (seq, chunk) of `batch` (rows next to each other, at
