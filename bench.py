@@ -610,7 +610,7 @@ def train_bench(args):
 # optim: AdamW and Muon trained to the same number of tokens
 
 OPTIM_SHAPES = {  # train.py settings on shakespeare_char; each optimizer runs the same steps
-    # config/small.py's model and recipe (its 300 s budget off)
+    # config/small.py's model and recipe at batch 16 (its 300 s budget off)
     "small": dict(n_layer=4, n_head=2, n_embd=128, block_size=64, batch_size=16, learning_rate=2.5e-3,
                   min_lr=2.5e-4, beta2=0.99, warmup_iters=200, steps=3000),
     # nanoGPT's shakespeare_char GPU model (10.6M) at a CPU's batch: matmuls, not the optimizer, fill its step

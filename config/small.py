@@ -1,6 +1,6 @@
 # A character-level GPT on tiny shakespeare, sized for a laptop CPU: it trains for 5 minutes on
-# any machine (time_budget_s) and reaches val loss ~1.55 on a 2-core AVX512-BF16 VM (BENCHMARKS.md,
-# "Time to quality", where the figures and the AVX2-only ones are).
+# any machine (time_budget_s) and reaches val loss ~1.50 on a 2-core AVX512-BF16 VM, ~1.54 capped
+# to AVX2 (BENCHMARKS.md, "Time to quality", where the runs are).
 #   python prepare.py && python train.py config/small.py
 out_dir = "out-small"
 dataset = "shakespeare_char"
@@ -11,7 +11,7 @@ n_layer = 4
 n_head = 2
 n_embd = 128
 block_size = 64
-batch_size = 16  # 16 x 64 = 1,024 tokens per step
+batch_size = 64  # 64 x 64 = 4,096 tokens per step: with Muon the best of 16, 32, 64 and 128 in 300 s
 dropout = 0.0  # ~9M tokens in 300 s, ~9 epochs of 1M characters: not yet over-fitting
 
 # The run's length: train.py times its first steps and one evaluation, then sets max_iters =
@@ -25,17 +25,17 @@ lr_decay_iters = 9000  # = max_iters: decay all the way to min_lr
 # the budget decides the length again from the speed of the latest steps, so a machine whose
 # speed drifts still spends its 300 s on steps.
 lr_schedule = "wsd"
-cooldown_frac = 0.2  # 0.45 measured no better (1.577 vs 1.572, one pair of runs)
+cooldown_frac = 0.2  # 0.45 measured no better (1.577 vs 1.572, one pair of AdamW runs at batch 16)
 
-# Muon for the Blocks' matrices (optim.py), AdamW for embeddings, biases and LayerNorms. Its
-# Newton-Schulz iterations make a step ~1.9x as long at this size (4,000 steps in 300 s instead of
-# ~6,700), and it still ends lower: 1.545 against AdamW's 1.572 in 300 s (BENCHMARKS.md).
+# Muon for the Blocks' matrices (optim.py), AdamW for embeddings, biases and LayerNorms: in 300 s at
+# batch 64 it ends at 1.501 against AdamW's 1.582 (BENCHMARKS.md). Its Newton-Schulz iterations cost
+# the same at any batch, so larger batches than AdamW's best (16) pay it less often.
 optimizer = "muon"
-muon_lr = 0.01  # 0.005-0.01 best in a sweep of 0.005-0.08 (BENCHMARKS.md, "Muon's learning rate")
+muon_lr = 0.01  # 0.005-0.01 best in a sweep of 0.005-0.08 at batch 16; 0.02 loses at batch 64 too
 # AdamW's peak LR, higher than nanoGPT's baby GPT (1e-3): at this size 2.5e-3 learns faster and stays stable.
 learning_rate = 2.5e-3
 min_lr = 2.5e-4  # learning_rate / 10
-warmup_iters = 200  # the time budget times these steps and decides at their end (~15 s)
+warmup_iters = 200  # the time budget times these steps and decides at their end (~25 s)
 beta2 = 0.99  # few tokens per step: a longer average of squared gradients
 
 # "auto": bf16 autocast on CPUs with AVX512-BF16/AMX (faster steps than fp32 with the same loss per
