@@ -212,7 +212,8 @@ class Linear16(LinearForDecoding):
         self.matmul_dtype = dtype if dtype == prefill_dtype() else torch.float32
 
     def one_token(self, x):
-        if x.size(0) == 1 and self.weight.dtype == torch.bfloat16 and self.weight.device.type == "cpu":
+        if (x.size(0) == 1 and self.weight.dtype == torch.bfloat16 and self.weight.device.type == "cpu"
+                and not torch.compiler.is_compiling()):  # a compiled step picks its own kernel; the switch would break its graph
             return linear_without_onednn(x, self.weight)
         return F.linear(x, self.weight)
 
