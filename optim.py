@@ -101,8 +101,8 @@ class Muon(torch.optim.Optimizer):
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             updates = [self.momentum_update(group, p) for p in params]
-            # one batched Newton-Schulz per shape: fewer, larger matmuls (11.7 ms instead of 15.2 per
-            # step at config/small.py's size, bf16), each matrix's bits as computed alone in bf16
+            # one batched Newton-Schulz per shape: fewer, larger matmuls, each matrix's bits as
+            # computed alone in bf16 (BENCHMARKS.md, "Muon's cost per step")
             by_shape = {}
             for p, update in zip(params, updates):
                 by_shape.setdefault(update.shape, []).append((p, update))
