@@ -182,7 +182,7 @@ def test_auto_weights_on_a_cpu_generate_in_the_chosen_format_and_score_in_fp32(
     natively, plain fp32 elsewhere; draws attention maps in fp32. A given --dtype means fp32
     weights in that precision; a given --weights is that format. Both kinds of CPU."""
     monkeypatch.setattr(common, "cpu_has_bf16", lambda: native_bf16)
-    monkeypatch.setattr(engine, "choose_weights", lambda model, device: (faster, "auto: stand-in"))
+    monkeypatch.setattr(engine, "choose_weights", lambda model, device, rows=1: (faster, "auto: stand-in"))
     text = tmp_path / "text.txt"
     text.write_text(PROMPT * 3, encoding="utf-8")
     loaded = []
