@@ -29,7 +29,7 @@ MOMENTUM_START = 0.85  # modded-nanogpt's: the momentum warm-up rises from here
 def orthogonalize(update, dtype=torch.bfloat16, steps=NS_STEPS):
     """Newton-Schulz iterations that map a matrix U S V^T to about U V^T (its singular values land
     in ~[0.7, 1.2], which trains as well as exactly 1), computed in `dtype`. `update` is one matrix
-    or a stack of same-shape ones, each orthogonalized on its own. With bf16 these are
+    or a stack of same-shape ones, each orthogonalized on its own. For one matrix in bf16 these are
     torch.optim.Muon's operations in its order, so both give the same bits."""
     a, b, c = NS_COEFFICIENTS
     x = update.to(dtype)
@@ -37,7 +37,7 @@ def orthogonalize(update, dtype=torch.bfloat16, steps=NS_STEPS):
     if tall:  # iterate on the wide form: its Gram matrix x @ x.T is the smaller one
         x = x.mT
     # Frobenius norm >= spectral norm: the singular values start <= 1
-    x = x / torch.linalg.matrix_norm(x, keepdim=True).clamp(min=NS_EPS)
+    x = x / (x.norm() if x.dim() == 2 else torch.linalg.matrix_norm(x, keepdim=True)).clamp(min=NS_EPS)
     addmm = torch.addmm if x.dim() == 2 else torch.baddbmm
     for _ in range(steps):
         gram = x @ x.mT
@@ -101,13 +101,17 @@ class Muon(torch.optim.Optimizer):
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             updates = [self.momentum_update(group, p) for p in params]
-            # one batched Newton-Schulz per shape: fewer, larger matmuls, each matrix's bits as
-            # computed alone in bf16 (BENCHMARKS.md, "Muon's cost per step")
+            # one batched Newton-Schulz per shape: fewer, larger matmuls (BENCHMARKS.md, "Muon's
+            # cost per step"); a batched matmul may round differently from one matrix's, so a
+            # matrix alone in its shape takes torch.optim.Muon's own operations
             by_shape = {}
             for p, update in zip(params, updates):
                 by_shape.setdefault(update.shape, []).append((p, update))
             for pairs in by_shape.values():
-                stack = orthogonalize(torch.stack([update for _, update in pairs]), self.ns_dtype)
+                if len(pairs) == 1:
+                    stack = orthogonalize(pairs[0][1], self.ns_dtype)[None]
+                else:
+                    stack = orthogonalize(torch.stack([update for _, update in pairs]), self.ns_dtype)
                 for (p, _), update in zip(pairs, stack):
                     self.apply_update(group, p, update)
         return loss

@@ -16,16 +16,16 @@ import schedule
 import train
 
 MUON = ["--optimizer=muon", "--muon_lr=0.05", "--muon_momentum_warmup_iters=10"]
-# tall (transposed inside), wide, square; the repeated shapes are orthogonalized as one stack
-SHAPES = [(48, 16), (16, 64), (32, 32), (48, 16), (16, 64)]
+SHAPES = [(48, 16), (16, 64), (32, 32)]  # tall (transposed inside), wide, square
+STACKED_SHAPES = SHAPES + [(48, 16), (16, 64)]  # repeated shapes are orthogonalized as one stack
 BF16_U = 2.0 ** -8  # bf16's unit roundoff: 8 significant bits
 
 
-def matrices_and_grads(steps, seed=0):
-    """A weight matrix of each of SHAPES and `steps` gradients for each."""
+def matrices_and_grads(steps, seed=0, shapes=SHAPES):
+    """A weight matrix of each of `shapes` and `steps` gradients for each."""
     generator = torch.Generator().manual_seed(seed)
-    params = [torch.randn(shape, generator=generator) for shape in SHAPES]
-    grads = [[torch.randn(shape, generator=generator) for shape in SHAPES] for _ in range(steps)]
+    params = [torch.randn(shape, generator=generator) for shape in shapes]
+    grads = [[torch.randn(shape, generator=generator) for shape in shapes] for _ in range(steps)]
     return params, grads
 
 
@@ -88,6 +88,22 @@ def test_fp32_newton_schulz_agrees_with_torch_muon_within_bf16_rounding():
     for step_mine, step_reference in zip(mine, reference):
         for a, b in zip(step_mine, step_reference):
             assert 0 < rms(a - b) <= 2 * optim.NS_STEPS * BF16_U * rms(b)
+
+
+@pytest.mark.parametrize("ns_dtype", [torch.bfloat16, torch.float32])
+def test_matrices_of_one_shape_orthogonalized_as_a_stack_agree_with_torch_muon(ns_dtype):
+    """Same-shape updates go through Newton-Schulz as one stack of batched matmuls, which may round
+    differently from one matrix's: each update stays within bf16's rounding inside Newton-Schulz of
+    torch.optim.Muon's (2 x 5 x u of its RMS, as above), for every matrix of every step."""
+    params, grads = matrices_and_grads(steps=4, seed=3, shapes=STACKED_SHAPES)
+    ours, theirs = twin_params(params), twin_params(params)
+    settings = dict(lr=0.02, momentum=0.95, weight_decay=0.1)
+    mine = updates(optim.Muon(ours, ns_dtype=ns_dtype, **settings), ours, grads)
+    reference = updates(torch.optim.Muon(theirs, **settings), theirs, grads)
+    rms = lambda t: t.pow(2).mean().sqrt().item()
+    for step_mine, step_reference in zip(mine, reference):
+        for a, b in zip(step_mine, step_reference):
+            assert rms(a - b) <= 2 * optim.NS_STEPS * BF16_U * rms(b)
 
 
 def test_orthogonalize_brings_every_singular_value_into_newton_schulzs_band():
