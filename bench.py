@@ -238,15 +238,15 @@ def decode_matmuls(model):
 def kernel_seconds(model, fmt, group_size, repeats):
     """(median seconds, bytes) of the weight matmuls alone of one decoded token in format `fmt`, for a
     copy of `model`: each Linear's kernel as the engine calls it for one row (x @ W for fp32's
-    transposed weights, F.linear for fp16/bf16, _weight_int8pack_mm, _weight_int4pack_mm_for_cpu),
-    without biases, and the bytes of the weights and scales they read."""
+    transposed weights, F.linear for fp16/bf16, _weight_int8pack_mm, _weight_int4pack_mm_for_cpu) with
+    its bias, and the bytes of the weights and scales they read."""
     m = quantize(copy.deepcopy(model), fmt, group_size)
     dtype = WEIGHT_FORMATS[fmt]
     calls, nbytes = [], 0
     for lin in decode_matmuls(m):
         x = torch.randn(1, lin.in_features, dtype=dtype)
         if isinstance(lin, torch.nn.Linear):
-            calls.append(lambda lin=lin, x=x: torch.nn.functional.linear(x, lin.weight))
+            calls.append(lambda lin=lin, x=x: torch.nn.functional.linear(x, lin.weight, lin.bias))
         else:
             calls.append(lambda lin=lin, x=x: lin.one_token(x))
         nbytes += sum(t.numel() * t.element_size() for name, t in [*lin.named_parameters(), *lin.named_buffers()]

@@ -188,10 +188,12 @@ class LinearForDecoding(nn.Module):
         if x.size(-2) == 1 or self.dequantized is None:
             y = self.one_token(x2)
         else:
-            y = F.linear(x2.to(self.matmul_dtype), self.dequantized(self.matmul_dtype)).to(x.dtype)
-        if self.bias is not None:
-            y = y + self.bias
+            bias = None if self.bias is None else self.bias.to(self.matmul_dtype)
+            y = F.linear(x2.to(self.matmul_dtype), self.dequantized(self.matmul_dtype), bias).to(x.dtype)
         return y.view(*x.shape[:-1], -1)
+
+    def add_bias(self, y):
+        return y if self.bias is None else y + self.bias
 
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}"
@@ -214,21 +216,21 @@ class Linear16(LinearForDecoding):
     def one_token(self, x):
         if (x.size(0) == 1 and self.weight.dtype == torch.bfloat16 and self.weight.device.type == "cpu"
                 and not torch.compiler.is_compiling()):  # a compiled step picks its own kernel; the switch would break its graph
-            return linear_without_onednn(x, self.weight)
-        return F.linear(x, self.weight)
+            return linear_without_onednn(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
 
     def dequantized(self, dtype):
         return self.weight.to(dtype)
 
 
-def linear_without_onednn(x, weight):
+def linear_without_onednn(x, weight, bias=None):
     """F.linear of one bf16 row through torch's own gemv, which streams the weight at about twice
     the speed of oneDNN's bf16 path for a single row (`python bench.py decode`, kernels alone);
     oneDNN stays on for everything else (several rows, prompts, training)."""
     enabled = torch._C._get_mkldnn_enabled()
     torch._C._set_mkldnn_enabled(False)  # the public torch.backends.mkldnn.flags also resets TF32/precision settings and costs 40x more per call
     try:
-        return F.linear(x, weight)
+        return F.linear(x, weight, bias)
     finally:
         torch._C._set_mkldnn_enabled(enabled)
 
@@ -250,7 +252,7 @@ class Int8Linear(LinearForDecoding):
         self.matmul_dtype = prefill_dtype()
 
     def one_token(self, x):
-        return torch._weight_int8pack_mm(x, self.weight, self.scale)
+        return self.add_bias(torch._weight_int8pack_mm(x, self.weight, self.scale))
 
     def dequantized(self, dtype):
         return self.weight.to(dtype) * self.scale.to(dtype)[:, None]
@@ -283,7 +285,7 @@ class Int4Linear(LinearForDecoding):
 
     def one_token(self, x):
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.weight, self.group_size, self.scales_and_zeros)
-        return y[:, :self.out_features]
+        return self.add_bias(y[:, :self.out_features])
 
 
 def int4_group_size(in_features, group_size):
@@ -763,7 +765,7 @@ class Engine:
     Not thread-safe, except Request.cancel: one thread calls add, step and finish.
     """
 
-    def __init__(self, model, max_rows=16, prefill_tokens=None, compile=False):
+    def __init__(self, model, max_rows=16, prefill_tokens=None, compile=False, max_len=None):
         self.model = model
         # compile: decode steps through compiled_decode_rows (its docstring says what it costs);
         # prompts are prefilled eagerly either way
@@ -772,7 +774,10 @@ class Engine:
         self.block_size = model.config.block_size
         self.max_rows = max_rows
         self.prefill_tokens = prefill_tokens or self.block_size
-        self.cache = KVCache(model.config.n_layer, self.block_size, max_rows, self.device)
+        # max_len: the tokens a row holds, block_size unless every request is known to need fewer
+        # (generate_stream: zeroing a whole context's cache costs more than a short generation)
+        self.max_len = min(max_len or self.block_size, self.block_size)
+        self.cache = KVCache(model.config.n_layer, self.max_len, max_rows, self.device)
         self.waiting = deque()  # requests not admitted yet, in order of arrival
         self.rows = []  # the Sequence in each cache row: packed, rows [0, len(rows)) in use
         self.arrivals = itertools.count()
@@ -780,6 +785,9 @@ class Engine:
     def add(self, request):
         if request.n > self.max_rows:
             raise ValueError(f"n={request.n} choices need more rows than the engine has ({self.max_rows})")
+        if self.max_len < self.block_size and len(request.prompt) + request.max_tokens > self.max_len:
+            raise ValueError(f"{len(request.prompt)} prompt + {request.max_tokens} new tokens do not fit the "
+                             f"engine's {self.max_len}-token rows")
         if request.want_prompt_logprobs and len(request.prompt) > self.block_size:
             raise ValueError(f"scoring a prompt of {len(request.prompt)} tokens needs at most block_size {self.block_size}")
         request.arrival = next(self.arrivals)
@@ -1001,7 +1009,8 @@ def generate_stream(model, idx, max_new_tokens, *, stop_tokens=(), generator=Non
     settings = Sampling(**sampling)
     if max_new_tokens == 0:
         return
-    engine = Engine(model, max_rows=B, prefill_tokens=B * model.config.block_size, compile=compile)
+    engine = Engine(model, max_rows=B, prefill_tokens=B * model.config.block_size, compile=compile,
+                    max_len=T + max_new_tokens)
     if generator is None:  # from torch's global generator, so torch.manual_seed repeats the text
         generator = torch.Generator(idx.device).manual_seed(int(torch.randint(2**62, ())))
     requests = [Request(row, max_new_tokens, sampling=settings, stop_tokens=stop_tokens, generator=generator)

@@ -353,6 +353,24 @@ def test_requests_the_engine_cannot_hold_are_refused():
         engine.add(Request(list(range(17)), 0, prompt_logprobs=True))
     with pytest.raises(ValueError, match="prompt is empty"):
         Request([], 5)
+    short = Engine(varied_model(), max_rows=2, max_len=10)
+    with pytest.raises(ValueError, match="6 prompt \\+ 5 new tokens do not fit the engine's 10-token rows"):
+        short.add(Request(list(range(6)), 5))
+
+
+def test_rows_sized_to_their_requests_decode_as_whole_context_rows():
+    """An Engine whose rows hold only prompt + max_tokens (generate_stream's) gives the logits and
+    tokens of one whose rows hold block_size, allocating only those slots."""
+    model = varied_model()
+    [prompt] = prompts([6], seed=3)
+    runs, slots = {}, {}
+    for max_len in (None, 6 + 5):
+        engine = Engine(model, max_rows=1, max_len=max_len)
+        tokens, logprobs, _ = run_engine(engine, [greedy_request(prompt, 5)])
+        runs[max_len], slots[max_len] = (tokens[0][0], torch.stack(logprobs[0])), engine.cache.k.size(3)
+    assert slots == {None: model.config.block_size + 1, 11: 11 + 1}
+    assert runs[11][0] == runs[None][0] and len(runs[11][0]) == 5
+    assert torch.equal(runs[11][1], runs[None][1])
 
 
 # ----------------------------------------------------------------------------------------------
