@@ -8,8 +8,8 @@ Design choices:
   budget, so a long prompt never stalls the streams already running. generate_stream and
   generate are one batch of requests on an Engine; beam search keeps its own loop (it reorders
   the cache's rows every step).
-- The cache is a fixed set of rows, each the length of a whole context (block_size), allocated
-  once. A request is admitted only when its n rows are free, so nothing runs out of memory
+- The cache is a fixed set of rows, each the length of a whole context (block_size; generate_stream's
+  rows its prompt plus new tokens), allocated once. A request is admitted only when its n rows are free, so nothing runs out of memory
   mid-generation. Rows in use stay packed at the front (an ended row is filled by the last one),
   so a decode step reads rows [0, R) of the cache as one view, without gathering.
 - Rows sit at their own positions: GPT-2's position embedding takes one position per row, and
@@ -214,8 +214,9 @@ class Linear16(LinearForDecoding):
         self.matmul_dtype = dtype if dtype == prefill_dtype() else torch.float32
 
     def one_token(self, x):
-        if (x.size(0) == 1 and self.weight.dtype == torch.bfloat16 and self.weight.device.type == "cpu"
-                and not torch.compiler.is_compiling()):  # a compiled step picks its own kernel; the switch would break its graph
+        if x.size(0) == 1 and self.weight.dtype == torch.bfloat16 and self.weight.device.type == "cpu":
+            if torch.compiler.is_compiling():  # an opaque op: a compiled graph would take oneDNN's kernel
+                return gemv_bf16(x, self.weight, self.bias)
             return linear_without_onednn(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
@@ -233,6 +234,17 @@ def linear_without_onednn(x, weight, bias=None):
         return F.linear(x, weight, bias)
     finally:
         torch._C._set_mkldnn_enabled(enabled)
+
+
+@torch.library.custom_op("gpt::gemv_bf16", mutates_args=())
+def gemv_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """linear_without_onednn as one operator that torch.compile calls as it is."""
+    return linear_without_onednn(x, weight, bias)
+
+
+@gemv_bf16.register_fake
+def _(x, weight, bias):
+    return x.new_empty(x.size(0), weight.size(0))
 
 
 class Int8Linear(LinearForDecoding):
@@ -580,7 +592,8 @@ def compiled_decode_rows():
     writes fused into a few kernels around the matmuls, one graph for all lengths and rows
     (dynamic shapes: the one-token-each step has no shape that grows but the slots read).
     Freezing turns the weights into constants (inductor may prepack them for oneDNN's matmul), so
-    the model's weights must not change after the first step. Compiling costs seconds to half a
+    the model's weights must not change after the first step; bf16's one-row products stay the
+    eager gemv (gemv_bf16, an operator the graph calls as it is). Compiling costs seconds to half a
     minute on a CPU, once per process, and on a CPU buys little (BENCHMARKS.md, Decode step)."""
     # Inductor's CPU tanh (Sleef's) is slower than its exp-based one, as accurate on GELU's inputs
     return torch.compile(decode_rows, dynamic=True, options={"freezing": True, "cpp.use_decompose_tanh": True})

@@ -2,8 +2,9 @@
 import pytest
 import torch
 
-from engine import GREEDY, Engine, KVCache, Request, RowsAtPositions, compiled_decode_rows
-from test_gpt import FP32_ROUNDING, logits_rtol, varied_model
+import engine
+from engine import GREEDY, Engine, KVCache, Request, RowsAtPositions, compiled_decode_rows, quantize
+from test_gpt import BF16_ROUNDING, FP32_ROUNDING, logits_rtol, varied_model
 
 
 @pytest.fixture(scope="module")
@@ -68,3 +69,23 @@ def test_compiled_engine_decodes_eager_tokens(model):
     expected = engine_tokens(model, prompts, 30, compile=False)
     assert all(len(set(row)) > 3 for row in expected)  # the comparison means something only if the output varies
     assert engine_tokens(model, prompts, 30, compile=True) == expected
+
+
+@torch.inference_mode()
+def test_a_compiled_bf16_step_of_one_row_multiplies_through_the_eager_gemv(monkeypatch):
+    """bf16 weights, one row: the compiled step calls linear_without_onednn for every Linear, as
+    eager decoding does (a graph left to pick its own kernel multiplies one row through oneDNN),
+    and its logits are the eager step's to bf16 rounding."""
+    model = quantize(varied_model(), "bf16")
+    idx = torch.randint(0, model.config.vocab_size, (1, 1), generator=torch.Generator().manual_seed(3))
+    eager, compiled = cache_with_rows_at(model, [6]), cache_with_rows_at(model, [6])
+    expected = model(idx, kv_cache=eager)[0][0, -1].float()
+    calls = []
+    gemv = engine.linear_without_onednn
+    monkeypatch.setattr(engine, "linear_without_onednn", lambda *args: calls.append(1) or gemv(*args))
+    step = compiled.one_token_each()
+    got = compiled_decode_rows()(model, idx, step.pos, step.slots, step.longest + 1,
+                                 compiled.k.unbind(0), compiled.v.unbind(0))[0, -1].float()
+    assert len(calls) == 4 * model.config.n_layer + 1  # each block's four Linears and the head
+    rtol = logits_rtol(model.config, BF16_ROUNDING)
+    assert (got - expected).abs().max().item() <= rtol * expected.abs().max().item()
