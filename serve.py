@@ -351,9 +351,9 @@ class Worker:
     submitted, and hands every Output of a step to its job. At most max_queue requests wait for
     rows; beyond them submit refuses with 429."""
 
-    def __init__(self, model, ctx, max_batch, prefill_tokens, max_queue):
-        self.ctx, self.max_queue = ctx, max_queue
-        self.engine = Engine(model, max_rows=max_batch, prefill_tokens=prefill_tokens)
+    def __init__(self, model, ctx, max_batch, prefill_tokens, max_queue, compile=False):
+        self.ctx, self.max_queue, self.compile = ctx, max_queue, compile
+        self.engine = Engine(model, max_rows=max_batch, prefill_tokens=prefill_tokens, compile=compile)
         self.inbox = queue.SimpleQueue()
         self.thread = threading.Thread(target=self.run, name="model", daemon=True)
         self.metrics = Metrics(self)
@@ -401,7 +401,8 @@ class Worker:
                 except Exception as e:  # a bug, not a bad request: each client gets a 500, the log the traceback
                     traceback.print_exc()
                     self.close_all(list(jobs.values()), e)
-                    self.engine = Engine(self.engine.model, self.engine.max_rows, self.engine.prefill_tokens)
+                    self.engine = Engine(self.engine.model, self.engine.max_rows, self.engine.prefill_tokens,
+                                         compile=self.compile)
                 jobs = {key: job for key, job in jobs.items() if not (job.request.done or job.request.cancelled)}
 
     def close_all(self, jobs, error):
@@ -418,9 +419,9 @@ class Worker:
 # The HTTP API
 
 def build_app(model, tokenizer, ctx, name, api_key=None, max_tokens=1024, max_batch=16, prefill_tokens=256,
-              max_queue=64):
+              max_queue=64, compile=False):
     """The FastAPI app serving `model` under the id `name`, its worker started and stopped with it."""
-    worker = Worker(model, ctx, max_batch, prefill_tokens, max_queue)
+    worker = Worker(model, ctx, max_batch, prefill_tokens, max_queue, compile)
     block_size = model.config.block_size
     started = int(time.time())
 
@@ -775,6 +776,9 @@ def parse_args(argv):
                    "several steps instead of stalling the streams (default 256)")
     p.add_argument("--max_queue", type=int, default=64, metavar="N",
                    help="requests that may wait for a row; beyond them a request gets 429 (default 64)")
+    p.add_argument("--compile", action="store_true",
+                   help="decode steps through torch.compile: a few percent to ~20%% faster per token on a CPU, "
+                   "after seconds to half a minute of compiling at the first request (BENCHMARKS.md, Decode step)")
     args = p.parse_args(argv)
     for name in ("max_tokens", "max_batch", "prefill_tokens", "max_queue"):
         if getattr(args, name) < 1:
@@ -822,7 +826,7 @@ def main():
         print(f"warning: --host {args.host} serves the model to every machine that can reach this one"
               f"{'' if args.api_key else '; --api_key KEY makes clients send a key'}", file=sys.stderr)
     app = build_app(model, tokenizer, ctx, str(path), args.api_key, args.max_tokens, max_batch,
-                    args.prefill_tokens, args.max_queue)
+                    args.prefill_tokens, args.max_queue, args.compile)
     host, port = sock.getsockname()[:2]
     print(f"serving {path} at http://{host}:{port}/ (chat page) and http://{host}:{port}/v1 (OpenAI API); "
           "Ctrl-C stops", file=sys.stderr, flush=True)

@@ -51,11 +51,9 @@ def model():
     return varied_model(vocab_size=TOKENIZER.vocab_size, block_size=32)
 
 
-@pytest.fixture(scope="module")
-def served(model):
-    """(port, Failing) of build_app's app over `model`, served until the module ends."""
-    failing = Failing(model)
-    app = serve.build_app(model, TOKENIZER, contextlib.nullcontext(), "m")
+@contextlib.contextmanager
+def serving(app):
+    """The port `app` is served on by uvicorn in a thread, on 127.0.0.1, until the block ends."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
@@ -65,10 +63,20 @@ def served(model):
     while not server.started:
         assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
         time.sleep(0.01)
-    yield sock.getsockname()[1], failing
-    server.should_exit = True
-    thread.join(timeout=30)
-    sock.close()
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def served(model):
+    """(port, Failing) of build_app's app over `model`, served until the module ends."""
+    failing = Failing(model)
+    with serving(serve.build_app(model, TOKENIZER, contextlib.nullcontext(), "m")) as port:
+        yield port, failing
 
 
 def post(port, body):
