@@ -209,7 +209,7 @@ def exported_methods(model, idx, N, folder, threads):
 COUNTERPARTS = {"fp32": ("llama.cpp-f32", 0.6), "bf16": ("llama.cpp-f16", 0.8), "fp16": ("llama.cpp-f16", 0.8),
                 "int8": ("llama.cpp-q8_0", 0.6), "int4": ("llama.cpp-q4_0", 0.6), "auto": ("llama.cpp-q8_0", 0.9)}
 # The methods that compute in fp32 on fp32 weights: their greedy tokens are one sequence.
-FP32_METHODS = ("fp32", "recompute", "hf-generate", "onnxruntime", "llama.cpp-f32")
+FP32_METHODS = ("fp32", "fp32-compiled", "recompute", "hf-generate", "onnxruntime", "llama.cpp-f32")
 READ_BYTES = 256 * 2**20  # the sequential read: far past any cache
 KERNEL_REPEATS = 20
 
@@ -285,6 +285,10 @@ def decode(args):
           f"{N} new tokens (greedy), median of {args.repeats} interleaved rounds; {machine()}")
     methods = {fmt: lambda m=models[fmt]: generate(m, idx, N, temperature=0)[0] for fmt in formats}
     sizes |= {fmt: weight_bytes(models[fmt]) for fmt in formats}
+    compiled = [fmt for fmt in args.weights if args.compile]  # compiled in the untimed first round
+    methods |= {f"{fmt}-compiled": lambda m=models[fmt]: generate(m, idx, N, temperature=0, compile=True)[0]
+                for fmt in compiled}
+    sizes |= {f"{fmt}-compiled": sizes[fmt] for fmt in compiled}
     if not args.no_recompute:
         methods["recompute"] = lambda: recompute_decode(models["fp32"], idx, N)[0].tolist()
     if hf is not None:
@@ -303,11 +307,11 @@ def decode(args):
         if name in sizes:
             row += f"  {sizes[name] / 1e6:9.3f} MB/token  {100 * sizes[name] * N / s / read:5.1f}% of read"
         print(row)
-    for fmt in [*args.weights, "auto"]:
-        theirs, target = COUNTERPARTS[fmt]
+    for name in [*args.weights, *(f"{fmt}-compiled" for fmt in compiled), "auto"]:
+        theirs, target = COUNTERPARTS[name.removesuffix("-compiled")]
         if theirs in seconds:
-            ours = seconds[auto if fmt == "auto" else fmt]
-            print(f"  {fmt} vs {theirs}: {seconds[theirs] / ours:.2f}x (target {target}x)")
+            ours = seconds[auto if name == "auto" else name]
+            print(f"  {name} vs {theirs}: {seconds[theirs] / ours:.2f}x (target {target}x)")
     for name in ("recompute", "hf-generate", "onnxruntime"):
         if name in seconds:
             print(f"  fp32 vs {name}: {seconds[name] / seconds['fp32']:.2f}x")
@@ -1228,6 +1232,8 @@ def main():
     p.add_argument("--no_hf", action="store_true", help="skip the Hugging Face generate comparison")
     p.add_argument("--no_exports", action="store_true", help="skip the exports: export.py's ONNX graph in "
                    "onnxruntime and its GGUF files (f32, f16, q8_0, q4_0) in llama.cpp")
+    p.add_argument("--compile", action="store_true", help="also time each --weights format with its decode "
+                   "steps compiled (Engine(compile=True), as serve.py/sample.py --compile)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=decode)
 

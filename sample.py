@@ -104,7 +104,8 @@ APPLIES_TO = {"num_samples": ("generate",), "num_beams": ("generate",), "max_new
               "temperature": SAMPLING, "top_k": SAMPLING + ("analyze",), "top_p": SAMPLING,
               "repetition_penalty": SAMPLING, "seed": SAMPLING, "stop": SAMPLING, "stride": ("eval",),
               "plot": ("attention",), "layer": ("attention",), "head": ("attention",), "system": ("chat",),
-              "weights": SAMPLING + ("benchmark", "eval", "analyze"), "group_size": SAMPLING + ("benchmark", "eval", "analyze")}
+              "weights": SAMPLING + ("benchmark", "eval", "analyze"), "group_size": SAMPLING + ("benchmark", "eval", "analyze"),
+              "compile": SAMPLING + ("benchmark",)}
 MODE_NAMES = {"generate": "plain generation", "chat": "--chat", "analyze": "--analyze", "eval": "--eval",
               "benchmark": "--benchmark", "attention": "--attention"}
 
@@ -151,6 +152,10 @@ def parse_args(argv):
     p.add_argument("--dtype", default="auto", help="the precision fp32 weights compute in (autocast, as in "
                    "training): auto (bf16 where native, else fp32) | float32 | bfloat16 | float16. "
                    "Given, it means fp32 weights (--weights fp32 or auto) (default auto)")
+    p.add_argument("--compile", action="store_true", default=None,
+                   help="decode steps through torch.compile: a few percent to ~20%% faster per token on a CPU, "
+                   "after seconds to half a minute of compiling at the first token (BENCHMARKS.md, Decode "
+                   "step); not with --num_beams")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--chat", action="store_true", help="interactive: continue each line typed (a chat-"
                       "tuned model answers it as a message); Ctrl-C stops a reply (what was shown of it "
@@ -179,6 +184,9 @@ def parse_args(argv):
             setattr(args, name, value)
     if args.num_beams > 1 and args.num_samples > 1:
         raise UserError("beam search is deterministic: use --num_samples 1 with --num_beams")
+    if args.num_beams > 1 and args.compile:
+        raise UserError("--compile compiles the sampling decode step; beam search runs eagerly: drop one of them")
+    args.compile = bool(args.compile)
     if args.stop == "":
         raise UserError("--stop needs a non-empty string")
     args.weights = args.weights or "auto"
@@ -283,7 +291,7 @@ def stream(model, tokenizer, ids, s, generator, stop, interruptible=False, end_t
     steps = generate_stream(model, idx, s["max_new_tokens"], temperature=s["temperature"],
                             top_k=s["top_k"] or None, top_p=s["top_p"] if s["top_p"] < 1 else None,
                             repetition_penalty=s["repetition_penalty"], stop_tokens=stop_tokens,
-                            generator=generator)
+                            generator=generator, compile=s["compile"])
     text = TextStream(tokenizer, [stop] if stop else [])  # holds back half characters and a stop's start
     try:
         for token in steps:
@@ -338,7 +346,7 @@ def chat(model, tokenizer, args):
     if sys.stdin.isatty():
         import readline  # noqa: F401  (gives input() line editing and history)
     prompt = "> " if sys.stdin.isatty() else ""
-    s = {name: getattr(args, name) for name, _ in CHAT_COMMANDS.values()}
+    s = {name: getattr(args, name) for name, _ in CHAT_COMMANDS.values()} | {"compile": args.compile}
     device = next(model.parameters()).device
     generator = None  # made for the first sampled reply: a greedy chat prints no seed
     context, messages, system = [], [], args.system or ""  # context: tokens; messages: a chat model's turns
@@ -596,8 +604,9 @@ def run_eval(model, tokens, path, stride):
           f"perplexity {math.exp(min(loss, 700)):.4f}, accuracy {acc:.4f}")
 
 
-def benchmark(model, device, runs=5):
-    """Median prefill and decode tokens/s for one sequence: half a block of prompt, then the rest."""
+def benchmark(model, device, runs=5, compile=False):
+    """Median prefill and decode tokens/s for one sequence: half a block of prompt, then the rest
+    (`compile`: decode steps compiled, in the untimed first run)."""
     T = model.config.block_size
     P = max(1, T // 2)
     N = max(2, T - P)
@@ -607,7 +616,7 @@ def benchmark(model, device, runs=5):
     for i in range(runs + 1):  # the first run warms up allocators and kernels
         sync(device)
         t0 = time.perf_counter()
-        steps = generate_stream(model, idx, N, generator=generator)
+        steps = generate_stream(model, idx, N, generator=generator, compile=compile)
         next(steps)
         sync(device)
         t1 = time.perf_counter()
@@ -652,7 +661,7 @@ def main():
         elif args.mode == "eval":
             run_eval(model, ids, args.eval, stride)
         elif args.mode == "benchmark":
-            benchmark(model, device)
+            benchmark(model, device, compile=args.compile)
         elif args.mode == "attention":
             show_attention(model, tokenizer, ids, args)
         else:

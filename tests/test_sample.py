@@ -243,6 +243,28 @@ def test_greedy_is_gpt_generate_at_temperature_0(random_ckpt, tokenizer):
     assert result.stdout == PROMPT + tokenizer.decode(new) + "\n"
 
 
+def test_compile_decodes_through_the_compiled_step_the_eager_text(random_ckpt, tokenizer, cli, monkeypatch, capsys):
+    """--compile reaches the engine: every decode step after the prompt's goes through
+    engine.compiled_decode_rows, and the greedy text is eager generate's; a chat reply decodes
+    through it too."""
+    calls = []
+    compile_step = engine.compiled_decode_rows
+
+    def counted():
+        step = compile_step()
+        return lambda *args: calls.append(1) or step(*args)
+
+    monkeypatch.setattr(engine, "compiled_decode_rows", counted)
+    result = ok(cli(random_ckpt, "--start", PROMPT, "--max_new_tokens=12", "--temperature=0", "--compile"))
+    assert len(calls) == 12 - 1  # the first token comes from the prompt's forward
+    [new] = generate(cli_model(random_ckpt), torch.tensor([tokenizer.encode(PROMPT)]), 12, temperature=0)
+    assert result.stdout == PROMPT + tokenizer.decode(new) + "\n"
+    calls.clear()
+    run_chat(monkeypatch, cli_model(random_ckpt), tokenizer, ["ROMEO:"], "--max_new_tokens=5", "--temperature=0",
+             "--compile")
+    assert len(calls) == 5 - 1
+
+
 def test_int8_greedy_is_generate_of_the_quantized_model(coarse_int8_ckpt, tokenizer, monkeypatch, capsys):
     """--weights int8 must reach the engine as engine.quantize's int8 model (not be ignored, not quantize
     something else), and the loaded line must say so. Both routes run the same int8 kernels on
@@ -754,6 +776,8 @@ def test_checkpoint_choice(tmp_path, monkeypatch):
     (["--analyze", "x", "--num_beams=2"], "--num_beams does not apply to --analyze"),
     (["--analyze", "x", "--num_samples=2"], "--num_samples does not apply to --analyze"),
     (["--benchmark", "--seed=1"], "--seed does not apply to --benchmark"),
+    (["--eval", "x.txt", "--compile"], "--compile does not apply to --eval"),
+    (["--num_beams=2", "--compile"], "beam search runs eagerly"),
     # --dtype is the precision of fp32 weights; int8 computes in bf16, and groups are int4's
     (["--weights=int8", "--dtype=float32"], "--dtype sets the autocast precision of fp32 weights"),
     (["--weights=int8", "--group_size=32"], "--group_size 32 applies to --weights int4"),
