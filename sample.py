@@ -278,7 +278,7 @@ def read_text(arg, flag):
 # -----------------------------------------------------------------------------
 # Generation.
 
-def stream(model, tokenizer, ids, s, generator, stop, interruptible=False, end_tokens=()):
+def stream(model, tokenizer, ids, s, generator, stop, interruptible=False, end_tokens=(), compile=False):
     """Sample up to s["max_new_tokens"] tokens after `ids`, printing text as it is produced.
 
     Stops at end-of-text or one of `end_tokens` (a chat model's <|end|>), or once the text
@@ -291,7 +291,7 @@ def stream(model, tokenizer, ids, s, generator, stop, interruptible=False, end_t
     steps = generate_stream(model, idx, s["max_new_tokens"], temperature=s["temperature"],
                             top_k=s["top_k"] or None, top_p=s["top_p"] if s["top_p"] < 1 else None,
                             repetition_penalty=s["repetition_penalty"], stop_tokens=stop_tokens,
-                            generator=generator, compile=s["compile"])
+                            generator=generator, compile=compile)
     text = TextStream(tokenizer, [stop] if stop else [])  # holds back half characters and a stop's start
     try:
         for token in steps:
@@ -333,7 +333,7 @@ def sample(model, tokenizer, args, text, ids):
                                                stop_tokens=stop_tokens))
             sys.stdout.write(out[:out.index(args.stop)] if args.stop and args.stop in out else out)
         else:
-            stream(model, tokenizer, ids, s, generator, args.stop)
+            stream(model, tokenizer, ids, s, generator, args.stop, compile=args.compile)
         print(flush=True)
 
 
@@ -346,7 +346,7 @@ def chat(model, tokenizer, args):
     if sys.stdin.isatty():
         import readline  # noqa: F401  (gives input() line editing and history)
     prompt = "> " if sys.stdin.isatty() else ""
-    s = {name: getattr(args, name) for name, _ in CHAT_COMMANDS.values()} | {"compile": args.compile}
+    s = {name: getattr(args, name) for name, _ in CHAT_COMMANDS.values()}
     device = next(model.parameters()).device
     generator = None  # made for the first sampled reply: a greedy chat prints no seed
     context, messages, system = [], [], args.system or ""  # context: tokens; messages: a chat model's turns
@@ -387,7 +387,7 @@ def chat(model, tokenizer, args):
                     generator = make_generator(device, s["seed"])
                 # Ctrl-C ends the reply, not the chat; the conversation keeps what was shown of it.
                 reply = stream(model, tokenizer, ids[-model.config.block_size:], s, generator, args.stop,
-                               interruptible=True, end_tokens=(tokenizer.specials[END],))
+                               interruptible=True, end_tokens=(tokenizer.specials[END],), compile=args.compile)
                 messages.append({"role": "assistant", "content": tokenizer.decode(reply)})
                 print(flush=True)
             else:
@@ -396,7 +396,8 @@ def chat(model, tokenizer, args):
                 if generator is None and s["temperature"] > 0:
                     generator = make_generator(device, s["seed"])
                 # Ctrl-C ends the reply, not the chat; the context keeps what was shown of it.
-                context += stream(model, tokenizer, context, s, generator, args.stop, interruptible=True)
+                context += stream(model, tokenizer, context, s, generator, args.stop, interruptible=True,
+                                  compile=args.compile)
                 print(flush=True)
         except UserError as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
