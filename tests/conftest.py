@@ -201,3 +201,19 @@ def trained_checkpoint(tiny_corpus, tmp_path_factory):
         return path
 
     return make
+
+
+@pytest.fixture
+def compiled_steps(monkeypatch):
+    """A list that gets one entry per call of a compiled decode step (engine.compiled_decode_rows's
+    function) made while the test runs: evidence that decoding went through the compiled step."""
+    import engine
+
+    calls, compile_step = [], engine.compiled_decode_rows
+
+    def counted():
+        step = compile_step()
+        return lambda *args: calls.append(1) or step(*args)
+
+    monkeypatch.setattr(engine, "compiled_decode_rows", counted)
+    return calls

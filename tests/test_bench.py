@@ -189,19 +189,10 @@ def test_decode_rows_of_the_exports(monkeypatch, capsys, decoded):
         assert re.search(rf"^  {re.escape(name)}: the first \d+ of 8 tokens are fp32's$", out, re.M)
 
 
-def test_decode_compile_adds_a_compiled_row_per_format(monkeypatch, capsys, decoded):
+def test_decode_compile_adds_a_compiled_row_per_format(monkeypatch, capsys, decoded, compiled_steps):
     """--compile times each --weights format again with its decode steps compiled: a row of its own
     with the format's bytes per token and, in fp32, the eager greedy tokens (on a model whose greedy
     tokens vary), decoded through engine.compiled_decode_rows."""
-    import engine
-
-    compiled_steps, compile_step = [], engine.compiled_decode_rows
-
-    def counted():
-        step = compile_step()
-        return lambda *args: compiled_steps.append(1) or step(*args)
-
-    monkeypatch.setattr(engine, "compiled_decode_rows", counted)
     out = bench_output(monkeypatch, capsys, *TINY_DECODE, "--weights", "fp32", "--compile", "--no_hf",
                        "--no_recompute", "--no_exports")
     assert len(compiled_steps) == 2 * (8 - 1)  # the untimed round and the timed one, after each prompt

@@ -243,26 +243,19 @@ def test_greedy_is_gpt_generate_at_temperature_0(random_ckpt, tokenizer):
     assert result.stdout == PROMPT + tokenizer.decode(new) + "\n"
 
 
-def test_compile_decodes_through_the_compiled_step_the_eager_text(random_ckpt, tokenizer, cli, monkeypatch, capsys):
+def test_compile_decodes_through_the_compiled_step_the_eager_text(random_ckpt, tokenizer, cli, monkeypatch,
+                                                                   compiled_steps):
     """--compile reaches the engine: every decode step after the prompt's goes through
     engine.compiled_decode_rows, and the greedy text is eager generate's; a chat reply decodes
     through it too."""
-    calls = []
-    compile_step = engine.compiled_decode_rows
-
-    def counted():
-        step = compile_step()
-        return lambda *args: calls.append(1) or step(*args)
-
-    monkeypatch.setattr(engine, "compiled_decode_rows", counted)
     result = ok(cli(random_ckpt, "--start", PROMPT, "--max_new_tokens=12", "--temperature=0", "--compile"))
-    assert len(calls) == 12 - 1  # the first token comes from the prompt's forward
+    assert len(compiled_steps) == 12 - 1  # the first token comes from the prompt's forward
     [new] = generate(cli_model(random_ckpt), torch.tensor([tokenizer.encode(PROMPT)]), 12, temperature=0)
     assert result.stdout == PROMPT + tokenizer.decode(new) + "\n"
-    calls.clear()
+    compiled_steps.clear()
     run_chat(monkeypatch, cli_model(random_ckpt), tokenizer, ["ROMEO:"], "--max_new_tokens=5", "--temperature=0",
              "--compile")
-    assert len(calls) == 5 - 1
+    assert len(compiled_steps) == 5 - 1
 
 
 def test_int8_greedy_is_generate_of_the_quantized_model(coarse_int8_ckpt, tokenizer, monkeypatch, capsys):
