@@ -599,6 +599,17 @@ def compiled_decode_rows():
     return torch.compile(decode_rows, dynamic=True, options={"freezing": True, "cpp.use_decompose_tanh": True})
 
 
+def check_compile(device):
+    """A UserError unless torch.compile compiles and runs a small function on `device` (on a CPU,
+    inductor needs a C++ compiler): found at startup, not as an error at every request."""
+    try:
+        torch.compile(lambda x: x * 2 + 1)(torch.zeros(4, device=device))
+    except Exception as e:  # whatever the toolchain raises, the user's remedy is the same
+        first_line = (str(e).strip().splitlines() or [""])[0][:200]
+        raise UserError(f"--compile: torch.compile does not work here ({type(e).__name__}: {first_line}); "
+                        "run without --compile") from None
+
+
 # -----------------------------------------------------------------------------
 # Sampling
 

@@ -38,8 +38,8 @@ import torch
 import torch.nn.functional as F
 
 from common import ArgumentParser, UserError, pyplot, run_main, save_figure, sync
-from engine import (INT4_GROUP_SIZE, INT4_GROUP_SIZES, WEIGHT_FORMATS, TextStream, beam_search, check_weight_settings,
-                    generate_stream, load_model)
+from engine import (INT4_GROUP_SIZE, INT4_GROUP_SIZES, WEIGHT_FORMATS, TextStream, beam_search, check_compile,
+                    check_weight_settings, generate_stream, load_model)
 from gpt import attention_weights
 from tokenizer import END, render_chat
 
@@ -653,6 +653,8 @@ def main():
                         "model's tokenizer has no chat markers")
     if args.mode == "attention":
         check_attention_args(model, args, ids)
+    if args.compile:
+        check_compile(device)
     print(loaded, file=sys.stderr)
     with ctx:
         if args.mode == "chat":

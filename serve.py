@@ -814,6 +814,8 @@ def main():
     # auto weights: the format fastest for a full batch of rows (fp16 is fast for one row, slow for 16)
     model, tokenizer, device, ctx, loaded = load_model(path, None, args.device, args.dtype, args.weights, args.group_size,
                                                        rows=args.max_batch)
+    if args.compile:
+        engine.check_compile(device)
     row_gb = engine.cache_bytes_per_row(model.config) / 2**30
     max_batch = min(args.max_batch, int(args.kv_cache_gb / row_gb))
     if max_batch < 1:

@@ -258,6 +258,20 @@ def test_compile_decodes_through_the_compiled_step_the_eager_text(random_ckpt, t
     assert len(compiled_steps) == 5 - 1
 
 
+def test_compile_where_torch_compile_fails_is_one_line(random_ckpt, cli, monkeypatch):
+    """--compile where torch.compile cannot build (no C++ compiler) is one `error:` line naming the
+    remedy, before anything is generated."""
+    def no_compiler(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+        return run
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    result = cli(random_ckpt, "--start", PROMPT, "--max_new_tokens=3", "--compile")
+    assert_one_line_error(result, "--compile: torch.compile does not work here", "run without --compile")
+    assert result.stdout == ""
+
+
 def test_int8_greedy_is_generate_of_the_quantized_model(coarse_int8_ckpt, tokenizer, monkeypatch, capsys):
     """--weights int8 must reach the engine as engine.quantize's int8 model (not be ignored, not quantize
     something else), and the loaded line must say so. Both routes run the same int8 kernels on

@@ -587,6 +587,24 @@ def test_command_line_mistakes_are_one_line(ckpt, monkeypatch, capsys, argv, wor
     assert status == 1 and err.startswith("error:") and words in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_compile_where_torch_compile_fails_is_one_line_at_startup(ckpt, monkeypatch, capsys):
+    """--compile where torch.compile cannot build (no C++ compiler) is one `error:` line at startup,
+    naming the remedy, not a 500 at every request; with a working torch.compile the server starts."""
+    status, err = serve_main(monkeypatch, capsys, "--ckpt", ckpt, "--port", 0, "--compile")
+    assert status == 0 and "error" not in err, err
+
+    def no_compiler(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore details")
+        return run
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    status, err = serve_main(monkeypatch, capsys, "--ckpt", ckpt, "--port", 0, "--compile")
+    assert status == 1 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: --compile: torch.compile does not work here (RuntimeError: InvalidCxxCompiler: "
+                          "No working C++ compiler found); run without --compile"), err
+
+
 def test_without_fastapi_one_line_names_the_install():
     """FastAPI and uvicorn are optional dependencies: without them serve.py says how to install
     them in one line, and no other script needs them."""
