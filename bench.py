@@ -237,9 +237,10 @@ def decode_matmuls(model):
 @torch.inference_mode()
 def kernel_seconds(model, fmt, group_size, repeats):
     """(median seconds, bytes) of the weight matmuls alone of one decoded token in format `fmt`, for a
-    copy of `model`: each Linear's kernel as the engine calls it for one row (x @ W for fp32's
-    transposed weights, F.linear for fp16/bf16, _weight_int8pack_mm, _weight_int4pack_mm_for_cpu) with
-    its bias, and the bytes of the weights and scales they read."""
+    copy of `model`: each Linear's kernel as the engine calls it for one row (fp32: oneDNN's product
+    on the blocks' packed weights, x @ W on the head's transposed one; F.linear for fp16/bf16,
+    _weight_int8pack_mm, _weight_int4pack_mm_for_cpu) with its bias, and the bytes of the weights
+    and scales they read."""
     m = quantize(copy.deepcopy(model), fmt, group_size)
     dtype = WEIGHT_FORMATS[fmt]
     calls, nbytes = [], 0
@@ -280,7 +281,7 @@ def decode(args):
         auto, auto_note = choose_weights(model, "cpu")
     formats = list(dict.fromkeys([*args.weights, auto]))  # auto's choice is timed though not asked for
     models = {fmt: quantize(copy.deepcopy(model), fmt, args.group_size) for fmt in formats if fmt != "fp32"}
-    models["fp32"] = quantize(model, "fp32")  # also recompute's; Hugging Face's copy is its own
+    models["fp32"] = quantize(copy.deepcopy(model), "fp32")  # also recompute's; Hugging Face's copy is its own
     print(f"decode: {model.num_params() / 1e6:.1f}M params, batch 1, {args.prompt_tokens}-token prompt, "
           f"{N} new tokens (greedy), median of {args.repeats} interleaved rounds; {machine()}")
     methods = {fmt: lambda m=models[fmt]: generate(m, idx, N, temperature=0)[0] for fmt in formats}

@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+import engine
 from engine import (GREEDY, Engine, Int8Linear, KVCache, Request, Sampling, beam_search, generate, generate_stream,
                     next_logits, quantize, sample_next_token, store_linear_weights_transposed)
 import gpt
@@ -638,6 +639,29 @@ def test_transposed_weight_storage_is_the_same_model():
         torch.testing.assert_close(fresh.eval()(idx, idx)[0], model(idx, idx)[0], rtol=1e-5, atol=1e-5)
     tokens, logits, _ = cached_greedy_route(stored, idx[:1, :5], 40)
     assert_recompute_follows(model, tokens, logits, logits_rtol(model.config, FP32_ROUNDING))
+
+
+@pytest.mark.skipif(not engine.can_pack_fp32(), reason="this torch has no oneDNN")
+def test_fp32_weights_packed_for_onednn_are_the_same_model():
+    """quantize(model, "fp32") packs every block's Linear for oneDNN (the head stays the tied
+    nn.Linear): its logits are the untouched model's to fp32 rounding, for prompts (several rows)
+    and for cached decoding, one row and rows at different positions. Under autocast the Linears stay
+    nn.Linear, which autocast casts."""
+    model = varied_model()
+    packed = quantize(varied_model(), "fp32")
+    blocks = [m for m in packed.transformer.h.modules() if isinstance(m, (torch.nn.Linear, engine.LinearForDecoding))]
+    assert len(blocks) == 4 * packed.config.n_layer and all(isinstance(m, engine.LinearFp32Packed) for m in blocks)
+    assert packed.lm_head.weight is packed.transformer.wte.weight
+    idx = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(packed(idx, idx)[0], model(idx, idx)[0], rtol=1e-5, atol=1e-5)
+    tokens, logits, _ = cached_greedy_route(packed, idx[:1, :5], 40)
+    assert_recompute_follows(model, tokens, logits, logits_rtol(model.config, FP32_ROUNDING))
+    [a, b] = prompts([3, 9], seed=4)
+    assert run_engine(Engine(packed, max_rows=2), [greedy_request(a, 6), greedy_request(b, 6)])[0] == \
+        [run_engine(Engine(model, max_rows=1), [greedy_request(p, 6)])[0][0] for p in (a, b)]
+    autocast = quantize(varied_model(), "fp32", autocast=True)
+    assert all(isinstance(m, torch.nn.Linear) for m in autocast.modules() if hasattr(m, "in_features"))
 
 
 # ----------------------------------------------------------------------------------------------

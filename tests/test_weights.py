@@ -152,7 +152,8 @@ def test_each_format_stores_its_bytes():
     the config: fp32 4 per weight, bf16/fp16 2; int8 1 per weight and a bf16 scale per row; int4
     half a byte per weight (the head's rows padded to a multiple of 16) and a bf16 scale and zero
     per group; biases and LayerNorms in the activations' dtype; the head its own copy (tied in
-    fp32 and 16 bits); the looked-up embeddings not counted. Every matmul is in the format."""
+    fp32 and 16 bits); the looked-up embeddings not counted. Every matmul is in the format (fp32's
+    blocks packed for oneDNN where torch has it, its tied head an nn.Linear)."""
     config = GPTConfig(block_size=16, vocab_size=70, n_layer=2, n_head=2, n_embd=64)
     C, V, L, g = config.n_embd, config.vocab_size, config.n_layer, 32
     shapes = [(3 * C, C), (C, C), (4 * C, C), (C, 4 * C)] * L + [(V, C)]  # (out, in) of every matmul
@@ -163,14 +164,17 @@ def test_each_format_stores_its_bytes():
                 "int8": weights + 2 * rows + 2 * others,
                 "int4": sum((-(-n // 16) * 16) * k // 2 + 4 * (-(-n // 16) * 16) * (k // g) for n, k in shapes)
                 + 2 * others}
-    kinds = {"fp32": torch.nn.Linear, "bf16": engine.Linear16, "fp16": engine.Linear16,
-             "int8": engine.Int8Linear, "int4": engine.Int4Linear}
+    fp32 = engine.LinearFp32Packed if engine.can_pack_fp32() else torch.nn.Linear
+    kinds = {"fp32": (fp32, torch.nn.Linear), "bf16": (engine.Linear16,) * 2, "fp16": (engine.Linear16,) * 2,
+             "int8": (engine.Int8Linear,) * 2, "int4": (engine.Int4Linear,) * 2}
     for weights_format, size in expected.items():
         torch.manual_seed(0)
         model = quantize(GPT(config), weights_format, g)
         assert weight_bytes(model) == size, weights_format
-        matmuls = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, engine.LinearForDecoding))]
-        assert len(matmuls) == 4 * L + 1 and all(isinstance(m, kinds[weights_format]) for m in matmuls)
+        block_kind, head_kind = kinds[weights_format]
+        blocks = [m for m in model.transformer.h.modules() if isinstance(m, (torch.nn.Linear, engine.LinearForDecoding))]
+        assert len(blocks) == 4 * L and all(type(m) is block_kind for m in blocks)
+        assert type(model.lm_head) is head_kind
 
 
 def test_a_linear_whose_width_no_group_divides_stays_int8():
