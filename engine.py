@@ -278,6 +278,11 @@ def _(x, weight, bias):
     return x.new_empty(x.size(0), weight.size(0))
 
 
+# Below ~2 MB of fp32 weight a oneDNN call costs more (~15 us) than MKL's whole product (`python
+# bench.py step` at config/small.py's shape); above it the packed product streams faster.
+FP32_PACKED_MIN_WEIGHTS = 2**19
+
+
 def can_pack_fp32():
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
@@ -345,9 +350,9 @@ def int4_group_size(in_features, group_size):
 def quantize(model, weights, group_size=INT4_GROUP_SIZE, autocast=False):
     """Inference only, in place: the model with its matmul weights in format `weights` (a
     WEIGHT_FORMATS name), everything else in that format's activation dtype. fp32 on a CPU: the
-    blocks' Linears packed for oneDNN (LinearFp32Packed), unless they compute under `autocast`; the
-    LM head, tied to the embedding, stays nn.Linear, stored as MKL reads it fastest
-    (store_linear_weights_transposed). On a GPU the 16-bit formats are the model cast (cuBLAS runs
+    blocks' Linears of at least FP32_PACKED_MIN_WEIGHTS weights packed for oneDNN
+    (LinearFp32Packed), unless they compute under `autocast`; the others and the LM head, tied to
+    the embedding, stay nn.Linear, stored as MKL reads it fastest (store_linear_weights_transposed). On a GPU the 16-bit formats are the model cast (cuBLAS runs
     any number of rows well). The other formats replace every block's Linear and the LM head
     (LinearForDecoding); an int8 or int4 head gets its own copy of the tied embedding, and wte
     stays for the lookup (a 16-bit head stays tied)."""
@@ -364,7 +369,7 @@ def quantize(model, weights, group_size=INT4_GROUP_SIZE, autocast=False):
 
     def convert(linear):
         if weights == "fp32":
-            return LinearFp32Packed(linear)
+            return LinearFp32Packed(linear) if linear.weight.numel() >= FP32_PACKED_MIN_WEIGHTS else linear
         if weights in ("bf16", "fp16"):
             return Linear16(linear, dtype)
         g = int4_group_size(linear.in_features, group_size) if weights == "int4" else None
@@ -375,7 +380,7 @@ def quantize(model, weights, group_size=INT4_GROUP_SIZE, autocast=False):
                 if isinstance(child, nn.Linear):
                     setattr(parent, name, convert(child))
     if weights == "fp32":
-        store_linear_weights_transposed(model)  # the head (it says why)
+        store_linear_weights_transposed(model)  # the head and small Linears (it says why)
     else:
         model.lm_head = convert(model.lm_head)
     return model.to(dtype).eval()

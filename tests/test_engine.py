@@ -642,12 +642,14 @@ def test_transposed_weight_storage_is_the_same_model():
 
 
 @pytest.mark.skipif(not engine.can_pack_fp32(), reason="this torch has no oneDNN")
-def test_fp32_weights_packed_for_onednn_are_the_same_model():
-    """quantize(model, "fp32") packs every block's Linear for oneDNN (the head stays the tied
-    nn.Linear): its logits are the untouched model's to fp32 rounding, for prompts (several rows)
-    and for cached decoding, one row and rows at different positions. Under autocast the Linears stay
-    nn.Linear, which autocast casts."""
+def test_fp32_weights_packed_for_onednn_are_the_same_model(monkeypatch):
+    """quantize(model, "fp32") packs a block's Linear for oneDNN when it has at least
+    FP32_PACKED_MIN_WEIGHTS weights (the head stays the tied nn.Linear): its logits are the
+    untouched model's to fp32 rounding, for prompts (several rows) and for cached decoding, one row
+    and rows at different positions. Smaller Linears, and any under autocast, stay nn.Linear."""
     model = varied_model()
+    assert not any(isinstance(m, engine.LinearFp32Packed) for m in quantize(varied_model(), "fp32").modules())
+    monkeypatch.setattr(engine, "FP32_PACKED_MIN_WEIGHTS", 0)  # this model's Linears are tiny
     packed = quantize(varied_model(), "fp32")
     blocks = [m for m in packed.transformer.h.modules() if isinstance(m, (torch.nn.Linear, engine.LinearForDecoding))]
     assert len(blocks) == 4 * packed.config.n_layer and all(isinstance(m, engine.LinearFp32Packed) for m in blocks)

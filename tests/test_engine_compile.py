@@ -89,3 +89,23 @@ def test_a_compiled_bf16_step_of_one_row_multiplies_through_the_eager_gemv(monke
     assert len(calls) == 4 * model.config.n_layer + 1  # each block's four Linears and the head
     rtol = logits_rtol(model.config, BF16_ROUNDING)
     assert (got - expected).abs().max().item() <= rtol * expected.abs().max().item()
+
+
+@pytest.mark.skipif(not engine.can_pack_fp32(), reason="this torch has no oneDNN")
+@torch.inference_mode()
+def test_a_compiled_step_of_packed_fp32_weights_is_the_eager_step(monkeypatch):
+    """fp32 weights packed for oneDNN (LinearFp32Packed) compile (their product is an operator the
+    graph calls as it is): the compiled step's logits are the eager step's to fp32 rounding."""
+    monkeypatch.setattr(engine, "FP32_PACKED_MIN_WEIGHTS", 0)  # this model's Linears are tiny
+    model = quantize(varied_model(), "fp32")
+    assert any(isinstance(m, engine.LinearFp32Packed) for m in model.modules())
+    idx = torch.randint(0, model.config.vocab_size, (2, 1), generator=torch.Generator().manual_seed(4))
+    eager, compiled = cache_with_rows_at(model, [4, 7]), cache_with_rows_at(model, [4, 7])
+    eager.batch(0, 2)
+    expected = model(idx, kv_cache=eager)[0][:, -1]
+    compiled.batch(0, 2)
+    step = compiled.one_token_each()
+    got = compiled_decode_rows()(model, idx, step.pos, step.slots, step.longest + 1,
+                                 compiled.k.unbind(0), compiled.v.unbind(0))[:, -1]
+    rtol = logits_rtol(model.config, FP32_ROUNDING)
+    assert (got - expected).abs().max().item() <= rtol * expected.abs().max().item()

@@ -147,13 +147,14 @@ def test_int4_kernel_is_the_matmul_of_its_groups(group_size):
     assert ((got - expected).abs() <= 3 * 2**-8 * magnitude).all()
 
 
-def test_each_format_stores_its_bytes():
+def test_each_format_stores_its_bytes(monkeypatch):
     """weight_bytes of each format's model equals the bytes its format stores, counted here from
     the config: fp32 4 per weight, bf16/fp16 2; int8 1 per weight and a bf16 scale per row; int4
     half a byte per weight (the head's rows padded to a multiple of 16) and a bf16 scale and zero
     per group; biases and LayerNorms in the activations' dtype; the head its own copy (tied in
     fp32 and 16 bits); the looked-up embeddings not counted. Every matmul is in the format (fp32's
     blocks packed for oneDNN where torch has it, its tied head an nn.Linear)."""
+    monkeypatch.setattr(engine, "FP32_PACKED_MIN_WEIGHTS", 0)  # pack this model's small Linears too
     config = GPTConfig(block_size=16, vocab_size=70, n_layer=2, n_head=2, n_embd=64)
     C, V, L, g = config.n_embd, config.vocab_size, config.n_layer, 32
     shapes = [(3 * C, C), (C, C), (4 * C, C), (C, 4 * C)] * L + [(V, C)]  # (out, in) of every matmul
