@@ -642,7 +642,7 @@ def compiled_decode_rows():
     Freezing turns the weights into constants (inductor may prepack them for oneDNN's matmul), so
     the model's weights must not change after the first step; bf16's one-row products stay the
     eager gemv (gemv_bf16, an operator the graph calls as it is). Compiling costs seconds to half a
-    minute on a CPU, once per process, and on a CPU buys 4-18% per token (BENCHMARKS.md, Decode step)."""
+    minute on a CPU, once per process, and on a CPU buys 0-20% per token (BENCHMARKS.md, Decode step)."""
     # Inductor's CPU tanh (Sleef's) is slower than its exp-based one, as accurate on GELU's inputs
     return torch.compile(decode_rows, dynamic=True, options={"freezing": True, "cpp.use_decompose_tanh": True})
 

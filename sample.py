@@ -153,7 +153,7 @@ def parse_args(argv):
                    "training): auto (bf16 where native, else fp32) | float32 | bfloat16 | float16. "
                    "Given, it means fp32 weights (--weights fp32 or auto) (default auto)")
     p.add_argument("--compile", action="store_true", default=None,
-                   help="decode steps through torch.compile: a few percent to ~20%% faster per token on a CPU, "
+                   help="decode steps through torch.compile: up to ~20%% faster per token on a CPU, "
                    "after seconds to half a minute of compiling at the first token (BENCHMARKS.md, Decode "
                    "step); not with --num_beams")
     mode = p.add_mutually_exclusive_group()

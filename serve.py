@@ -777,7 +777,7 @@ def parse_args(argv):
     p.add_argument("--max_queue", type=int, default=64, metavar="N",
                    help="requests that may wait for a row; beyond them a request gets 429 (default 64)")
     p.add_argument("--compile", action="store_true",
-                   help="decode steps through torch.compile: a few percent to ~20%% faster per token on a CPU, "
+                   help="decode steps through torch.compile: up to ~20%% faster per token on a CPU, "
                    "after seconds to half a minute of compiling at the first request (BENCHMARKS.md, Decode step)")
     args = p.parse_args(argv)
     for name in ("max_tokens", "max_batch", "prefill_tokens", "max_queue"):
