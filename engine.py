@@ -8,10 +8,11 @@ Design choices:
   budget, so a long prompt never stalls the streams already running. generate_stream and
   generate are one batch of requests on an Engine; beam search keeps its own loop (it reorders
   the cache's rows every step).
-- The cache is a fixed set of rows, each the length of a whole context (block_size; generate_stream's
-  rows its prompt plus new tokens), allocated once. A request is admitted only when its n rows are free, so nothing runs out of memory
-  mid-generation. Rows in use stay packed at the front (an ended row is filled by the last one),
-  so a decode step reads rows [0, R) of the cache as one view, without gathering.
+- The cache is a fixed set of rows, each the length of a whole context (block_size;
+  generate_stream's rows its prompt plus new tokens), allocated once. A request is admitted only
+  when its n rows are free, so nothing runs out of memory mid-generation. Rows in use stay packed
+  at the front (an ended row is filled by the last one), so a decode step reads rows [0, R) of the
+  cache as one view, without gathering.
 - Rows sit at their own positions: GPT-2's position embedding takes one position per row, and
   attention masks each row to its own filled slots. When every row is at one position (one
   request, its n choices) no mask is built: one sequence runs exactly a plain cache's arithmetic.
@@ -352,10 +353,11 @@ def quantize(model, weights, group_size=INT4_GROUP_SIZE, autocast=False):
     WEIGHT_FORMATS name), everything else in that format's activation dtype. fp32 on a CPU: the
     blocks' Linears of at least FP32_PACKED_MIN_WEIGHTS weights packed for oneDNN
     (LinearFp32Packed), unless they compute under `autocast`; the others and the LM head, tied to
-    the embedding, stay nn.Linear, stored as MKL reads it fastest (store_linear_weights_transposed). On a GPU the 16-bit formats are the model cast (cuBLAS runs
-    any number of rows well). The other formats replace every block's Linear and the LM head
-    (LinearForDecoding); an int8 or int4 head gets its own copy of the tied embedding, and wte
-    stays for the lookup (a 16-bit head stays tied)."""
+    the embedding, stay nn.Linear, stored as MKL reads it fastest (store_linear_weights_transposed).
+    On a GPU the 16-bit formats are the model cast (cuBLAS runs any number of rows well). The other
+    formats replace every block's Linear and the LM head (LinearForDecoding); an int8 or int4 head
+    gets its own copy of the tied embedding, and wte stays for the lookup (a 16-bit head stays
+    tied)."""
     dtype = WEIGHT_FORMATS[weights]
     cpu = next(model.parameters()).device.type == "cpu"
     if weights in KERNELS and not hasattr(torch.ops.aten, KERNELS[weights]):
