@@ -133,9 +133,10 @@ def test_sigterm_stops_every_fsdp_rank_with_a_checkpoint_that_resumes_exactly(st
     give the gradients of the kept activations)."""
     stdout, stderr = stopped["output"]
     assert f"stopped by SIGTERM at iter {stopped['stopped_at']}" in stdout
-    # torchrun's report of both ranks: 143, or -15 for a rank that torchrun itself terminated
-    # (with SIGTERM) as it was exiting after the other rank's 143
-    assert sorted(re.findall(r"exitcode  : (-?\d+)", stderr)) in (["143", "143"], ["-15", "143"]), stderr[-3000:]
+    # torchrun's report of the ranks that failed: the signalled rank's 143, and for the other its
+    # own 143 or -15 (torchrun itself terminated it, with SIGTERM, as it was exiting)
+    codes = re.findall(r"exitcode  : (-?\d+)", stderr)
+    assert "143" in codes and set(codes) <= {"143", "-15"}, stderr[-3000:]
     resumed, reference = stopped["losses"]
     assert sorted(resumed) == list(range(1, stopped["stopped_at"] + 5))
     for it in reference:

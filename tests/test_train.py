@@ -532,9 +532,10 @@ def test_sigterm_to_one_ddp_rank_stops_every_rank_and_resumes_exactly(char_data,
     stopped_at = gpt.load_checkpoint(killed / "ckpt.pt")["iter_num"]
     assert stopped_at % 3 == 0 and 6 <= stopped_at < 1000, stdout + stderr[-3000:]
     assert f"stopped by SIGTERM at iter {stopped_at}" in stdout
-    # torchrun's report of both ranks: 143, or -15 for a rank that torchrun itself terminated
-    # (with SIGTERM) as it was exiting after the other rank's 143
-    assert sorted(re.findall(r"exitcode  : (-?\d+)", stderr)) in (["143", "143"], ["-15", "143"]), stderr[-3000:]
+    # torchrun's report of the ranks that failed: the signalled rank's 143, and for the other its
+    # own 143 or -15 (torchrun itself terminated it, with SIGTERM, as it was exiting)
+    codes = re.findall(r"exitcode  : (-?\d+)", stderr)
+    assert "143" in codes and set(codes) <= {"143", "-15"}, stderr[-3000:]
 
     end = f"--max_iters={stopped_at + 6}"
     result = subprocess.run(torchrun(char_data, killed, *settings, end, "--init_from=resume"),
