@@ -286,7 +286,7 @@ def decode(args):
           f"{N} new tokens (greedy), median of {args.repeats} interleaved rounds; {machine()}")
     methods = {fmt: lambda m=models[fmt]: generate(m, idx, N, temperature=0)[0] for fmt in formats}
     sizes |= {fmt: weight_bytes(models[fmt]) for fmt in formats}
-    compiled = [fmt for fmt in args.weights if args.compile]  # compiled in the untimed first round
+    compiled = args.weights if args.compile else []  # compiled in the untimed first round
     methods |= {f"{fmt}-compiled": lambda m=models[fmt]: generate(m, idx, N, temperature=0, compile=True)[0]
                 for fmt in compiled}
     sizes |= {f"{fmt}-compiled": sizes[fmt] for fmt in compiled}

@@ -243,9 +243,8 @@ def gemv_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) 
     return linear_without_onednn(x, weight, bias)
 
 
-@gemv_bf16.register_fake
-def _(x, weight, bias):
-    return x.new_empty(x.size(0), weight.size(0))
+# (rows, out): the shape of a one-row product, for tracing without computing it
+gemv_bf16.register_fake(lambda x, weight, bias: x.new_empty(x.size(0), weight.size(0)))
 
 
 class LinearFp32Packed(LinearForDecoding):
@@ -265,18 +264,21 @@ class LinearFp32Packed(LinearForDecoding):
     def one_token(self, x):
         if torch.compiler.is_compiling():  # an opaque op: inductor's lowering expects weights it packed itself
             return linear_fp32_packed(x, self.weight, self.bias)
-        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        return onednn_linear(x, self.weight, self.bias)
+
+
+def onednn_linear(x, packed_weight, bias=None):
+    """x (rows, in) times a weight packed by mkldnn._reorder_linear_weight, plus bias."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed_weight, bias, "none", [], "")
 
 
 @torch.library.custom_op("gpt::linear_fp32_packed", mutates_args=())
 def linear_fp32_packed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """LinearFp32Packed's product as one operator that torch.compile calls as it is."""
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    """onednn_linear as one operator that torch.compile calls as it is."""
+    return onednn_linear(x, weight, bias)
 
 
-@linear_fp32_packed.register_fake
-def _(x, weight, bias):
-    return x.new_empty(x.size(0), weight.size(0))
+linear_fp32_packed.register_fake(lambda x, weight, bias: x.new_empty(x.size(0), weight.size(0)))
 
 
 # Below ~2 MB of fp32 weight a oneDNN call costs more (~15 us) than MKL's whole product (`python
@@ -850,8 +852,8 @@ class Engine:
         self.prefill_tokens = prefill_tokens or self.block_size
         # max_len: the tokens a row holds, block_size unless every request is known to need fewer
         # (generate_stream: zeroing a whole context's cache costs more than a short generation)
-        self.max_len = min(max_len or self.block_size, self.block_size)
-        self.cache = KVCache(model.config.n_layer, self.max_len, max_rows, self.device)
+        self.cache = KVCache(model.config.n_layer, min(max_len or self.block_size, self.block_size), max_rows,
+                             self.device)
         self.waiting = deque()  # requests not admitted yet, in order of arrival
         self.rows = []  # the Sequence in each cache row: packed, rows [0, len(rows)) in use
         self.arrivals = itertools.count()
@@ -859,9 +861,10 @@ class Engine:
     def add(self, request):
         if request.n > self.max_rows:
             raise ValueError(f"n={request.n} choices need more rows than the engine has ({self.max_rows})")
-        if self.max_len < self.block_size and len(request.prompt) + request.max_tokens > self.max_len:
+        max_len = self.cache.max_len
+        if max_len < self.block_size and len(request.prompt) + request.max_tokens > max_len:
             raise ValueError(f"{len(request.prompt)} prompt + {request.max_tokens} new tokens do not fit the "
-                             f"engine's {self.max_len}-token rows")
+                             f"engine's {max_len}-token rows")
         if request.want_prompt_logprobs and len(request.prompt) > self.block_size:
             raise ValueError(f"scoring a prompt of {len(request.prompt)} tokens needs at most block_size {self.block_size}")
         request.arrival = next(self.arrivals)
